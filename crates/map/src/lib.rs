@@ -1,0 +1,2 @@
+//! The partitioned distributed map (under construction).
+pub mod assign;

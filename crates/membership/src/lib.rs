@@ -1,0 +1,3 @@
+//! stub
+mod member;
+pub use member::*;
