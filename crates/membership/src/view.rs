@@ -1,0 +1,323 @@
+//! The cluster view and the pure rules over it: who is master, and what changed between two views.
+//! No I/O here, so every rule is unit-tested with plain values.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+
+use crate::member::{Member, MemberId, MemberState};
+
+/// A consistent picture of the cluster as this member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    /// Grows by one each time the view changes.
+    pub version: u64,
+    /// This member.
+    pub local: MemberId,
+    /// Live members, this one included, oldest first (ordered by [`MemberId`]).
+    pub members: Vec<Member>,
+    /// The master: the active member with the highest forced-master claim, or else the oldest
+    /// active member. `None` while no member is active (e.g. this member is still joining alone).
+    pub master: Option<MemberId>,
+}
+
+impl ClusterView {
+    pub(crate) fn empty(local: MemberId) -> Self {
+        ClusterView {
+            version: 0,
+            local,
+            members: Vec::new(),
+            master: None,
+        }
+    }
+
+    /// The member with this id, if it is in the view.
+    pub fn member(&self, id: &MemberId) -> Option<&Member> {
+        self.members.iter().find(|m| &m.id == id)
+    }
+
+    /// The member with this node id (any generation), if it is in the view.
+    pub fn member_by_node_id(&self, node_id: &str) -> Option<&Member> {
+        self.members.iter().find(|m| &*m.id.node_id == node_id)
+    }
+
+    /// This member, once its own gossip state is visible.
+    pub fn local_member(&self) -> Option<&Member> {
+        self.member(&self.local)
+    }
+
+    /// True when this member is the master.
+    pub fn is_master(&self) -> bool {
+        self.master.as_ref() == Some(&self.local)
+    }
+
+    /// The active members, oldest first.
+    pub fn active_members(&self) -> impl Iterator<Item = &Member> {
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+    }
+
+    /// Number of members in the view.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// True when the view holds no member (not even this one yet).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// A change in the cluster, as seen by this member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum MemberEvent {
+    /// A member entered the view.
+    Joined {
+        /// The member.
+        member: Member,
+    },
+    /// A member moved from one life-cycle state to another (e.g. joining to active).
+    StateChanged {
+        /// The member, with its new state.
+        member: Member,
+        /// Its state before.
+        previous: MemberState,
+    },
+    /// A member announced that it left (graceful shutdown).
+    Left {
+        /// The member as last seen.
+        member: Member,
+    },
+    /// A member stopped answering and was declared dead by the failure detector, or was replaced
+    /// by a newer generation of the same node.
+    Dead {
+        /// The member as last seen.
+        member: Member,
+    },
+    /// The master changed.
+    MasterChanged {
+        /// The master before.
+        previous: Option<MemberId>,
+        /// The master now.
+        current: Option<MemberId>,
+    },
+}
+
+/// The master rule: among active members, the highest forced-master claim wins (ties: the older);
+/// without claims, the oldest active member. Every member computes the same answer from the same
+/// gossip, so no election round is needed.
+pub(crate) fn compute_master(members: &[Member]) -> Option<MemberId> {
+    let active = members.iter().filter(|m| m.state == MemberState::Active);
+    let claimed = active
+        .clone()
+        .filter(|m| m.master_claim > 0)
+        .max_by(|a, b| {
+            // Highest claim first; among equal claims, the smaller (older) id wins, so reverse it.
+            a.master_claim
+                .cmp(&b.master_claim)
+                .then_with(|| b.id.cmp(&a.id))
+        });
+    claimed
+        .or_else(|| active.min_by(|a, b| a.id.cmp(&b.id)))
+        .map(|m| m.id.clone())
+}
+
+/// Keeps one member per node id: the newest generation. Two live generations of one node id mean a
+/// restart whose old generation has not been declared dead yet; the old one is gone for good.
+/// Returns the kept members (oldest first) and the dropped (older) ones.
+pub(crate) fn dedupe_node_ids(members: Vec<Member>) -> (Vec<Member>, Vec<Member>) {
+    let mut newest: BTreeMap<std::sync::Arc<str>, Member> = BTreeMap::new();
+    let mut dropped = Vec::new();
+    for member in members {
+        match newest.get(&member.id.node_id) {
+            Some(existing) if existing.id.generation >= member.id.generation => {
+                dropped.push(member)
+            }
+            _ => {
+                if let Some(old) = newest.insert(member.id.node_id.clone(), member) {
+                    dropped.push(old);
+                }
+            }
+        }
+    }
+    let mut kept: Vec<Member> = newest.into_values().collect();
+    kept.sort_by(|a, b| a.id.cmp(&b.id));
+    (kept, dropped)
+}
+
+/// The events that lead from `old` to `new`. `announced_left` holds members known to have
+/// announced their departure (state `left` in their last gossip), so their removal is `Left`, not
+/// `Dead`. A member that was `leaving` and then disappears also counts as left.
+pub(crate) fn diff(
+    old: &ClusterView,
+    new: &ClusterView,
+    announced_left: &HashSet<MemberId>,
+) -> Vec<MemberEvent> {
+    let mut events = Vec::new();
+    for member in &new.members {
+        match old.member(&member.id) {
+            None => events.push(MemberEvent::Joined {
+                member: member.clone(),
+            }),
+            Some(before) if before.state != member.state => {
+                events.push(MemberEvent::StateChanged {
+                    member: member.clone(),
+                    previous: before.state,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    for member in &old.members {
+        if new.member(&member.id).is_none() {
+            let left = announced_left.contains(&member.id) || member.state == MemberState::Leaving;
+            events.push(if left {
+                MemberEvent::Left {
+                    member: member.clone(),
+                }
+            } else {
+                MemberEvent::Dead {
+                    member: member.clone(),
+                }
+            });
+        }
+    }
+    if old.master != new.master {
+        events.push(MemberEvent::MasterChanged {
+            previous: old.master.clone(),
+            current: new.master.clone(),
+        });
+    }
+    events
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::member::PROTOCOL_VERSION;
+
+    pub(crate) fn member(node_id: &str, generation: u64, state: MemberState) -> Member {
+        Member {
+            id: MemberId::new(node_id, generation),
+            gossip_addr: "127.0.0.1:5701".parse().unwrap(),
+            data_addr: "127.0.0.1:5701".parse().unwrap(),
+            admin_addr: None,
+            protocol_version: PROTOCOL_VERSION,
+            state,
+            master_claim: 0,
+            attributes: Default::default(),
+            ext: Default::default(),
+            handover: None,
+        }
+    }
+
+    fn view(members: Vec<Member>) -> ClusterView {
+        let master = compute_master(&members);
+        ClusterView {
+            version: 1,
+            local: MemberId::new("a", 1),
+            members,
+            master,
+        }
+    }
+
+    #[test]
+    fn oldest_active_member_is_master() {
+        let members = vec![
+            member("a", 1, MemberState::Joining),
+            member("b", 2, MemberState::Active),
+            member("c", 3, MemberState::Active),
+        ];
+        assert_eq!(compute_master(&members), Some(MemberId::new("b", 2)));
+    }
+
+    #[test]
+    fn equal_generations_break_ties_by_node_id() {
+        let members = vec![
+            member("b", 5, MemberState::Active),
+            member("a", 5, MemberState::Active),
+        ];
+        assert_eq!(compute_master(&members), Some(MemberId::new("a", 5)));
+    }
+
+    #[test]
+    fn highest_claim_beats_age_and_leaving_members_never_lead() {
+        let mut members = vec![
+            member("a", 1, MemberState::Active),
+            member("b", 2, MemberState::Active),
+            member("c", 3, MemberState::Leaving),
+        ];
+        members[1].master_claim = 3;
+        members[2].master_claim = 9;
+        assert_eq!(compute_master(&members), Some(MemberId::new("b", 2)));
+        members[1].state = MemberState::Leaving;
+        assert_eq!(compute_master(&members), Some(MemberId::new("a", 1)));
+    }
+
+    #[test]
+    fn no_active_member_means_no_master() {
+        assert_eq!(
+            compute_master(&[member("a", 1, MemberState::Joining)]),
+            None
+        );
+        assert_eq!(compute_master(&[]), None);
+    }
+
+    #[test]
+    fn a_restarted_node_replaces_its_old_generation() {
+        let (kept, dropped) = dedupe_node_ids(vec![
+            member("a", 1, MemberState::Active),
+            member("b", 2, MemberState::Active),
+            member("a", 7, MemberState::Joining),
+        ]);
+        let kept_ids: Vec<_> = kept.iter().map(|m| m.id.clone()).collect();
+        assert_eq!(kept_ids, vec![MemberId::new("b", 2), MemberId::new("a", 7)]);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].id, MemberId::new("a", 1));
+    }
+
+    #[test]
+    fn diff_reports_joins_state_changes_departures_and_master_changes() {
+        let old = view(vec![
+            member("a", 1, MemberState::Active),
+            member("b", 2, MemberState::Joining),
+            member("c", 3, MemberState::Active),
+            member("d", 4, MemberState::Leaving),
+        ]);
+        let new = view(vec![
+            member("b", 2, MemberState::Active),
+            member("e", 5, MemberState::Joining),
+        ]);
+        let announced: HashSet<MemberId> = [MemberId::new("a", 1)].into_iter().collect();
+        let events = diff(&old, &new, &announced);
+        let names: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                MemberEvent::Joined { member } => format!("joined {}", member.id.node_id),
+                MemberEvent::StateChanged { member, previous } => {
+                    format!("{} {}->{}", member.id.node_id, previous, member.state)
+                }
+                MemberEvent::Left { member } => format!("left {}", member.id.node_id),
+                MemberEvent::Dead { member } => format!("dead {}", member.id.node_id),
+                MemberEvent::MasterChanged { previous, current } => format!(
+                    "master {}->{}",
+                    previous.as_ref().unwrap().node_id,
+                    current.as_ref().unwrap().node_id
+                ),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                "b joining->active",
+                "joined e",
+                "left a",
+                "dead c",
+                "left d",
+                "master a->b"
+            ]
+        );
+    }
+}
