@@ -36,9 +36,7 @@ pub enum DiscoveryError {
         reason: String,
     },
     /// The list expands to more addresses than discovery will probe.
-    #[error(
-        "the member list expands to {count} addresses; at most {max} are allowed (use narrower port ranges)"
-    )]
+    #[error("the member list expands to {count} addresses; at most {max} are allowed (use narrower port ranges)")]
     TooManyAddresses {
         /// How many addresses the list expands to.
         count: usize,
@@ -64,14 +62,8 @@ pub struct DiscoveryHandle {
 impl StaticDiscovery {
     /// Discovery over `seeds`, re-resolving host names every `refresh_interval`.
     pub fn new(seeds: Vec<SeedSpec>, refresh_interval: Duration) -> Self {
-        assert!(
-            !refresh_interval.is_zero(),
-            "refresh interval must be positive"
-        );
-        Self {
-            seeds,
-            refresh_interval,
-        }
+        assert!(!refresh_interval.is_zero(), "refresh interval must be positive");
+        Self { seeds, refresh_interval }
     }
 
     /// The configured entries.
@@ -96,10 +88,7 @@ impl StaticDiscovery {
                 }
             }
             if out.len() >= MAX_ADDRESSES {
-                warn!(
-                    max = MAX_ADDRESSES,
-                    "member list resolves to too many addresses; truncated"
-                );
+                warn!(max = MAX_ADDRESSES, "member list resolves to too many addresses; truncated");
                 break;
             }
         }
@@ -122,10 +111,7 @@ impl StaticDiscovery {
                     tx.send_if_modified(|current| {
                         let changed = *current != addrs;
                         if changed {
-                            debug!(
-                                candidates = addrs.len(),
-                                "member list re-resolved to new addresses"
-                            );
+                            debug!(candidates = addrs.len(), "member list re-resolved to new addresses");
                             *current = addrs;
                         }
                         changed
@@ -136,10 +122,7 @@ impl StaticDiscovery {
                 }
             })
         });
-        DiscoveryHandle {
-            candidates: rx,
-            task,
-        }
+        DiscoveryHandle { candidates: rx, task }
     }
 }
 
@@ -147,10 +130,7 @@ impl DiscoveryHandle {
     /// A handle that publishes a fixed candidate set and runs no task.
     pub fn fixed(candidates: Vec<SocketAddr>) -> Self {
         let (_tx, rx) = watch::channel(candidates);
-        Self {
-            candidates: rx,
-            task: None,
-        }
+        Self { candidates: rx, task: None }
     }
 
     /// The current candidate addresses, updated as discovery learns more.
@@ -182,29 +162,20 @@ mod tests {
     #[tokio::test]
     async fn literal_entries_resolve_without_a_refresh_task() {
         let seeds = parse_member_list("127.0.0.1:7000-7002, 127.0.0.2:7100", 5701..=5800).unwrap();
-        let handle = StaticDiscovery::new(seeds, Duration::from_secs(30))
-            .start()
-            .await;
+        let handle = StaticDiscovery::new(seeds, Duration::from_secs(30)).start().await;
         assert!(handle.task.is_none());
         let got = handle.candidates().borrow().clone();
-        let want: Vec<SocketAddr> = [
-            "127.0.0.1:7000",
-            "127.0.0.1:7001",
-            "127.0.0.1:7002",
-            "127.0.0.2:7100",
-        ]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
+        let want: Vec<SocketAddr> = ["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.2:7100"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         assert_eq!(got, want);
     }
 
     #[tokio::test]
     async fn host_names_are_resolved_and_refreshed() {
         let seeds = parse_member_list("localhost:7000", 5701..=5800).unwrap();
-        let mut handle = StaticDiscovery::new(seeds, Duration::from_millis(20))
-            .start()
-            .await;
+        let mut handle = StaticDiscovery::new(seeds, Duration::from_millis(20)).start().await;
         assert!(handle.task.is_some());
         let got = handle.candidates().borrow().clone();
         assert!(
@@ -216,11 +187,8 @@ mod tests {
 
     #[tokio::test]
     async fn unresolvable_hosts_are_skipped_not_fatal() {
-        let seeds =
-            parse_member_list("no-such-host.invalid:7000, 127.0.0.1:7001", 5701..=5800).unwrap();
-        let got = StaticDiscovery::new(seeds, Duration::from_secs(30))
-            .resolve()
-            .await;
+        let seeds = parse_member_list("no-such-host.invalid:7000, 127.0.0.1:7001", 5701..=5800).unwrap();
+        let got = StaticDiscovery::new(seeds, Duration::from_secs(30)).resolve().await;
         assert_eq!(got, vec!["127.0.0.1:7001".parse::<SocketAddr>().unwrap()]);
     }
 }

@@ -22,29 +22,17 @@ pub struct SeedSpec {
 
 impl SeedSpec {
     /// Parses one entry. A bare host means every port of `default_ports` (the node's own range).
-    pub fn parse(
-        entry: &str,
-        default_ports: RangeInclusive<u16>,
-    ) -> Result<SeedSpec, DiscoveryError> {
-        let invalid = |reason: &str| DiscoveryError::InvalidEntry {
-            entry: entry.to_string(),
-            reason: reason.into(),
-        };
+    pub fn parse(entry: &str, default_ports: RangeInclusive<u16>) -> Result<SeedSpec, DiscoveryError> {
+        let invalid = |reason: &str| DiscoveryError::InvalidEntry { entry: entry.to_string(), reason: reason.into() };
         let entry_trimmed = entry.trim();
         if entry_trimmed.is_empty() {
             return Err(invalid("the entry is empty"));
         }
         let (host, port_part) = if let Some(rest) = entry_trimmed.strip_prefix('[') {
-            let (host, after) = rest
-                .split_once(']')
-                .ok_or_else(|| invalid("missing `]` after IPv6 address"))?;
+            let (host, after) = rest.split_once(']').ok_or_else(|| invalid("missing `]` after IPv6 address"))?;
             let port_part = match after {
                 "" => None,
-                _ => Some(
-                    after
-                        .strip_prefix(':')
-                        .ok_or_else(|| invalid("expected `:port` after `]`"))?,
-                ),
+                _ => Some(after.strip_prefix(':').ok_or_else(|| invalid("expected `:port` after `]`"))?),
             };
             (host, port_part)
         } else if entry_trimmed.matches(':').count() > 1 {
@@ -72,10 +60,7 @@ impl SeedSpec {
                 "the port range has {width} ports; at most {MAX_PORTS_PER_ENTRY} are allowed"
             )));
         }
-        Ok(SeedSpec {
-            host: host.to_string(),
-            ports,
-        })
+        Ok(SeedSpec { host: host.to_string(), ports })
     }
 
     /// The host as written (without IPv6 brackets).
@@ -98,33 +83,20 @@ impl SeedSpec {
         let ips: Vec<IpAddr> = match self.host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => {
-                let mut ips: Vec<IpAddr> = tokio::net::lookup_host((self.host.as_str(), 0))
-                    .await?
-                    .map(|a| a.ip())
-                    .collect();
+                let mut ips: Vec<IpAddr> =
+                    tokio::net::lookup_host((self.host.as_str(), 0)).await?.map(|a| a.ip()).collect();
                 ips.sort();
                 ips.dedup();
                 ips
             }
         };
-        Ok(ips
-            .into_iter()
-            .flat_map(|ip| {
-                self.ports
-                    .clone()
-                    .map(move |port| SocketAddr::new(ip, port))
-            })
-            .collect())
+        Ok(ips.into_iter().flat_map(|ip| self.ports.clone().map(move |port| SocketAddr::new(ip, port))).collect())
     }
 }
 
 impl fmt::Display for SeedSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
         if self.ports.start() == self.ports.end() {
             write!(f, "{host}:{}", self.ports.start())
         } else {
@@ -158,10 +130,7 @@ fn parse_ports(spec: &str) -> Result<RangeInclusive<u16>, String> {
 
 /// Parses a comma-separated member list. Empty entries (from `a,,b` or a trailing comma) are
 /// ignored; an empty list means a single-node cluster.
-pub fn parse_member_list(
-    list: &str,
-    default_ports: RangeInclusive<u16>,
-) -> Result<Vec<SeedSpec>, DiscoveryError> {
+pub fn parse_member_list(list: &str, default_ports: RangeInclusive<u16>) -> Result<Vec<SeedSpec>, DiscoveryError> {
     let seeds: Vec<SeedSpec> = list
         .split(',')
         .filter(|entry| !entry.trim().is_empty())
@@ -169,10 +138,7 @@ pub fn parse_member_list(
         .collect::<Result<_, _>>()?;
     let count: usize = seeds.iter().map(|s| s.ports.clone().count()).sum();
     if count > MAX_ADDRESSES {
-        return Err(DiscoveryError::TooManyAddresses {
-            count,
-            max: MAX_ADDRESSES,
-        });
+        return Err(DiscoveryError::TooManyAddresses { count, max: MAX_ADDRESSES });
     }
     Ok(seeds)
 }
@@ -191,10 +157,7 @@ mod tests {
     fn accepts_every_documented_form() {
         assert_eq!(parse("10.0.0.1").unwrap().ports(), RANGE);
         assert_eq!(parse("10.0.0.1:5702").unwrap().ports(), 5702..=5702);
-        assert_eq!(
-            parse("db-1.example:5701-5703").unwrap().ports(),
-            5701..=5703
-        );
+        assert_eq!(parse("db-1.example:5701-5703").unwrap().ports(), 5701..=5703);
         let v6 = parse("[::1]:6000-6001").unwrap();
         assert_eq!((v6.host(), v6.ports()), ("::1", 6000..=6001));
         assert_eq!(parse("::1").unwrap().host(), "::1");
@@ -226,10 +189,7 @@ mod tests {
         assert!(parse_member_list("", RANGE).unwrap().is_empty());
         assert_eq!(parse_member_list("a,,b,", RANGE).unwrap().len(), 2);
         let huge: Vec<String> = (0..20).map(|i| format!("10.0.0.{i}:1000-2000")).collect();
-        assert!(matches!(
-            parse_member_list(&huge.join(","), RANGE),
-            Err(DiscoveryError::TooManyAddresses { .. })
-        ));
+        assert!(matches!(parse_member_list(&huge.join(","), RANGE), Err(DiscoveryError::TooManyAddresses { .. })));
     }
 
     #[test]

@@ -1,1 +1,33 @@
-//! stub
+//! grapevine: a peer-to-peer clustering runtime. Embed a member in your service:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), grapevine::StartError> {
+//! use grapevine::{Cluster, Discovery};
+//! let cluster = Cluster::builder()
+//!     .cluster_name("sessions-prod")
+//!     .discovery(Discovery::static_list(["10.0.0.1", "10.0.0.2"]))
+//!     .start()
+//!     .await?;
+//! println!("master: {:?}", cluster.view().master);
+//! cluster.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! A member finds its peers (static list), agrees on membership by gossip, computes the master
+//! (the oldest member) and serves an admin HTTP endpoint with `/health`, `/stats` and `/metrics`.
+
+#[cfg(feature = "admin")]
+mod admin;
+mod cluster;
+pub mod config;
+mod ports;
+mod singleton;
+pub mod stats;
+
+pub use cluster::{Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, Health, StartError};
+pub use config::{Config, ConfigError};
+pub use grapevine_membership::{
+    ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,
+};
+pub use singleton::{MASTER_TASK_STOP_TIMEOUT, MasterTask};
+pub use tokio_util::sync::CancellationToken;

@@ -33,22 +33,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chitchat::transport::Transport;
-use chitchat::{
-    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat,
-};
+use chitchat::{Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-pub use member::{
-    Member, MemberId, MemberParseError, MemberState, PROTOCOL_VERSION, ProtocolVersion,
-};
+pub use member::{Member, MemberId, MemberParseError, MemberState, PROTOCOL_VERSION, ProtocolVersion};
 pub use transport::GossipSocket;
 pub use view::{ClusterView, MemberEvent};
 
 use member::{
-    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_HANDOVER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE,
-    PREFIX_ATTR, PREFIX_EXT, format_handover, member_from_node_state,
+    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_HANDOVER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE, PREFIX_ATTR, PREFIX_EXT,
+    format_handover, member_from_node_state,
 };
 use transport::{PreboundTransport, TransportShared};
 
@@ -161,7 +157,7 @@ pub enum MembershipError {
 }
 
 /// Counters for stats and metrics.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct MembershipStats {
     /// Gossip SYN messages sent (each starts a gossip exchange).
     pub gossip_rounds: u64,
@@ -187,9 +183,7 @@ pub struct Membership {
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Membership")
-            .field("local", &self.inner.local)
-            .finish()
+        f.debug_struct("Membership").field("local", &self.inner.local).finish()
     }
 }
 
@@ -220,28 +214,15 @@ impl Membership {
         socket: GossipSocket,
         candidates: watch::Receiver<Vec<SocketAddr>>,
     ) -> Result<Membership, MembershipError> {
-        assert!(
-            !config.cluster_name.is_empty(),
-            "cluster name must not be empty"
-        );
-        assert!(
-            !config.gossip_interval.is_zero(),
-            "gossip interval must be positive"
-        );
+        assert!(!config.cluster_name.is_empty(), "cluster name must not be empty");
+        assert!(!config.gossip_interval.is_zero(), "gossip interval must be positive");
         let listen_addr = socket.local_addr();
-        let chitchat_id = ChitchatId::new(
-            config.node_id.clone(),
-            config.generation,
-            config.gossip_addr,
-        );
+        let chitchat_id = ChitchatId::new(config.node_id.clone(), config.generation, config.gossip_addr);
         let local = MemberId::new(config.node_id.clone(), config.generation);
         let failure_detector_config = FailureDetectorConfig {
             phi_threshold: config.phi_threshold,
             sampling_window_size: 1_000,
-            max_interval: config
-                .gossip_interval
-                .mul_f64(10.0)
-                .max(Duration::from_secs(10)),
+            max_interval: config.gossip_interval.mul_f64(10.0).max(Duration::from_secs(10)),
             initial_interval: config.gossip_interval,
             dead_node_grace_period: config.dead_member_grace,
         };
@@ -259,10 +240,7 @@ impl Membership {
         };
         let mut initial = vec![
             (KEY_DATA_ADDR.to_string(), config.data_addr.to_string()),
-            (
-                KEY_PROTOCOL.to_string(),
-                config.protocol_version.to_string(),
-            ),
+            (KEY_PROTOCOL.to_string(), config.protocol_version.to_string()),
             (KEY_STATE.to_string(), MemberState::Joining.to_string()),
         ];
         if let Some(admin) = config.admin_addr {
@@ -271,10 +249,8 @@ impl Membership {
         for (key, value) in &config.attributes {
             initial.push((format!("{PREFIX_ATTR}{key}"), value.clone()));
         }
-        let transport_shared = Arc::new(TransportShared {
-            cluster_name: config.cluster_name.clone(),
-            ..Default::default()
-        });
+        let transport_shared =
+            Arc::new(TransportShared { cluster_name: config.cluster_name.clone(), ..Default::default() });
         let transport = PreboundTransport::new(socket, transport_shared.clone());
         let handle = spawn_chitchat(chitchat_config, initial, &transport as &dyn Transport)
             .await
@@ -362,12 +338,7 @@ impl Membership {
             }
         })
         .await;
-        waited.unwrap_or_else(|_| {
-            Err(MembershipError::Timeout {
-                what: what.to_string(),
-                after: timeout,
-            })
-        })
+        waited.unwrap_or_else(|_| Err(MembershipError::Timeout { what: what.to_string(), after: timeout }))
     }
 
     /// Looks for the cluster, then becomes `active`. Returns once another member is in the view,
@@ -376,18 +347,10 @@ impl Membership {
     pub async fn join(&self, timeout: Duration) {
         let local = self.inner.local.clone();
         let own_addr = self.inner.config.gossip_addr;
-        let no_candidates = self
-            .inner
-            .candidates
-            .borrow()
-            .iter()
-            .all(|a| *a == own_addr);
+        let no_candidates = self.inner.candidates.borrow().iter().all(|a| *a == own_addr);
         if !no_candidates {
-            let found = self
-                .wait_for_view("another member", timeout, |view| {
-                    view.members.iter().any(|m| m.id != local)
-                })
-                .await;
+            let found =
+                self.wait_for_view("another member", timeout, |view| view.members.iter().any(|m| m.id != local)).await;
             match found {
                 Ok(view) => info!(members = view.len(), "found the cluster"),
                 Err(_) => info!(
@@ -408,11 +371,7 @@ impl Membership {
     /// This member's published state.
     pub async fn state(&self) -> MemberState {
         let mut chitchat = self.inner.chitchat.lock().await;
-        chitchat
-            .self_node_state()
-            .get(KEY_STATE)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(MemberState::Joining)
+        chitchat.self_node_state().get(KEY_STATE).and_then(|s| s.parse().ok()).unwrap_or(MemberState::Joining)
     }
 
     /// Publishes an upper-layer key (`x:<key>`), e.g. the partition-table epoch. Keep values small.
@@ -423,68 +382,35 @@ impl Membership {
     /// Removes an upper-layer key.
     pub async fn delete_ext_key(&self, key: &str) {
         let full = format!("{PREFIX_EXT}{key}");
-        self.inner
-            .chitchat
-            .lock()
-            .await
-            .self_node_state()
-            .delete(&full);
-        self.inner.poke.notify_one();
+        self.inner.chitchat.lock().await.self_node_state().delete(&full);
+        // Our own change is visible in our view at once, not a loop pass later.
+        self.inner.rebuild_view().await;
     }
 
     async fn set_key(&self, key: &str, value: &str) {
-        self.inner
-            .chitchat
-            .lock()
-            .await
-            .self_node_state()
-            .set(key, value);
-        self.inner.poke.notify_one();
+        self.inner.chitchat.lock().await.self_node_state().set(key, value);
+        self.inner.rebuild_view().await;
     }
 
     /// Asks that the member with `node_id` become master. It leads until it leaves. Returns the
     /// target's id; the hand-over itself completes when gossip has spread (see
     /// [`Membership::wait_for_view`]).
-    pub async fn request_master_handover(
-        &self,
-        node_id: &str,
-    ) -> Result<MemberId, MembershipError> {
+    pub async fn request_master_handover(&self, node_id: &str) -> Result<MemberId, MembershipError> {
         let view = self.view();
-        let target =
-            view.member_by_node_id(node_id)
-                .ok_or_else(|| MembershipError::UnknownMember {
-                    node_id: node_id.to_string(),
-                    members: view
-                        .members
-                        .iter()
-                        .map(|m| m.id.node_id.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
+        let target = view.member_by_node_id(node_id).ok_or_else(|| MembershipError::UnknownMember {
+            node_id: node_id.to_string(),
+            members: view.members.iter().map(|m| m.id.node_id.to_string()).collect::<Vec<_>>().join(", "),
+        })?;
         if target.state != MemberState::Active {
-            return Err(MembershipError::NotActive {
-                node_id: node_id.to_string(),
-                state: target.state,
-            });
+            return Err(MembershipError::NotActive { node_id: node_id.to_string(), state: target.state });
         }
         let target = target.id.clone();
         if target == self.inner.local {
-            let claim = view
-                .members
-                .iter()
-                .map(|m| m.master_claim)
-                .max()
-                .unwrap_or(0)
-                + 1;
+            let claim = view.members.iter().map(|m| m.master_claim).max().unwrap_or(0) + 1;
             self.set_key(KEY_MASTER_CLAIM, &claim.to_string()).await;
         } else {
-            let nonce = format!(
-                "{}-{}",
-                self.inner.local.generation,
-                self.inner.nonce.fetch_add(1, Ordering::Relaxed)
-            );
-            self.set_key(KEY_HANDOVER, &format_handover(&target, &nonce))
-                .await;
+            let nonce = format!("{}-{}", self.inner.local.generation, self.inner.nonce.fetch_add(1, Ordering::Relaxed));
+            self.set_key(KEY_HANDOVER, &format_handover(&target, &nonce)).await;
         }
         info!(target = %target, "master hand-over requested");
         Ok(target)
@@ -513,13 +439,7 @@ impl Membership {
         self.set_key(KEY_STATE, MemberState::Left.as_str()).await;
         self.push_to_live_peers().await;
         // chitchat has no leave message: let one more round carry `left` to peers that missed the push.
-        tokio::time::sleep(
-            self.inner
-                .config
-                .gossip_interval
-                .min(Duration::from_secs(2)),
-        )
-        .await;
+        tokio::time::sleep(self.inner.config.gossip_interval.min(Duration::from_secs(2))).await;
         self.push_to_live_peers().await;
         info!(node = %self.inner.local, "left the cluster");
         self.stop(true).await;
@@ -529,6 +449,17 @@ impl Membership {
     /// and for a second shutdown signal.
     pub async fn kill(&self) {
         self.stop(false).await;
+    }
+
+    /// Stops every task at once without waiting (for `Drop` of an owner that was not shut down).
+    pub fn abort_now(&self) {
+        let _ = self.inner.stop_tx.send_replace(true);
+        for task in self.inner.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+        if let Some(handle) = self.inner.handle.lock().unwrap().take() {
+            handle.abort();
+        }
     }
 
     /// Test hook: drop gossip to and from `addr` (a one-member view of a network partition).
@@ -572,9 +503,7 @@ impl Membership {
         let handle = self.inner.handle.lock().unwrap().take();
         if let Some(handle) = handle {
             if graceful {
-                if let Err(error) =
-                    tokio::time::timeout(Duration::from_secs(5), handle.shutdown()).await
-                {
+                if let Err(error) = tokio::time::timeout(Duration::from_secs(5), handle.shutdown()).await {
                     warn!(%error, "gossip did not stop within 5 s");
                 }
             } else {
@@ -615,10 +544,7 @@ impl Inner {
             self.poke.notify_one();
         }
         let compatible: Vec<Member> = candidates.into_iter().filter(|m| self.admit(m)).collect();
-        let present: Vec<Member> = compatible
-            .into_iter()
-            .filter(|m| m.state != MemberState::Left)
-            .collect();
+        let present: Vec<Member> = compatible.into_iter().filter(|m| m.state != MemberState::Left).collect();
         let (members, replaced) = view::dedupe_node_ids(present);
         for old in replaced {
             let id = ChitchatId::new(old.id.node_id.clone(), old.id.generation, old.gossip_addr);
@@ -640,12 +566,7 @@ impl Inner {
         if old.members == members && old.master == master {
             return;
         }
-        let new = Arc::new(ClusterView {
-            version: old.version + 1,
-            local: self.local.clone(),
-            members,
-            master,
-        });
+        let new = Arc::new(ClusterView { version: old.version + 1, local: self.local.clone(), members, master });
         let events = view::diff(&old, &new, &announced_left);
         for event in &events {
             log_event(&self.local, event);
@@ -664,11 +585,7 @@ impl Inner {
         if ours.is_compatible_with(&member.protocol_version) {
             return true;
         }
-        let id = ChitchatId::new(
-            member.id.node_id.clone(),
-            member.id.generation,
-            member.gossip_addr,
-        );
+        let id = ChitchatId::new(member.id.node_id.clone(), member.id.generation, member.gossip_addr);
         if self.incompatible.lock().unwrap().insert(id) {
             error!(
                 peer = %member.id,
@@ -705,12 +622,9 @@ impl Inner {
                 continue;
             }
             let key = format!("{}:{nonce}", member.id);
-            if self.handovers_done.lock().unwrap().insert(key) && local.state == MemberState::Active
-            {
+            if self.handovers_done.lock().unwrap().insert(key) && local.state == MemberState::Active {
                 let claim = highest_other.max(local.master_claim) + 1;
-                chitchat
-                    .self_node_state()
-                    .set(KEY_MASTER_CLAIM, claim.to_string());
+                chitchat.self_node_state().set(KEY_MASTER_CLAIM, claim.to_string());
                 info!(requested_by = %member.id, claim, "taking over as master on request");
                 changed = true;
             }
@@ -748,10 +662,7 @@ fn log_event(local: &MemberId, event: &MemberEvent) {
     }
 }
 
-async fn view_loop(
-    inner: Arc<Inner>,
-    mut live_watch: watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,
-) {
+async fn view_loop(inner: Arc<Inner>, mut live_watch: watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>) {
     let mut stop = inner.stop_tx.subscribe();
     // The watch fires on liveness and key changes; the tick is a safety net (and picks up
     // hand-over requests) in case a change slipped between two notifications.
@@ -776,10 +687,7 @@ async fn probe_loop(inner: Arc<Inner>) {
     loop {
         let targets: Vec<SocketAddr> = {
             let chitchat = inner.chitchat.lock().await;
-            let known: HashSet<SocketAddr> = chitchat
-                .live_nodes()
-                .map(|id| id.gossip_advertise_addr)
-                .collect();
+            let known: HashSet<SocketAddr> = chitchat.live_nodes().map(|id| id.gossip_advertise_addr).collect();
             candidates
                 .borrow_and_update()
                 .iter()
@@ -794,16 +702,8 @@ async fn probe_loop(inner: Arc<Inner>) {
                 }
             }
         }
-        let joining = inner
-            .view_tx
-            .borrow()
-            .local_member()
-            .is_none_or(|m| m.state == MemberState::Joining);
-        let wait = if joining {
-            inner.config.gossip_interval
-        } else {
-            inner.config.probe_interval
-        };
+        let joining = inner.view_tx.borrow().local_member().is_none_or(|m| m.state == MemberState::Joining);
+        let wait = if joining { inner.config.gossip_interval } else { inner.config.probe_interval };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {},
             changed = candidates.changed() => if changed.is_err() {

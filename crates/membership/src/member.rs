@@ -56,17 +56,10 @@ impl fmt::Display for ProtocolVersion {
 impl FromStr for ProtocolVersion {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (major, minor) = s
-            .split_once('.')
-            .ok_or_else(|| format!("protocol version {s:?} is not `major.minor`"))?;
-        let parse = |part: &str| {
-            part.parse::<u16>()
-                .map_err(|_| format!("protocol version {s:?} is not `major.minor`"))
-        };
-        Ok(ProtocolVersion {
-            major: parse(major)?,
-            minor: parse(minor)?,
-        })
+        let (major, minor) = s.split_once('.').ok_or_else(|| format!("protocol version {s:?} is not `major.minor`"))?;
+        let parse =
+            |part: &str| part.parse::<u16>().map_err(|_| format!("protocol version {s:?} is not `major.minor`"));
+        Ok(ProtocolVersion { major: parse(major)?, minor: parse(minor)? })
     }
 }
 
@@ -84,10 +77,7 @@ pub struct MemberId {
 impl MemberId {
     /// A member id from its parts.
     pub fn new(node_id: impl Into<Arc<str>>, generation: u64) -> Self {
-        Self {
-            generation,
-            node_id: node_id.into(),
-        }
+        Self { generation, node_id: node_id.into() }
     }
 }
 
@@ -201,18 +191,11 @@ fn parsed<T: FromStr>(key: &'static str, value: &str) -> Result<T, MemberParseEr
 where
     T::Err: fmt::Display,
 {
-    value.parse::<T>().map_err(|e| MemberParseError::Invalid {
-        key,
-        value: value.to_string(),
-        reason: e.to_string(),
-    })
+    value.parse::<T>().map_err(|e| MemberParseError::Invalid { key, value: value.to_string(), reason: e.to_string() })
 }
 
 /// Builds a typed member from a chitchat node state. The one place gossip keys are read.
-pub(crate) fn member_from_node_state(
-    id: &ChitchatId,
-    state: &NodeState,
-) -> Result<Member, MemberParseError> {
+pub(crate) fn member_from_node_state(id: &ChitchatId, state: &NodeState) -> Result<Member, MemberParseError> {
     let data_addr: SocketAddr = parsed(KEY_DATA_ADDR, required(state, KEY_DATA_ADDR)?)?;
     let protocol_version: ProtocolVersion = parsed(KEY_PROTOCOL, required(state, KEY_PROTOCOL)?)?;
     let member_state: MemberState = parsed(KEY_STATE, required(state, KEY_STATE)?)?;

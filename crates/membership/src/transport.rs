@@ -23,26 +23,16 @@ pub struct GossipSocket {
 
 impl std::fmt::Debug for GossipSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GossipSocket")
-            .field("local_addr", &self.local_addr)
-            .finish()
+        f.debug_struct("GossipSocket").field("local_addr", &self.local_addr).finish()
     }
 }
 
 impl GossipSocket {
     /// Binds the gossip UDP socket. Fails if the address is in use or not local.
     pub async fn bind(addr: SocketAddr) -> Result<GossipSocket, MembershipError> {
-        let socket = UdpTransport
-            .open(addr)
-            .await
-            .map_err(|e| MembershipError::Bind {
-                addr,
-                reason: format!("{e:#}"),
-            })?;
-        let local_addr = socket.local_addr().map_err(|e| MembershipError::Bind {
-            addr,
-            reason: format!("{e:#}"),
-        })?;
+        let socket =
+            UdpTransport.open(addr).await.map_err(|e| MembershipError::Bind { addr, reason: format!("{e:#}") })?;
+        let local_addr = socket.local_addr().map_err(|e| MembershipError::Bind { addr, reason: format!("{e:#}") })?;
         Ok(GossipSocket { socket, local_addr })
     }
 
@@ -84,26 +74,16 @@ pub(crate) struct PreboundTransport {
 
 impl PreboundTransport {
     pub(crate) fn new(socket: GossipSocket, shared: Arc<TransportShared>) -> Self {
-        PreboundTransport {
-            socket: Mutex::new(Some(socket.socket)),
-            shared,
-        }
+        PreboundTransport { socket: Mutex::new(Some(socket.socket)), shared }
     }
 }
 
 #[async_trait]
 impl Transport for PreboundTransport {
     async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let inner = self
-            .socket
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("gossip socket already opened"))?;
-        Ok(Box::new(ObservedSocket {
-            inner,
-            shared: self.shared.clone(),
-        }))
+        let inner =
+            self.socket.lock().unwrap().take().ok_or_else(|| anyhow::anyhow!("gossip socket already opened"))?;
+        Ok(Box::new(ObservedSocket { inner, shared: self.shared.clone() }))
     }
 }
 
@@ -118,11 +98,7 @@ impl Socket for ObservedSocket {
         self.inner.local_addr()
     }
 
-    async fn send(
-        &mut self,
-        to: SocketAddr,
-        envelope: ChitchatEnvelope,
-    ) -> anyhow::Result<SendOutcome> {
+    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
         if self.shared.is_blocked(&to) {
             return Ok(SendOutcome { num_bytes_sent: 0 });
         }
@@ -141,9 +117,7 @@ impl Socket for ObservedSocket {
             }
             self.shared.datagrams_in.fetch_add(1, Ordering::Relaxed);
             match &outcome.envelope.message {
-                ChitchatMessage::Syn { cluster_id, .. }
-                    if *cluster_id != self.shared.cluster_name =>
-                {
+                ChitchatMessage::Syn { cluster_id, .. } if *cluster_id != self.shared.cluster_name => {
                     if self.shared.first_contact_from_foreign(outcome.from_addr) {
                         warn!(
                             peer = %outcome.from_addr,

@@ -23,12 +23,7 @@ pub struct ClusterView {
 
 impl ClusterView {
     pub(crate) fn empty(local: MemberId) -> Self {
-        ClusterView {
-            version: 0,
-            local,
-            members: Vec::new(),
-            master: None,
-        }
+        ClusterView { version: 0, local, members: Vec::new(), master: None }
     }
 
     /// The member with this id, if it is in the view.
@@ -53,9 +48,7 @@ impl ClusterView {
 
     /// The active members, oldest first.
     pub fn active_members(&self) -> impl Iterator<Item = &Member> {
-        self.members
-            .iter()
-            .filter(|m| m.state == MemberState::Active)
+        self.members.iter().filter(|m| m.state == MemberState::Active)
     }
 
     /// Number of members in the view.
@@ -110,18 +103,11 @@ pub enum MemberEvent {
 /// gossip, so no election round is needed.
 pub(crate) fn compute_master(members: &[Member]) -> Option<MemberId> {
     let active = members.iter().filter(|m| m.state == MemberState::Active);
-    let claimed = active
-        .clone()
-        .filter(|m| m.master_claim > 0)
-        .max_by(|a, b| {
-            // Highest claim first; among equal claims, the smaller (older) id wins, so reverse it.
-            a.master_claim
-                .cmp(&b.master_claim)
-                .then_with(|| b.id.cmp(&a.id))
-        });
-    claimed
-        .or_else(|| active.min_by(|a, b| a.id.cmp(&b.id)))
-        .map(|m| m.id.clone())
+    let claimed = active.clone().filter(|m| m.master_claim > 0).max_by(|a, b| {
+        // Highest claim first; among equal claims, the smaller (older) id wins, so reverse it.
+        a.master_claim.cmp(&b.master_claim).then_with(|| b.id.cmp(&a.id))
+    });
+    claimed.or_else(|| active.min_by(|a, b| a.id.cmp(&b.id))).map(|m| m.id.clone())
 }
 
 /// Keeps one member per node id: the newest generation. Two live generations of one node id mean a
@@ -132,9 +118,7 @@ pub(crate) fn dedupe_node_ids(members: Vec<Member>) -> (Vec<Member>, Vec<Member>
     let mut dropped = Vec::new();
     for member in members {
         match newest.get(&member.id.node_id) {
-            Some(existing) if existing.id.generation >= member.id.generation => {
-                dropped.push(member)
-            }
+            Some(existing) if existing.id.generation >= member.id.generation => dropped.push(member),
             _ => {
                 if let Some(old) = newest.insert(member.id.node_id.clone(), member) {
                     dropped.push(old);
@@ -150,22 +134,13 @@ pub(crate) fn dedupe_node_ids(members: Vec<Member>) -> (Vec<Member>, Vec<Member>
 /// The events that lead from `old` to `new`. `announced_left` holds members known to have
 /// announced their departure (state `left` in their last gossip), so their removal is `Left`, not
 /// `Dead`. A member that was `leaving` and then disappears also counts as left.
-pub(crate) fn diff(
-    old: &ClusterView,
-    new: &ClusterView,
-    announced_left: &HashSet<MemberId>,
-) -> Vec<MemberEvent> {
+pub(crate) fn diff(old: &ClusterView, new: &ClusterView, announced_left: &HashSet<MemberId>) -> Vec<MemberEvent> {
     let mut events = Vec::new();
     for member in &new.members {
         match old.member(&member.id) {
-            None => events.push(MemberEvent::Joined {
-                member: member.clone(),
-            }),
+            None => events.push(MemberEvent::Joined { member: member.clone() }),
             Some(before) if before.state != member.state => {
-                events.push(MemberEvent::StateChanged {
-                    member: member.clone(),
-                    previous: before.state,
-                })
+                events.push(MemberEvent::StateChanged { member: member.clone(), previous: before.state })
             }
             Some(_) => {}
         }
@@ -174,21 +149,14 @@ pub(crate) fn diff(
         if new.member(&member.id).is_none() {
             let left = announced_left.contains(&member.id) || member.state == MemberState::Leaving;
             events.push(if left {
-                MemberEvent::Left {
-                    member: member.clone(),
-                }
+                MemberEvent::Left { member: member.clone() }
             } else {
-                MemberEvent::Dead {
-                    member: member.clone(),
-                }
+                MemberEvent::Dead { member: member.clone() }
             });
         }
     }
     if old.master != new.master {
-        events.push(MemberEvent::MasterChanged {
-            previous: old.master.clone(),
-            current: new.master.clone(),
-        });
+        events.push(MemberEvent::MasterChanged { previous: old.master.clone(), current: new.master.clone() });
     }
     events
 }
@@ -215,12 +183,7 @@ pub(crate) mod tests {
 
     fn view(members: Vec<Member>) -> ClusterView {
         let master = compute_master(&members);
-        ClusterView {
-            version: 1,
-            local: MemberId::new("a", 1),
-            members,
-            master,
-        }
+        ClusterView { version: 1, local: MemberId::new("a", 1), members, master }
     }
 
     #[test]
@@ -235,10 +198,7 @@ pub(crate) mod tests {
 
     #[test]
     fn equal_generations_break_ties_by_node_id() {
-        let members = vec![
-            member("b", 5, MemberState::Active),
-            member("a", 5, MemberState::Active),
-        ];
+        let members = vec![member("b", 5, MemberState::Active), member("a", 5, MemberState::Active)];
         assert_eq!(compute_master(&members), Some(MemberId::new("a", 5)));
     }
 
@@ -258,10 +218,7 @@ pub(crate) mod tests {
 
     #[test]
     fn no_active_member_means_no_master() {
-        assert_eq!(
-            compute_master(&[member("a", 1, MemberState::Joining)]),
-            None
-        );
+        assert_eq!(compute_master(&[member("a", 1, MemberState::Joining)]), None);
         assert_eq!(compute_master(&[]), None);
     }
 
@@ -286,10 +243,7 @@ pub(crate) mod tests {
             member("c", 3, MemberState::Active),
             member("d", 4, MemberState::Leaving),
         ]);
-        let new = view(vec![
-            member("b", 2, MemberState::Active),
-            member("e", 5, MemberState::Joining),
-        ]);
+        let new = view(vec![member("b", 2, MemberState::Active), member("e", 5, MemberState::Joining)]);
         let announced: HashSet<MemberId> = [MemberId::new("a", 1)].into_iter().collect();
         let events = diff(&old, &new, &announced);
         let names: Vec<String> = events
@@ -301,23 +255,11 @@ pub(crate) mod tests {
                 }
                 MemberEvent::Left { member } => format!("left {}", member.id.node_id),
                 MemberEvent::Dead { member } => format!("dead {}", member.id.node_id),
-                MemberEvent::MasterChanged { previous, current } => format!(
-                    "master {}->{}",
-                    previous.as_ref().unwrap().node_id,
-                    current.as_ref().unwrap().node_id
-                ),
+                MemberEvent::MasterChanged { previous, current } => {
+                    format!("master {}->{}", previous.as_ref().unwrap().node_id, current.as_ref().unwrap().node_id)
+                }
             })
             .collect();
-        assert_eq!(
-            names,
-            vec![
-                "b joining->active",
-                "joined e",
-                "left a",
-                "dead c",
-                "left d",
-                "master a->b"
-            ]
-        );
+        assert_eq!(names, vec!["b joining->active", "joined e", "left a", "dead c", "left d", "master a->b"]);
     }
 }

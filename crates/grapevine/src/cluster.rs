@@ -1,0 +1,516 @@
+//! `Cluster`: one member, tying discovery, membership and the admin endpoint together.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use grapevine_discovery::{DiscoveryHandle, StaticDiscovery};
+use grapevine_membership::{
+    ClusterView, Member, MemberEvent, MemberId, MemberState, Membership, MembershipConfig, MembershipError,
+    ProtocolVersion,
+};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::ports;
+use crate::singleton::MasterTask;
+use crate::stats::{ClusterStats, LocalStats, MemberStats, RuntimeConfig};
+
+/// Why a member could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A configuration value is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No port of the range was free.
+    #[error(
+        "no free {what} port in {ip}:{first}-{last}; stop what uses them, or choose another range with \
+         `port`/`admin_port` and `port_count`"
+    )]
+    PortRangeExhausted {
+        /// Which port (member or admin).
+        what: &'static str,
+        /// The interface address.
+        ip: IpAddr,
+        /// First port tried.
+        first: u16,
+        /// Last port tried.
+        last: u16,
+    },
+    /// A socket could not be bound for another reason than the port being in use.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// Gossip failed to start.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+}
+
+/// Errors of cluster operations (not start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A membership operation failed (unknown member, timeout, ...).
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    /// The member is shutting down.
+    #[error("this member is shutting down")]
+    ShuttingDown,
+}
+
+/// The addresses a running member uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    /// The interface address listened on (`0.0.0.0` = every interface).
+    pub bind: IpAddr,
+    /// The gossip (UDP) address advertised to peers.
+    pub gossip: SocketAddr,
+    /// The data (TCP) address advertised to peers.
+    pub data: SocketAddr,
+    /// The admin HTTP address bound, if the endpoint is enabled.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Whether this member can serve, for load balancers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    /// True when the member is active in a cluster.
+    pub healthy: bool,
+    /// The member's life-cycle state.
+    pub state: MemberState,
+    /// Why it is not healthy.
+    pub reason: Option<String>,
+    /// Members in the view.
+    pub members: usize,
+    /// The master's node id.
+    pub master: Option<String>,
+}
+
+/// Static discovery for the builder: the peers to look for.
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    members: Vec<String>,
+}
+
+impl Discovery {
+    /// A static list of `host`, `host:port` or `host:first-last` entries.
+    pub fn static_list<I, S>(members: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Discovery { members: members.into_iter().map(Into::into).collect() }
+    }
+
+    /// No discovery: a single-node cluster until others list this member.
+    pub fn none() -> Self {
+        Discovery::default()
+    }
+}
+
+/// Builds and starts a member. Everything not set here comes from [`Config`].
+#[derive(Debug, Clone, Default)]
+pub struct ClusterBuilder {
+    config: Config,
+    protocol_version: Option<ProtocolVersion>,
+}
+
+impl ClusterBuilder {
+    /// The cluster name (required).
+    pub fn cluster_name(mut self, name: impl Into<String>) -> Self {
+        self.config.cluster_name = name.into();
+        self
+    }
+
+    /// Replaces the whole configuration (the cluster name included).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// How to find peers.
+    pub fn discovery(mut self, discovery: Discovery) -> Self {
+        self.config.members = discovery.members;
+        self
+    }
+
+    /// The interface address to listen on and advertise.
+    pub fn bind(mut self, ip: IpAddr) -> Self {
+        self.config.bind = Some(ip);
+        self
+    }
+
+    /// The member port (0: any free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.config.port = port;
+        self
+    }
+
+    /// The node id.
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.config.node_id = Some(node_id.into());
+        self
+    }
+
+    /// Serve the admin HTTP endpoint or not.
+    pub fn admin(mut self, enabled: bool) -> Self {
+        self.config.admin_enabled = enabled;
+        self
+    }
+
+    /// Publishes another protocol version than this build's, to test version checks.
+    #[doc(hidden)]
+    pub fn protocol_version_for_tests(mut self, version: ProtocolVersion) -> Self {
+        self.protocol_version = Some(version);
+        self
+    }
+
+    /// Starts the member and waits until it has joined the cluster (or found none within the
+    /// join timeout and runs alone).
+    pub async fn start(self) -> Result<Cluster, StartError> {
+        Cluster::start_with(self.config, self.protocol_version).await
+    }
+}
+
+/// A running cluster member. Cheap to clone; every clone is the same member.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    addresses: Addresses,
+    membership: Membership,
+    discovery: tokio::sync::Mutex<DiscoveryHandle>,
+    /// The data-plane listener, bound with the gossip port so both share a number.
+    data_listener: Mutex<Option<TcpListener>>,
+    started: Instant,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    shutting_down: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // No background task outlives the member: stop whatever a missing shutdown() left running.
+        self.cancel.cancel();
+        self.membership.abort_now();
+    }
+}
+
+impl Cluster {
+    /// A builder with the default configuration.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// Starts a member with `config`.
+    pub async fn start(config: Config) -> Result<Cluster, StartError> {
+        Cluster::start_with(config, None).await
+    }
+
+    async fn start_with(config: Config, protocol_version: Option<ProtocolVersion>) -> Result<Cluster, StartError> {
+        for warning in config.validate()? {
+            warn!("{warning}");
+        }
+        let seeds = config.seeds().map_err(|e| ConfigError { key: "members".into(), message: e.to_string() })?;
+        let discovery = StaticDiscovery::new(seeds, Duration::from_secs(config.member_refresh_seconds)).start().await;
+        let first_candidate = discovery.candidates().borrow().first().copied();
+
+        let listen_ip = config.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let (data_listener, gossip_socket) = ports::bind_member_ports(listen_ip, config.port_range()).await?;
+        let port = gossip_socket.local_addr().port();
+        let advertise_ip = config
+            .public_address
+            .or(config.bind.filter(|ip| !ip.is_unspecified()))
+            .unwrap_or_else(|| ports::default_advertise_ip(first_candidate));
+        let advertised = SocketAddr::new(advertise_ip, port);
+
+        let admin_listener = if config.admin_enabled {
+            let admin_ip = config.admin_bind.or(config.bind).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            Some(ports::bind_tcp_in_range("admin", admin_ip, config.admin_port_range()).await?)
+        } else {
+            None
+        };
+        let admin_bound = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_advertised =
+            admin_bound.map(|a| if a.ip().is_unspecified() { SocketAddr::new(advertise_ip, a.port()) } else { a });
+
+        let node_id = config.node_id.clone().unwrap_or_else(|| format!("{}-{port}", ports::hostname()));
+        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let mut membership_config =
+            MembershipConfig::new(config.cluster_name.clone(), node_id, generation, advertised, advertised);
+        membership_config.admin_addr = admin_advertised;
+        membership_config.gossip_interval = config.gossip_interval();
+        membership_config.phi_threshold = config.gossip.phi_threshold;
+        membership_config.dead_member_grace = Duration::from_secs(config.gossip.dead_member_grace_seconds);
+        membership_config.probe_interval = Duration::from_millis(config.gossip.probe_interval_ms);
+        membership_config.attributes = config.attributes.clone();
+        if let Some(version) = protocol_version {
+            membership_config.protocol_version = version;
+        }
+        let membership = Membership::start(membership_config, gossip_socket, discovery.candidates()).await?;
+
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                addresses: Addresses { bind: listen_ip, gossip: advertised, data: advertised, admin: admin_bound },
+                config,
+                membership,
+                discovery: tokio::sync::Mutex::new(discovery),
+                data_listener: Mutex::new(Some(data_listener)),
+                started: Instant::now(),
+                cancel: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                shutting_down: AtomicBool::new(false),
+            }),
+        };
+        if let Some(listener) = admin_listener {
+            cluster.serve_admin(listener);
+        }
+        let join_timeout = Duration::from_millis(cluster.inner.config.gossip.join_timeout_ms);
+        cluster.inner.membership.join(join_timeout).await;
+        info!(
+            node = %cluster.local(),
+            cluster = %cluster.name(),
+            gossip = %cluster.inner.addresses.gossip,
+            admin = ?cluster.inner.addresses.admin,
+            members = cluster.view().len(),
+            "member started"
+        );
+        Ok(cluster)
+    }
+
+    fn serve_admin(&self, listener: TcpListener) {
+        #[cfg(feature = "admin")]
+        {
+            let cluster = self.downgrade();
+            let cancel = self.inner.cancel.clone();
+            self.inner.tasks.spawn(crate::admin::serve(cluster, listener, cancel));
+        }
+        #[cfg(not(feature = "admin"))]
+        {
+            drop(listener);
+            warn!("admin_enabled is set but grapevine was built without the `admin` feature; no admin endpoint");
+        }
+    }
+
+    /// A handle that does not keep the member alive (for its own background tasks).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn downgrade(&self) -> WeakCluster {
+        WeakCluster { inner: Arc::downgrade(&self.inner) }
+    }
+
+    /// The cluster name.
+    pub fn name(&self) -> &str {
+        &self.inner.config.cluster_name
+    }
+
+    /// This member's id.
+    pub fn local(&self) -> &MemberId {
+        self.inner.membership.local_id()
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The addresses bound and advertised.
+    pub fn addresses(&self) -> Addresses {
+        self.inner.addresses
+    }
+
+    /// The current view of the cluster.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.inner.membership.view()
+    }
+
+    /// A receiver of every new view.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Arc<ClusterView>> {
+        self.inner.membership.watch()
+    }
+
+    /// The members in the view, oldest first.
+    pub fn members(&self) -> Vec<Member> {
+        self.view().members.clone()
+    }
+
+    /// Member events (joined, state changed, left, dead, master changed) from now on. The channel
+    /// is bounded; a receiver that falls behind gets `Lagged` and should re-read [`Cluster::view`].
+    pub fn events(&self) -> broadcast::Receiver<MemberEvent> {
+        self.inner.membership.events()
+    }
+
+    /// True when this member is the master.
+    pub fn is_master(&self) -> bool {
+        self.view().is_master()
+    }
+
+    /// Runs singleton work on the master: `make` is called to start a task whenever this member
+    /// becomes master, and the task's token is cancelled when it stops being master (or on
+    /// shutdown). The task should return promptly when cancelled; after
+    /// [`crate::MASTER_TASK_STOP_TIMEOUT`] it is aborted.
+    ///
+    /// During a hand-over, gossip reaches members at slightly different times, so the old and new
+    /// master may overlap for up to a gossip round or two; singleton work must tolerate that.
+    pub fn run_while_master<F, Fut>(&self, name: &str, make: F) -> MasterTask
+    where
+        F: FnMut(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        MasterTask::spawn(name.to_string(), self.inner.membership.clone(), &self.inner.cancel, make)
+    }
+
+    /// Makes the member with `node_id` master until it leaves, and waits (up to `timeout`) until
+    /// this member sees it as master.
+    pub async fn handover_master(&self, node_id: &str, timeout: Duration) -> Result<MemberId, ClusterError> {
+        let target = self.inner.membership.request_master_handover(node_id).await?;
+        self.inner
+            .membership
+            .wait_for_view("the master hand-over", timeout, |v| v.master.as_ref() == Some(&target))
+            .await?;
+        Ok(target)
+    }
+
+    /// Whether this member can serve (for load balancers).
+    pub fn health(&self) -> Health {
+        let view = self.view();
+        let state = view.local_member().map(|m| m.state).unwrap_or(MemberState::Joining);
+        let reason = if self.inner.shutting_down.load(Ordering::Relaxed) {
+            Some("shutting down".to_string())
+        } else {
+            match state {
+                MemberState::Active => None,
+                MemberState::Joining => Some("joining: looking for the cluster".to_string()),
+                MemberState::Leaving => Some("leaving: handing over before shutdown".to_string()),
+                MemberState::Left => Some("left the cluster".to_string()),
+            }
+        };
+        Health {
+            healthy: reason.is_none(),
+            state,
+            reason,
+            members: view.len(),
+            master: view.master.as_ref().map(|m| m.node_id.to_string()),
+        }
+    }
+
+    /// The `/stats` document as this member sees the cluster.
+    pub async fn stats(&self) -> ClusterStats {
+        let view = self.view();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let health = self.health();
+        let config = &self.inner.config;
+        let addresses = self.inner.addresses;
+        let membership_config = self.inner.membership.config();
+        let range = config.port_range();
+        ClusterStats {
+            cluster_name: config.cluster_name.clone(),
+            node_id: self.local().node_id.to_string(),
+            generation: self.local().generation,
+            master: view.master.as_ref().map(|m| m.node_id.to_string()),
+            view_version: view.version,
+            members: view
+                .members
+                .iter()
+                .map(|m| MemberStats {
+                    node_id: m.id.node_id.to_string(),
+                    generation: m.id.generation,
+                    gossip_addr: m.gossip_addr.to_string(),
+                    data_addr: m.data_addr.to_string(),
+                    admin_addr: m.admin_addr.map(|a| a.to_string()),
+                    protocol_version: m.protocol_version.to_string(),
+                    state: m.state.to_string(),
+                    uptime_s: m.uptime_ms(now_ms) / 1000,
+                    is_master: view.master.as_ref() == Some(&m.id),
+                    attributes: m.attributes.clone(),
+                })
+                .collect(),
+            local: LocalStats {
+                state: health.state.to_string(),
+                healthy: health.healthy,
+                health_reason: health.reason,
+                uptime_s: self.inner.started.elapsed().as_secs(),
+                config: RuntimeConfig {
+                    bind: addresses.bind.to_string(),
+                    public_address: addresses.gossip.ip().to_string(),
+                    port: addresses.gossip.port(),
+                    port_range: format!("{}-{}", range.start(), range.end()),
+                    admin_addr: addresses.admin.map(|a| a.to_string()),
+                    discovery: if config.members.is_empty() { "none (single node)".into() } else { "static".into() },
+                    members: config.members.clone(),
+                    gossip_interval_ms: config.gossip.interval_ms,
+                    phi_threshold: config.gossip.phi_threshold,
+                    failure_detection_ms: membership_config.failure_detection_time().as_millis() as u64,
+                    dead_member_grace_s: config.gossip.dead_member_grace_seconds,
+                    join_timeout_ms: config.gossip.join_timeout_ms,
+                    probe_interval_ms: config.gossip.probe_interval_ms,
+                },
+            },
+            gossip: self.inner.membership.stats(),
+        }
+    }
+
+    /// Leaves the cluster gracefully: announces the departure so peers see `Left` within a gossip
+    /// round or two, then stops every task of this member.
+    pub async fn shutdown(&self) {
+        if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        info!(node = %self.local(), "shutting down gracefully");
+        self.inner.membership.set_state(MemberState::Leaving).await;
+        self.inner.membership.shutdown().await;
+        self.stop_tasks().await;
+        info!(node = %self.local(), "shut down");
+    }
+
+    /// Stops at once without telling peers, as a crash would (they detect it as dead). For tests,
+    /// and for a second shutdown signal.
+    pub async fn kill(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.membership.kill().await;
+        self.stop_tasks().await;
+    }
+
+    async fn stop_tasks(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.inner.tasks.wait()).await.is_err() {
+            warn!("background tasks did not stop within 10 s");
+        }
+        self.inner.discovery.lock().await.stop().await;
+        self.inner.data_listener.lock().unwrap().take();
+    }
+
+    /// Test hook: drop gossip with `addr`, as a network partition would.
+    #[doc(hidden)]
+    pub fn block_gossip_with(&self, addr: SocketAddr, blocked: bool) {
+        self.inner.membership.block_gossip_with(addr, blocked);
+    }
+}
+
+/// A non-owning handle to a member, held by the member's own background tasks so they never keep
+/// it alive.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakCluster {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakCluster {
+    /// The member, if it still exists.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn upgrade(&self) -> Option<Cluster> {
+        self.inner.upgrade().map(|inner| Cluster { inner })
+    }
+}

@@ -1,0 +1,98 @@
+//! The `/stats` document: what `grapevine clusterstats` prints, as serializable types.
+
+use std::collections::BTreeMap;
+
+use grapevine_membership::MembershipStats;
+use serde::{Deserialize, Serialize};
+
+/// One member's view of the whole cluster (served at `/stats`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// The cluster name.
+    pub cluster_name: String,
+    /// The node id of the member that answered.
+    pub node_id: String,
+    /// Its generation (start time in ms since the Unix epoch).
+    pub generation: u64,
+    /// The master's node id, if there is one.
+    pub master: Option<String>,
+    /// The view version (grows on every membership change).
+    pub view_version: u64,
+    /// Members in the view, oldest first.
+    pub members: Vec<MemberStats>,
+    /// The answering member's own state and runtime configuration.
+    pub local: LocalStats,
+    /// Gossip counters of the answering member.
+    pub gossip: MembershipStats,
+}
+
+/// A member as seen in the view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStats {
+    /// Node id.
+    pub node_id: String,
+    /// Generation (start time in ms).
+    pub generation: u64,
+    /// Gossip (UDP) address.
+    pub gossip_addr: String,
+    /// Data (TCP) address.
+    pub data_addr: String,
+    /// Admin HTTP address, if served.
+    pub admin_addr: Option<String>,
+    /// Protocol version.
+    pub protocol_version: String,
+    /// `joining`, `active`, `leaving`.
+    pub state: String,
+    /// Seconds since the member started.
+    pub uptime_s: u64,
+    /// True for the master.
+    pub is_master: bool,
+    /// User attributes.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// The answering member's own state and effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalStats {
+    /// Its life-cycle state.
+    pub state: String,
+    /// Whether `/health` answers 200.
+    pub healthy: bool,
+    /// Why it is not healthy, if it is not.
+    pub health_reason: Option<String>,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// The effective runtime configuration.
+    pub config: RuntimeConfig,
+}
+
+/// The effective configuration of a running member: ports as bound, timers as used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuntimeConfig {
+    /// The interface address listened on (`0.0.0.0` = all).
+    pub bind: String,
+    /// The address advertised to other members.
+    pub public_address: String,
+    /// The port bound for data (TCP) and gossip (UDP).
+    pub port: u16,
+    /// The port range the member could use.
+    pub port_range: String,
+    /// The admin address bound, if any.
+    pub admin_addr: Option<String>,
+    /// The discovery mechanism.
+    pub discovery: String,
+    /// The configured member list.
+    pub members: Vec<String>,
+    /// Gossip interval.
+    pub gossip_interval_ms: u64,
+    /// Phi-accrual threshold.
+    pub phi_threshold: f64,
+    /// Expected time to declare a silent member dead.
+    pub failure_detection_ms: u64,
+    /// How long dead members are remembered.
+    pub dead_member_grace_s: u64,
+    /// How long a starting member looks for the cluster.
+    pub join_timeout_ms: u64,
+    /// How often absent listed members are probed.
+    pub probe_interval_ms: u64,
+}
