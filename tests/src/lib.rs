@@ -30,6 +30,10 @@ pub fn test_config(cluster_name: &str) -> Config {
     config.gossip.phi_threshold = 8.0;
     config.gossip.probe_interval_ms = 100;
     config.gossip.join_timeout_ms = 2_000;
+    config.partitions.anti_entropy_interval_ms = 500;
+    config.partitions.expiry_sweep_interval_ms = 100;
+    config.partitions.operation_timeout_ms = 20_000;
+    config.partitions.migration_timeout_ms = 10_000;
     config
 }
 
@@ -88,10 +92,25 @@ impl TestCluster {
         .await;
     }
 
+    /// Waits until replication has settled on every member: the newest table everywhere, the
+    /// balanced plan reached, every backup confirmed.
+    pub async fn wait_settled(&self) {
+        wait_settled(&self.members.iter().collect::<Vec<_>>()).await;
+    }
+
     /// The member at index `i`.
     pub fn member(&self, i: usize) -> &Cluster {
         &self.members[i]
     }
+}
+
+/// Waits until replication has settled on every member of `members`.
+pub async fn wait_settled(members: &[&Cluster]) {
+    wait_until("replication to settle", WAIT, || {
+        let epochs: Vec<u64> = members.iter().map(|m| m.map_service().table().epoch).collect();
+        epochs.iter().all(|e| *e == epochs[0]) && members.iter().all(|m| m.map_service().is_settled())
+    })
+    .await;
 }
 
 /// Polls `condition` every few milliseconds until it holds; panics naming `what` after `timeout`.

@@ -48,9 +48,8 @@ async fn a_graceful_shutdown_is_seen_as_left() {
     cluster.member(1).shutdown().await;
     let event = tokio::time::timeout(WAIT, async {
         loop {
-            match events.recv().await.unwrap() {
-                e @ (MemberEvent::Left { .. } | MemberEvent::Dead { .. }) => return e,
-                _ => {}
+            if let e @ (MemberEvent::Left { .. } | MemberEvent::Dead { .. }) = events.recv().await.unwrap() {
+                return e;
             }
         }
     })

@@ -2,15 +2,19 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use grapevine_discovery::{DiscoveryHandle, StaticDiscovery};
+use grapevine_map::{MapError, MapService};
 use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, Membership, MembershipConfig, MembershipError,
     ProtocolVersion,
 };
+use grapevine_net::{Net, NetConfig};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -18,9 +22,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::map::DistributedMap;
 use crate::ports;
 use crate::singleton::MasterTask;
-use crate::stats::{ClusterStats, LocalStats, MemberStats, RuntimeConfig};
+use crate::stats::{ClusterStats, LocalStats, MapStats, MemberMapStats, MemberStats, RuntimeConfig};
 
 /// Why a member could not start.
 #[derive(Debug, thiserror::Error)]
@@ -193,8 +198,8 @@ struct Inner {
     addresses: Addresses,
     membership: Membership,
     discovery: tokio::sync::Mutex<DiscoveryHandle>,
-    /// The data-plane listener, bound with the gossip port so both share a number.
-    data_listener: Mutex<Option<TcpListener>>,
+    net: Net,
+    maps: Arc<MapService>,
     started: Instant,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -206,6 +211,10 @@ impl Drop for Inner {
         // No background task outlives the member: stop whatever a missing shutdown() left running.
         self.cancel.cancel();
         self.membership.abort_now();
+        let net = self.net.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { net.shutdown().await });
+        }
     }
 }
 
@@ -262,24 +271,52 @@ impl Cluster {
         }
         let membership = Membership::start(membership_config, gossip_socket, discovery.candidates()).await?;
 
+        let mut net_config = NetConfig::new(
+            config.cluster_name.clone(),
+            membership.local_id().clone(),
+            membership.config().protocol_version,
+        );
+        net_config.frame_bytes_max = config.net.frame_bytes_max;
+        net_config.connect_timeout = Duration::from_millis(config.net.connect_timeout_ms);
+        net_config.outbound_ports =
+            config.outbound_ports().map_err(|message| ConfigError { key: "net.outbound_ports".into(), message })?;
+        let net = Net::start(net_config, data_listener);
+        let maps = Arc::new(MapService::start(net.clone(), membership.clone(), config.map_settings()));
+
         let cluster = Cluster {
             inner: Arc::new(Inner {
                 addresses: Addresses { bind: listen_ip, gossip: advertised, data: advertised, admin: admin_bound },
                 config,
                 membership,
                 discovery: tokio::sync::Mutex::new(discovery),
-                data_listener: Mutex::new(Some(data_listener)),
+                net,
+                maps,
                 started: Instant::now(),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 shutting_down: AtomicBool::new(false),
             }),
         };
+        cluster.inner.tasks.spawn(peer_directory(
+            cluster.inner.membership.clone(),
+            cluster.inner.net.clone(),
+            cluster.inner.cancel.clone(),
+        ));
         if let Some(listener) = admin_listener {
             cluster.serve_admin(listener);
         }
         let join_timeout = Duration::from_millis(cluster.inner.config.gossip.join_timeout_ms);
         cluster.inner.membership.join(join_timeout).await;
+        // Ready means usable: wait (bounded) for the partition table, so maps work on return.
+        let table_wait = join_timeout.max(Duration::from_secs(5));
+        let deadline = tokio::time::Instant::now() + table_wait;
+        while let Err(reason) = cluster.inner.maps.table_status() {
+            if tokio::time::Instant::now() >= deadline {
+                warn!(%reason, waited = ?table_wait, "started without a current partition table; /health reports 503 until it arrives");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         info!(
             node = %cluster.local(),
             cluster = %cluster.name(),
@@ -372,6 +409,29 @@ impl Cluster {
         MasterTask::spawn(name.to_string(), self.inner.membership.clone(), &self.inner.cancel, make)
     }
 
+    /// The distributed map `name`, typed. Its settings (backup counts, default expiry) come from the
+    /// `[maps.<name>]` section of the configuration (or `[maps.default]`), on the member owning
+    /// each partition: keep them the same on every member.
+    pub fn map<K, V>(&self, name: &str) -> Result<DistributedMap<K, V>, MapError>
+    where
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
+    {
+        DistributedMap::new(name, self.inner.maps.clone())
+    }
+
+    /// The map service, for tools that work on encoded keys and values (admin routes, tests).
+    #[doc(hidden)]
+    pub fn map_service(&self) -> &MapService {
+        &self.inner.maps
+    }
+
+    /// The data plane, for tests that inject faults.
+    #[doc(hidden)]
+    pub fn net(&self) -> &Net {
+        &self.inner.net
+    }
+
     /// Makes the member with `node_id` master until it leaves, and waits (up to `timeout`) until
     /// this member sees it as master.
     pub async fn handover_master(&self, node_id: &str, timeout: Duration) -> Result<MemberId, ClusterError> {
@@ -391,7 +451,7 @@ impl Cluster {
             Some("shutting down".to_string())
         } else {
             match state {
-                MemberState::Active => None,
+                MemberState::Active => self.inner.maps.table_status().err(),
                 MemberState::Joining => Some("joining: looking for the cluster".to_string()),
                 MemberState::Leaving => Some("leaving: handing over before shutdown".to_string()),
                 MemberState::Left => Some("left the cluster".to_string()),
@@ -459,7 +519,36 @@ impl Cluster {
                 },
             },
             gossip: self.inner.membership.stats(),
+            partitions: Some(self.inner.maps.partition_summary()),
+            maps: self.map_stats().await,
         }
+    }
+
+    /// Per-map statistics, summed over members, with each member's part.
+    async fn map_stats(&self) -> Vec<MapStats> {
+        let per_member = self.inner.maps.cluster_stats(Duration::from_secs(2)).await;
+        let mut maps: std::collections::BTreeMap<String, MapStats> = std::collections::BTreeMap::new();
+        for (member, outcome) in per_member {
+            let Ok(local) = outcome else { continue };
+            for m in local.maps {
+                let total = maps
+                    .entry(m.name.clone())
+                    .or_insert_with(|| MapStats { name: m.name.clone(), ..Default::default() });
+                total.owned_entries += m.owned_entries;
+                total.backup_entries += m.backup_entries;
+                total.hits += m.hits;
+                total.gets += m.gets;
+                total.puts += m.puts;
+                total.removes += m.removes;
+                total.memory_bytes += m.memory_bytes;
+                total.get_p99_us = total.get_p99_us.max(m.get_p99_us);
+                total.put_p99_us = total.put_p99_us.max(m.put_p99_us);
+                total.backup_count = m.backup_count;
+                total.async_backup_count = m.async_backup_count;
+                total.per_member.push(MemberMapStats { node_id: member.node_id.to_string(), stats: m });
+            }
+        }
+        maps.into_values().collect()
     }
 
     /// Leaves the cluster gracefully: announces the departure so peers see `Left` within a gossip
@@ -470,7 +559,16 @@ impl Cluster {
         }
         info!(node = %self.local(), "shutting down gracefully");
         self.inner.membership.set_state(MemberState::Leaving).await;
+        let timeout = Duration::from_secs(self.inner.config.shutdown_timeout_seconds);
+        if let Err(error) = self.inner.maps.wait_handoff(timeout).await {
+            warn!(%error, "shutting down before every partition was handed over");
+        }
+        // Members still using a table from before the hand-over get "wrong owner" answers and
+        // retry elsewhere; give requests already on the wire a moment to be answered.
+        tokio::time::sleep(self.inner.config.gossip_interval().min(Duration::from_millis(500)) * 2).await;
         self.inner.membership.shutdown().await;
+        self.inner.maps.shutdown().await;
+        self.inner.net.shutdown().await;
         self.stop_tasks().await;
         info!(node = %self.local(), "shut down");
     }
@@ -480,6 +578,8 @@ impl Cluster {
     pub async fn kill(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         self.inner.membership.kill().await;
+        self.inner.maps.shutdown().await;
+        self.inner.net.shutdown().await;
         self.stop_tasks().await;
     }
 
@@ -490,13 +590,36 @@ impl Cluster {
             warn!("background tasks did not stop within 10 s");
         }
         self.inner.discovery.lock().await.stop().await;
-        self.inner.data_listener.lock().unwrap().take();
     }
 
     /// Test hook: drop gossip with `addr`, as a network partition would.
     #[doc(hidden)]
     pub fn block_gossip_with(&self, addr: SocketAddr, blocked: bool) {
         self.inner.membership.block_gossip_with(addr, blocked);
+    }
+}
+
+/// Keeps the data plane's directory of member addresses in step with the view, and drops
+/// connections to members that left or died (their pending requests fail at once).
+async fn peer_directory(membership: Membership, net: Net, cancel: CancellationToken) {
+    let mut views = membership.watch();
+    let mut known: std::collections::HashSet<MemberId> = std::collections::HashSet::new();
+    loop {
+        let view = views.borrow_and_update().clone();
+        let current: std::collections::HashSet<MemberId> = view.members.iter().map(|m| m.id.clone()).collect();
+        for member in &view.members {
+            if member.id != view.local && !known.contains(&member.id) {
+                net.set_peer_address(member.id.clone(), member.data_addr);
+            }
+        }
+        for gone in known.difference(&current) {
+            net.forget_peer(gone);
+        }
+        known = current;
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
     }
 }
 

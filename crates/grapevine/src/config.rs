@@ -10,11 +10,9 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use grapevine_discovery::{SeedSpec, parse_member_list};
+pub use grapevine_map::MapConfig;
+use grapevine_map::MapSettings;
 use serde::{Deserialize, Deserializer, Serialize};
-
-/// The highest backup count a map accepts (synchronous and asynchronous separately); larger values
-/// are clamped with a warning, as Hazelcast does.
-pub const BACKUP_COUNT_MAX: u8 = 6;
 
 /// A member's whole configuration. `Default` gives the documented defaults, with an empty
 /// cluster name that [`Config::validate`] rejects: every member must name its cluster.
@@ -62,6 +60,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Gossip and failure detection.
     pub gossip: GossipSettings,
+    /// The data plane (TCP between members).
+    pub net: NetSettings,
+    /// Partitions, replication and migration.
+    pub partitions: PartitionSettings,
+    /// Per-map settings: `[maps.sessions]`; `[maps.default]` applies to maps without a section.
+    pub maps: BTreeMap<String, MapConfig>,
     /// Free-form attributes published with the member (e.g. `zone = "eu-1"`).
     pub attributes: BTreeMap<String, String>,
 }
@@ -81,6 +85,62 @@ pub struct GossipSettings {
     pub join_timeout_ms: u64,
     /// How often listed members that are not in the cluster are probed, in ms. Default 2000.
     pub probe_interval_ms: u64,
+}
+
+/// Data-plane settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetSettings {
+    /// Largest message between members, in bytes; a larger value is refused with an error.
+    /// Default 16 MiB.
+    pub frame_bytes_max: usize,
+    /// How long to wait for a TCP connection to a member, in ms. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Local ports for outgoing connections, `first-last` (for firewalls that filter source
+    /// ports). Default: any (the system picks ephemeral ports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound_ports: Option<String>,
+}
+
+/// Partition and replication settings. `count` must be the same on every member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartitionSettings {
+    /// Number of partitions. Default 271. The same on every member.
+    pub count: u32,
+    /// How long a map operation may take, retries included, in ms. Default 30000. Keep it above
+    /// the failure-detection time so operations survive an owner's death.
+    pub operation_timeout_ms: u64,
+    /// How long an owner waits for synchronous backups to acknowledge a write, in ms. Default 5000.
+    pub backup_ack_timeout_ms: u64,
+    /// How often owners compare versions with their backups, in ms. Default 5000.
+    pub anti_entropy_interval_ms: u64,
+    /// How often expired entries are swept, in ms. Default 1000.
+    pub expiry_sweep_interval_ms: u64,
+    /// Partitions the master migrates at once. Default 8.
+    pub migration_parallelism: usize,
+    /// How long one partition's migration may take, in ms. Default 60000.
+    pub migration_timeout_ms: u64,
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        NetSettings { frame_bytes_max: 16 << 20, connect_timeout_ms: 5000, outbound_ports: None }
+    }
+}
+
+impl Default for PartitionSettings {
+    fn default() -> Self {
+        PartitionSettings {
+            count: 271,
+            operation_timeout_ms: 30_000,
+            backup_ack_timeout_ms: 5_000,
+            anti_entropy_interval_ms: 5_000,
+            expiry_sweep_interval_ms: 1_000,
+            migration_parallelism: 8,
+            migration_timeout_ms: 60_000,
+        }
+    }
 }
 
 /// Log output format.
@@ -112,6 +172,9 @@ impl Default for Config {
             shutdown_timeout_seconds: 120,
             log_format: LogFormat::Text,
             gossip: GossipSettings::default(),
+            net: NetSettings::default(),
+            partitions: PartitionSettings::default(),
+            maps: BTreeMap::new(),
             attributes: BTreeMap::new(),
         }
     }
@@ -151,10 +214,10 @@ impl Config {
         Config { cluster_name: cluster_name.into(), ..Config::default() }
     }
 
-    /// Checks every key. Returns warnings for values that were accepted but adjusted (none so far
-    /// at this level); errors name the key and what is expected.
+    /// Checks every key. Returns warnings for values that are accepted but adjusted (backup counts
+    /// above 6 are clamped, see [`Config::normalized`]); errors name the key and what is expected.
     pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
-        let warnings = Vec::new();
+        let mut warnings = Vec::new();
         let name = self.cluster_name.trim();
         if name.is_empty() {
             return Err(ConfigError::new(
@@ -169,26 +232,23 @@ impl Config {
                 "must be 1 to 255 characters without leading or trailing spaces or control characters",
             ));
         }
-        if let Some(node_id) = &self.node_id {
-            if node_id.is_empty()
+        if let Some(node_id) = &self.node_id
+            && (node_id.is_empty()
                 || node_id.len() > 128
-                || node_id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/')
-            {
-                return Err(ConfigError::new(
-                    "node_id",
-                    format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces or `/`"),
-                ));
-            }
+                || node_id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/'))
+        {
+            return Err(ConfigError::new(
+                "node_id",
+                format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces or `/`"),
+            ));
         }
         check_port_range("port", self.port, self.port_count)?;
         check_port_range("admin_port", self.admin_port, self.port_count)?;
-        if let Some(ip) = self.public_address {
-            if ip.is_unspecified() {
-                return Err(ConfigError::new(
-                    "public_address",
-                    "must be an address other members can reach, not 0.0.0.0 or ::",
-                ));
-            }
+        if self.public_address.is_some_and(|ip| ip.is_unspecified()) {
+            return Err(ConfigError::new(
+                "public_address",
+                "must be an address other members can reach, not 0.0.0.0 or ::",
+            ));
         }
         self.seeds().map_err(|e| ConfigError::new("members", e))?;
         if self.member_refresh_seconds == 0 {
@@ -206,6 +266,44 @@ impl Config {
         }
         if g.dead_member_grace_seconds == 0 {
             return Err(ConfigError::new("gossip.dead_member_grace_seconds", "must be at least 1"));
+        }
+        let n = &self.net;
+        if !(64 << 10..=1 << 30).contains(&n.frame_bytes_max) {
+            return Err(ConfigError::new(
+                "net.frame_bytes_max",
+                "must be between 65536 (64 KiB) and 1073741824 (1 GiB)",
+            ));
+        }
+        if n.connect_timeout_ms == 0 {
+            return Err(ConfigError::new("net.connect_timeout_ms", "must be at least 1"));
+        }
+        self.outbound_ports().map_err(|m| ConfigError::new("net.outbound_ports", m))?;
+        let p = &self.partitions;
+        if !(1..=65_535).contains(&p.count) {
+            return Err(ConfigError::new("partitions.count", "must be between 1 and 65535 (default 271)"));
+        }
+        for (key, value) in [
+            ("partitions.operation_timeout_ms", p.operation_timeout_ms),
+            ("partitions.backup_ack_timeout_ms", p.backup_ack_timeout_ms),
+            ("partitions.anti_entropy_interval_ms", p.anti_entropy_interval_ms),
+            ("partitions.expiry_sweep_interval_ms", p.expiry_sweep_interval_ms),
+            ("partitions.migration_timeout_ms", p.migration_timeout_ms),
+        ] {
+            if value < 10 {
+                return Err(ConfigError::new(key, "must be at least 10 milliseconds"));
+            }
+        }
+        if !(1..=1024).contains(&p.migration_parallelism) {
+            return Err(ConfigError::new("partitions.migration_parallelism", "must be between 1 and 1024"));
+        }
+        for (name, map) in &self.maps {
+            if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+                return Err(ConfigError::new(
+                    format!("maps.{name}"),
+                    "map names must be 1 to 255 printable characters",
+                ));
+            }
+            warnings.extend(map.clone().clamp(name));
         }
         for key in self.attributes.keys() {
             if key.is_empty() || key.contains(':') || key.chars().any(char::is_whitespace) {
@@ -231,7 +329,49 @@ impl Config {
     /// The parsed member list. A bare host means every port of the range other members may use:
     /// `port` to `port + port_count - 1`.
     pub fn seeds(&self) -> Result<Vec<SeedSpec>, grapevine_discovery::DiscoveryError> {
-        parse_member_list(&self.members.join(","), range_of(self.port, self.port_count))
+        // With port 0 (any free port) a bare host cannot name a range: use the default one.
+        let first = if self.port == 0 { Config::default().port } else { self.port };
+        parse_member_list(&self.members.join(","), range_of(first, self.port_count))
+    }
+
+    /// The configuration with adjustments applied (backup counts clamped to 6).
+    pub fn normalized(&self) -> Config {
+        let mut config = self.clone();
+        for (name, map) in &mut config.maps {
+            map.clamp(name);
+        }
+        config
+    }
+
+    /// The parsed `net.outbound_ports` range.
+    pub fn outbound_ports(&self) -> Result<Option<RangeInclusive<u16>>, String> {
+        let Some(spec) = self.net.outbound_ports.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok(None);
+        };
+        let expected = || format!("{spec:?} is not a port range: expected `first-last`, e.g. `33000-33100`");
+        let (first, last) = spec.split_once('-').ok_or_else(expected)?;
+        let first: u16 = first.trim().parse().map_err(|_| expected())?;
+        let last: u16 = last.trim().parse().map_err(|_| expected())?;
+        if first == 0 || first > last {
+            return Err(expected());
+        }
+        Ok(Some(first..=last))
+    }
+
+    /// The map service settings derived from this configuration.
+    pub fn map_settings(&self) -> MapSettings {
+        let p = &self.partitions;
+        let ms = Duration::from_millis;
+        MapSettings {
+            partition_count: p.count,
+            operation_timeout: ms(p.operation_timeout_ms),
+            backup_ack_timeout: ms(p.backup_ack_timeout_ms),
+            anti_entropy_interval: ms(p.anti_entropy_interval_ms),
+            expiry_sweep_interval: ms(p.expiry_sweep_interval_ms),
+            migration_parallelism: p.migration_parallelism,
+            migration_timeout: ms(p.migration_timeout_ms),
+            maps: self.normalized().maps,
+        }
     }
 
     /// Gossip interval as a duration.
@@ -317,6 +457,28 @@ mod tests {
         let from_text: Config = toml::from_str("cluster_name = 'x'\nmembers = 'a, b:1,'").unwrap();
         assert_eq!(from_list.members, vec!["a", "b:1"]);
         assert_eq!(from_text.members, from_list.members);
+    }
+
+    #[test]
+    fn backup_counts_above_six_are_clamped_with_a_warning() {
+        let config: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.sessions]\nbackup_count = 9\nmax_idle_seconds = 1800").unwrap();
+        let warnings = config.validate().unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("maps.sessions.backup_count"), "{warnings:?}");
+        let settings = config.map_settings();
+        assert_eq!(settings.map("sessions").backup_count, 6);
+        assert_eq!(settings.map("sessions").max_idle_seconds, 1800);
+        assert_eq!(settings.map("other").backup_count, 1, "maps without a section use the defaults");
+    }
+
+    #[test]
+    fn outbound_ports_must_be_a_range() {
+        let mut config = valid();
+        config.net.outbound_ports = Some("33000-33100".into());
+        assert_eq!(config.outbound_ports().unwrap(), Some(33000..=33100));
+        config.net.outbound_ports = Some("33100-33000".into());
+        assert_eq!(config.validate().unwrap_err().key, "net.outbound_ports");
     }
 
     #[test]

@@ -14,20 +14,24 @@
 //! ```
 //!
 //! A member finds its peers (static list), agrees on membership by gossip, computes the master
-//! (the oldest member) and serves an admin HTTP endpoint with `/health`, `/stats` and `/metrics`.
+//! (the oldest member), holds its share of the partitioned maps with their backups
+//! ([`Cluster::map`]), and serves an admin HTTP endpoint with `/health`, `/stats` and `/metrics`.
 
 #[cfg(feature = "admin")]
 mod admin;
 mod cluster;
 pub mod config;
+mod map;
 mod ports;
 mod singleton;
 pub mod stats;
 
 pub use cluster::{Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, Health, StartError};
 pub use config::{Config, ConfigError};
+pub use grapevine_map::{EntryEventKind, Expiry, MapConfig, MapError, PartitionSummary};
 pub use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,
 };
+pub use map::{DistributedMap, Entries, EntryEvent, EntryListener, ListenError};
 pub use singleton::{MASTER_TASK_STOP_TIMEOUT, MasterTask};
 pub use tokio_util::sync::CancellationToken;

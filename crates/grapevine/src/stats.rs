@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use grapevine_map::{LocalMapStats, PartitionSummary};
 use grapevine_membership::MembershipStats;
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,53 @@ pub struct ClusterStats {
     pub local: LocalStats,
     /// Gossip counters of the answering member.
     pub gossip: MembershipStats,
+    /// The partition table as the answering member holds it.
+    #[serde(default)]
+    pub partitions: Option<PartitionSummary>,
+    /// Every map, summed over the members that answered, with each member's part.
+    #[serde(default)]
+    pub maps: Vec<MapStats>,
+}
+
+/// One map across the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MapStats {
+    /// The map name.
+    pub name: String,
+    /// Entries in their owners' partitions (the map's size, expired entries not yet swept included).
+    pub owned_entries: u64,
+    /// Backup copies held.
+    pub backup_entries: u64,
+    /// Reads that found an entry.
+    pub hits: u64,
+    /// Reads.
+    pub gets: u64,
+    /// Writes.
+    pub puts: u64,
+    /// Removes.
+    pub removes: u64,
+    /// Highest 99th-percentile get latency over members, in microseconds.
+    pub get_p99_us: u64,
+    /// Highest 99th-percentile put latency over members, in microseconds.
+    pub put_p99_us: u64,
+    /// Estimated memory of entries and backups.
+    pub memory_bytes: u64,
+    /// Synchronous backups configured.
+    pub backup_count: u8,
+    /// Asynchronous backups configured.
+    pub async_backup_count: u8,
+    /// Each member's part.
+    pub per_member: Vec<MemberMapStats>,
+}
+
+/// One map on one member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberMapStats {
+    /// The member's node id.
+    pub node_id: String,
+    /// Its statistics.
+    #[serde(flatten)]
+    pub stats: LocalMapStats,
 }
 
 /// A member as seen in the view.

@@ -34,15 +34,20 @@
 //!    otherwise to the member with the most spare quota. The old owner stays in the row as its
 //!    first backup (it holds everything) and the others shift down one index, which never asks a
 //!    backup for data it does not have. Ownership never moves unless a quota forces it.
-//! 2. **Backup sets.** Every member gets a backup quota the same way. Members keep the backup
-//!    slots they hold; empty slots are filled, and members over quota hand slots over, to members
-//!    with spare quota that are not in the row (former replicas of the row first, as they hold
-//!    its data). When no such direct move exists, the cheapest chain of replacements (fewest
-//!    copies, found by a 0-1 breadth-first search over members) is applied: member `a` leaves
-//!    row `x`, `b` takes its slot and leaves row `y`, `c` takes that one, and so on. This is an
-//!    augmenting path in the flow network rows → members, so one always exists as long as the
-//!    quotas are feasible, which holds because a member never needs more than one replica per
-//!    row (quotas with `owner + backup > P` are avoided when choosing who gets the extra slot).
+//! 2. **Backup sets.** Every member gets a backup quota the same way (ties for the extra slots
+//!    go to members missing from rows with empty slots, which can fill them directly). Members
+//!    keep the backup slots they hold; empty slots are filled, and members over quota hand slots
+//!    over, to members with spare quota that are not in the row (former replicas of the row
+//!    first, as they hold its data). When no such direct move exists, the cheapest chain of
+//!    replacements is applied: `b` takes `a`'s slot in row `x` and leaves row `y`, `c` takes
+//!    that one, and so on, ending at a member with spare quota. A step costs a copy only when it
+//!    pushes out a member holding the row's data (replacing a copy this plan made costs nothing
+//!    more), and the chain with the fewest copies is found by a 0-1 breadth-first search over
+//!    members. Such a chain is an augmenting path in the flow network rows → members, so one
+//!    always exists if the quotas are feasible. They are: by the max-flow/min-cut condition a
+//!    set of `k` members can absorb its quota iff it fits into the rows' free places, which
+//!    reduces to "no member's owner + backup quota exceeds `P`" (one replica per row), and the
+//!    extra backup slots are given only where that holds.
 //! 3. **Backup order.** The backup sets are fixed now; only their order within a row may change,
 //!    which copies nothing. For a pair of backup indices `(a, b)`, every row has one member at
 //!    `a` and one at `b`, so the rows are arcs of a multigraph on members (from the member at `a`
@@ -55,17 +60,25 @@
 //!    `⌊B/(R-1)⌋` or `⌈B/(R-1)⌉` for its backup total `B`, which lies within `⌊P/n⌋..=⌈P/n⌉`.
 //!    (This is de Werra's equitable edge colouring, done incrementally.)
 //!
-//! A balanced table passes all three phases untouched, so `plan` is idempotent and a table that
-//! is already balanced is returned unchanged.
+//! A balanced table passes all three phases untouched (its quotas are its counts, as the extra
+//! slots go to the members that hold the most), so `plan` is idempotent and a table that is
+//! already balanced is returned unchanged.
 //!
 //! # Movement
 //!
-//! When a member joins a balanced table, every old member is over its new quota, so phase 1 only
-//! moves ownership to the newcomer and phase 2 only hands slots to it: the copies are the
-//! newcomer's own slots (at most `Σ_r ⌈P/(n+1)⌉`), and owner changes are its owned rows (at most
-//! `⌈P/(n+1)⌉`). When members are removed and the rows promoted, the copies are the emptied
-//! slots, plus a few extra where rounding or a forced ownership move requires one (see the
-//! tests for the exact slack).
+//! A member joining a balanced table: every old member holds at least its new quota, so phase 1
+//! moves only ownership, and only to the newcomer, and phase 2 hands slots only to it. The copies
+//! are the newcomer's own slots, at most `Σ_r ⌈P/(n+1)⌉`, and the owner changes its owned rows,
+//! at most `⌈P/(n+1)⌉`. (After a long history of changes, rounding can make an old member take
+//! one slot too; the tests allow 2 extra copies.)
+//!
+//! Members removed and the rows promoted: owner changes are exactly the minimum the owner quotas
+//! force. Copies are the emptied slots plus what balance forces on top: a member can take an
+//! empty slot only in a row it is missing from, and a member whose share must grow by more than
+//! such slots allow pushes out another member, who then needs a copy elsewhere. The tests compute
+//! that bound (a maximum matching of members' gains to empty slots) and allow 1 copy over it; in
+//! practice the plans meet it exactly, and after one removal from a table planned from scratch
+//! the extra is at most 1 (0 in over 99% of cases).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, VecDeque};
@@ -172,12 +185,18 @@ fn tie_rank(key: u64, partition: usize) -> u64 {
 /// Shares `total` slots among members as evenly as possible: everyone gets `total / n`, and the
 /// `total % n` extra slots go to the eligible members that hold the most already (`held`), so a
 /// balanced table keeps its counts and an unbalanced one gives up as few slots as possible.
-fn fair_quotas(total: usize, held: &[usize], eligible: impl Fn(usize) -> bool) -> Vec<usize> {
+/// Among members holding as many, the extra slots go to those with the highest `preference`.
+fn fair_quotas(
+    total: usize,
+    held: &[usize],
+    preference: impl Fn(usize) -> usize,
+    eligible: impl Fn(usize) -> bool,
+) -> Vec<usize> {
     let n = held.len();
     let mut quotas = vec![total / n; n];
     let mut extra = total % n;
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&m| (Reverse(held[m]), m));
+    order.sort_by_key(|&m| (Reverse(held[m]), Reverse(preference(m)), m));
     for m in order {
         if extra == 0 {
             break;
@@ -197,7 +216,7 @@ fn choose_owners(holders: &[Vec<usize>], n: usize, replicas: usize, keys: &[u64]
     for o in holders.iter().filter_map(|h| h.first()) {
         owned[*o] += 1;
     }
-    let quota = fair_quotas(holders.len(), &owned, |_| true);
+    let quota = fair_quotas(holders.len(), &owned, |_| 0, |_| true);
     let mut excess: Vec<usize> = (0..n).map(|m| owned[m].saturating_sub(quota[m])).collect();
     let mut room: Vec<usize> = (0..n).map(|m| quota[m].saturating_sub(owned[m])).collect();
     let mut owner: Vec<Option<usize>> = holders.iter().map(|h| h.first().copied()).collect();
@@ -304,9 +323,22 @@ impl Planner {
         }
         let rows = holders.len();
         let total = rows * backups;
-        // A member can hold one replica per row, so nobody may get both extra slots when that
-        // would exceed the row count (only possible when every member is in almost every row).
-        let quota = fair_quotas(total, &count, |m| owner_quota[m] + total / n < rows);
+        // Rounding leaves a few members one slot more; prefer those that can take empty slots
+        // directly (are missing from rows with empty slots), as the empty slots need a copy
+        // anyway. A member can hold one replica per row, so nobody may get both extra slots
+        // when that would exceed the row count (only when members are in almost every row).
+        let mut fillable = vec![0; n];
+        for (row, &o) in slots.iter().zip(&owners) {
+            let empty = row.iter().filter(|s| s.is_none()).count();
+            if empty > 0 {
+                for (m, f) in fillable.iter_mut().enumerate() {
+                    if m != o && !row.contains(&Some(m)) {
+                        *f += empty;
+                    }
+                }
+            }
+        }
+        let quota = fair_quotas(total, &count, |m| fillable[m], |m| owner_quota[m] + total / n < rows);
         Self { n, backups, keys, holders, owners, slots, count, quota, at }
     }
 
@@ -475,7 +507,9 @@ impl Planner {
                     if done[x] || self.in_row(p, x) {
                         continue;
                     }
-                    let c = self.cost(p, x);
+                    // Replacing a member that this plan copied into the row by another
+                    // copies nothing more than planned; only pushing out a holder costs.
+                    let c = self.cost(p, x).saturating_sub(self.cost(p, v));
                     if dist[v] + c < dist[x] {
                         dist[x] = dist[v] + c;
                         via[x] = Some((Some(v), p, j));
@@ -833,11 +867,14 @@ mod tests {
             let copies = copies_needed(&promoted, &after);
             prop_assert!(copies <= lost + REMOVAL_SLACK * live.len(),
                 "copies {} > lost {} + slack", copies, lost);
+            let forced = forced_extra_copies(&promoted, &after, live, replica_count);
+            prop_assert!(copies - lost <= forced + 1, "{} extra copies, {} forced", copies - lost, forced);
             prop_assert_eq!(owner_changes(&promoted, &after), forced_owner_changes(&promoted, live));
         }
     }
 
-    /// Extra copies allowed after a removal, per surviving member (see the module docs).
+    /// Extra copies allowed after one removal from a table planned from scratch, per surviving
+    /// member. (Observed: at most 1 in total, and none in over 99% of cases.)
     const REMOVAL_SLACK: usize = 1;
 
     proptest! {
@@ -854,6 +891,117 @@ mod tests {
             check_plan(kind, n, partitions, replica_count, seed);
         }
     }
+
+    /// The fewest extra copies (beyond filling `promoted`'s empty slots) of any full table in
+    /// which every member holds as many rows as in `after`. Every empty slot gets a copy; a
+    /// member can take one for free only as part of its gain (rows held in `after` minus rows
+    /// held in `promoted`) and only in a row it is missing from; every other fill makes its
+    /// member give a row up elsewhere, which someone must then copy. So the bound is the empty
+    /// slots minus a maximum matching of gains to fitting empty slots.
+    fn forced_extra_copies(promoted: &[Row], after: &[Row], live: &[MemberId], replica_count: usize) -> usize {
+        let n = live.len();
+        let want = replicas(replica_count, n);
+        let index = |m: &MemberId| live.iter().position(|x| x == m).unwrap();
+        let mut gain = vec![0i64; n];
+        after.iter().flatten().for_each(|m| gain[index(m)] += 1);
+        promoted.iter().flatten().for_each(|m| gain[index(m)] -= 1);
+        let mut free: Vec<usize> = promoted.iter().map(|r| want.saturating_sub(r.len())).collect();
+        let lost: usize = free.iter().sum();
+        let fits: Vec<Vec<usize>> = live
+            .iter()
+            .map(|m| (0..promoted.len()).filter(|&p| free[p] > 0 && !promoted[p].contains(m)).collect())
+            .collect();
+        // placed[p]: members matched to empty slots of row p. Augmenting paths: a member takes
+        // a slot in a row it fits, possibly moving a member placed there to another row.
+        let mut placed: Vec<Vec<usize>> = vec![Vec::new(); promoted.len()];
+        let mut matched = 0;
+        for m in 0..n {
+            for _ in 0..gain[m].max(0) {
+                let mut came: Vec<Option<(usize, usize)>> = vec![None; n];
+                let mut seen = vec![false; n];
+                seen[m] = true;
+                let mut queue = VecDeque::from([m]);
+                let mut end = None;
+                'search: while let Some(u) = queue.pop_front() {
+                    for &p in &fits[u] {
+                        if placed[p].contains(&u) {
+                            continue;
+                        }
+                        if free[p] > 0 {
+                            end = Some((u, p));
+                            break 'search;
+                        }
+                        for &y in &placed[p] {
+                            if !seen[y] {
+                                seen[y] = true;
+                                came[y] = Some((p, u));
+                                queue.push_back(y);
+                            }
+                        }
+                    }
+                }
+                let Some((mut u, mut p)) = end else { continue };
+                free[p] -= 1;
+                matched += 1;
+                loop {
+                    placed[p].push(u);
+                    let Some((from_row, from)) = came[u] else { break };
+                    placed[from_row].retain(|&y| y != u);
+                    (u, p) = (from, from_row);
+                }
+            }
+        }
+        lost - matched
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Tables that went through several joins and deaths stay balanced, and every death
+        /// copies only what balance forces.
+        #[test]
+        fn histories_stay_balanced_and_removals_copy_only_what_balance_forces(
+            partitions in prop::sample::select(&PARTITIONS[..]),
+            replica_count in 1..=REPLICAS_MAX,
+            start in 1..=10usize,
+            events in prop::collection::vec((any::<bool>(), 1..=3usize, any::<u64>()), 1..=6),
+        ) {
+            let mut live = members(start);
+            let mut next = 100;
+            let mut rows = plan(&empty(partitions), &live, replica_count);
+            for (join, k, seed) in events {
+                if join || live.len() == 1 {
+                    let old = rows.clone();
+                    live.extend((next..next + k).map(member));
+                    next += k;
+                    rows = plan(&old, &live, replica_count);
+                    if k == 1 {
+                        let n = live.len();
+                        let share = replicas(replica_count, n) * partitions.div_ceil(n);
+                        prop_assert!(copies_needed(&old, &rows) <= share + JOIN_SLACK);
+                        prop_assert_eq!(owner_changes(&old, &rows), forced_owner_changes(&old, &live));
+                    }
+                } else {
+                    Gen(seed | 1).shuffle(&mut live);
+                    live.drain(..k.min(live.len() - 1));
+                    let promoted = promote(&rows, &live.iter().cloned().collect());
+                    rows = plan(&promoted, &live, replica_count);
+                    let lost = empty_slots(&promoted, replica_count, live.len());
+                    let extra = copies_needed(&promoted, &rows) - lost;
+                    let forced = forced_extra_copies(&promoted, &rows, &live, replica_count);
+                    prop_assert!(extra <= forced + 1, "{} extra copies, {} forced", extra, forced);
+                    prop_assert_eq!(owner_changes(&promoted, &rows), forced_owner_changes(&promoted, &live));
+                }
+                assert_shape(&rows, &live, replica_count);
+                assert_balanced(&rows, &live);
+                prop_assert_eq!(&plan(&rows, &live, replica_count), &rows);
+            }
+        }
+    }
+
+    /// Extra copies allowed when one member joins a table planned after a history of changes:
+    /// rounding can make an old member take one slot (observed at most 1).
+    const JOIN_SLACK: usize = 2;
 
     #[test]
     fn dead_owner_is_replaced_by_its_first_backup() {

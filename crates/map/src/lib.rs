@@ -1,2 +1,381 @@
-//! The partitioned distributed map (under construction).
+//! The partitioned distributed map: the partition table, record stores, synchronous and
+//! asynchronous backups, migration, fail-over and expiry.
+//!
+//! Keys hash ([`hash`]) to one of `partition_count` partitions. The master assigns each partition
+//! an owner and backups ([`assign`]) and publishes the table with a growing epoch. The owner of a
+//! partition executes every operation on its keys, stamps each write with the partition's next
+//! sequence number and sends it to the backups; synchronous backups acknowledge before the write
+//! returns. Backups apply writes strictly in sequence; a gap or a new owner's term that does not
+//! start where a backup stands makes the owner send a full copy. When an owner dies, the master
+//! promotes its first synchronous backup, which holds every acknowledged write. New and moved
+//! replicas are filled by migration, a full copy plus the writes that arrive meanwhile, while
+//! operations go on; an ownership change freezes writes to that one partition only for the final
+//! hand-over step.
+//!
+//! This crate works on encoded keys and values; the typed `DistributedMap<K, V>` lives in the
+//! `grapevine` facade.
+
 pub mod assign;
+mod client;
+pub mod config;
+mod error;
+pub mod hash;
+mod master;
+mod messages;
+mod node;
+mod owner;
+mod record;
+mod replica;
+mod stats;
+mod store;
+pub mod table;
+mod tasks;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use grapevine_membership::{MemberId, Membership};
+use grapevine_net::{Net, codec};
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+pub use config::{BACKUP_COUNT_MAX, MapConfig, MapSettings};
+pub use error::MapError;
+pub use messages::{EntryEventKind, LocalMapStats, LocalStats, RawEntryEvent};
+pub use record::{Expiry, Record};
+pub use table::PartitionTable;
+
+use messages::{Msg, MultiOp, Op, OpResult, PutMode, Reply};
+use node::{MAP_SERVICE, MapHandler, Node};
+
+/// The partition part of the `/stats` document.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionSummary {
+    /// Number of partitions.
+    pub count: u32,
+    /// Epoch of this member's table.
+    pub epoch: u64,
+    /// Migrations the master has under way (0 on other members).
+    pub migrating: usize,
+    /// Partitions owned, per node id.
+    pub owned_by_member: BTreeMap<String, u32>,
+    /// Backup replicas held, per node id.
+    pub backups_by_member: BTreeMap<String, u32>,
+}
+
+/// The map service of one member. Stop it with [`MapService::shutdown`]; dropping it stops its
+/// background tasks too.
+#[derive(Debug)]
+pub struct MapService {
+    node: Arc<Node>,
+}
+
+impl Drop for MapService {
+    fn drop(&mut self) {
+        self.node.cancel.cancel();
+    }
+}
+
+fn value(result: OpResult) -> Option<Vec<u8>> {
+    match result {
+        OpResult::Value(v) => v,
+        OpResult::Flag(_) => None,
+    }
+}
+
+fn flag(result: OpResult) -> bool {
+    matches!(result, OpResult::Flag(true))
+}
+
+impl MapService {
+    /// Starts the map service: registers its data-plane handler and its background tasks.
+    pub fn start(net: Net, membership: Membership, settings: MapSettings) -> MapService {
+        let local = membership.local_id().clone();
+        let node = Node::new(local, net.clone(), membership, settings);
+        net.register(MAP_SERVICE, Arc::new(MapHandler { node: Arc::downgrade(&node) }));
+        node.tasks.spawn(master::master_loop(node.clone()));
+        node.tasks.spawn(tasks::follow_loop(node.clone()));
+        node.tasks.spawn(tasks::anti_entropy_loop(node.clone()));
+        node.tasks.spawn(tasks::sweep_loop(node.clone()));
+        node.tasks.spawn(tasks::confirm_loop(node.clone()));
+        MapService { node }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &MapSettings {
+        &self.node.settings
+    }
+
+    /// The value of `key`, if present and not expired.
+    pub async fn get(&self, map: &str, key: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
+        Ok(value(self.node.call(map, Op::Get { key }).await?))
+    }
+
+    /// True when `key` is present and not expired.
+    pub async fn contains_key(&self, map: &str, key: Vec<u8>) -> Result<bool, MapError> {
+        Ok(flag(self.node.call(map, Op::ContainsKey { key }).await?))
+    }
+
+    /// Sets `key` to `value`; returns the previous value. `expiry: None` uses the map's defaults.
+    pub async fn put(
+        &self,
+        map: &str,
+        key: Vec<u8>,
+        value_: Vec<u8>,
+        expiry: Option<Expiry>,
+    ) -> Result<Option<Vec<u8>>, MapError> {
+        let op = Op::Put { key, value: value_, expiry, mode: PutMode::Always };
+        Ok(value(self.node.call(map, op).await?))
+    }
+
+    /// Sets `key` only if absent; returns the existing value if there was one (and then changes nothing).
+    pub async fn put_if_absent(
+        &self,
+        map: &str,
+        key: Vec<u8>,
+        value_: Vec<u8>,
+        expiry: Option<Expiry>,
+    ) -> Result<Option<Vec<u8>>, MapError> {
+        let op = Op::Put { key, value: value_, expiry, mode: PutMode::IfAbsent };
+        Ok(value(self.node.call(map, op).await?))
+    }
+
+    /// Sets `key` only if present; returns the previous value (`None`: nothing was changed).
+    pub async fn replace(&self, map: &str, key: Vec<u8>, value_: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
+        let op = Op::Put { key, value: value_, expiry: None, mode: PutMode::IfPresent };
+        Ok(value(self.node.call(map, op).await?))
+    }
+
+    /// Sets `key` to `new` (removes it when `None`) if its value is `expected` (absent when `None`).
+    pub async fn compare_and_set(
+        &self,
+        map: &str,
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, MapError> {
+        Ok(flag(self.node.call(map, Op::CompareAndSet { key, expected, new }).await?))
+    }
+
+    /// Removes `key`; returns its value.
+    pub async fn remove(&self, map: &str, key: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
+        Ok(value(self.node.call(map, Op::Remove { key }).await?))
+    }
+
+    /// Entries in the whole map (expired ones excluded), counted by each partition's owner.
+    pub async fn len(&self, map: &str) -> Result<u64, MapError> {
+        self.node.fan_out(map, MultiOp::Count).await
+    }
+
+    /// Removes every entry of the map; returns how many were removed.
+    pub async fn clear(&self, map: &str) -> Result<u64, MapError> {
+        self.node.fan_out(map, MultiOp::Clear).await
+    }
+
+    /// Pages through the map's entries, partition by partition (weakly consistent: entries written
+    /// during the walk may or may not be seen; none is seen twice).
+    pub fn entries(&self, map: &str) -> RawEntries {
+        RawEntries { node: self.node.clone(), map: map.to_string(), partition: 0, after: None, done: false }
+    }
+
+    /// Entry events of `map` from now on (best effort: events in flight when a member fails can be
+    /// lost). The channel is bounded; a slow receiver gets `Lagged`.
+    pub async fn subscribe(&self, map: &str) -> broadcast::Receiver<RawEntryEvent> {
+        self.node.subscribe(map).await
+    }
+
+    /// The partition of an encoded key.
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        hash::partition_of(key, self.node.settings.partition_count)
+    }
+
+    /// This member's partition table.
+    pub fn table(&self) -> Arc<PartitionTable> {
+        self.node.table()
+    }
+
+    /// `Ok` when this member has a current table; else why not (for `/health`).
+    pub fn table_status(&self) -> Result<(), String> {
+        self.node.table_status()
+    }
+
+    /// This member's statistics.
+    pub fn local_stats(&self) -> LocalStats {
+        self.node.local_stats()
+    }
+
+    /// Every member's statistics (this one's included), or why a member did not answer.
+    pub async fn cluster_stats(&self, timeout: Duration) -> Vec<(MemberId, Result<LocalStats, String>)> {
+        let members: BTreeSet<MemberId> = self.node.view_members().into_iter().collect();
+        let mut calls = tokio::task::JoinSet::new();
+        for member in members {
+            if member == self.node.local {
+                continue;
+            }
+            let request = self.node.net.request(&member, MAP_SERVICE, Node::encode(&Msg::Stats), timeout);
+            calls.spawn(async move {
+                let outcome = match request.await {
+                    Ok(bytes) => match codec::decode::<Reply>(&bytes) {
+                        Ok(Reply::Stats(stats)) => Ok(stats),
+                        Ok(other) => Err(format!("unexpected reply {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                (member, outcome)
+            });
+        }
+        let mut all = vec![(self.node.local.clone(), Ok(self.node.local_stats()))];
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(result) = joined {
+                all.push(result);
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// The partition table summarised for operators.
+    pub fn partition_summary(&self) -> PartitionSummary {
+        let table = self.node.table();
+        let mut owned_by_member: BTreeMap<String, u32> = BTreeMap::new();
+        let mut backups_by_member: BTreeMap<String, u32> = BTreeMap::new();
+        for row in &table.rows {
+            for (i, member) in row.iter().enumerate() {
+                let counts = if i == 0 { &mut owned_by_member } else { &mut backups_by_member };
+                *counts.entry(member.node_id.to_string()).or_default() += 1;
+            }
+        }
+        PartitionSummary {
+            count: table.partition_count(),
+            epoch: table.epoch,
+            migrating: self.node.master.lock().unwrap().migrating(),
+            owned_by_member,
+            backups_by_member,
+        }
+    }
+
+    /// True when, as far as this member can tell, replication is complete: it has the newest table,
+    /// the table is the balanced plan for the active members (nothing left to migrate), and the
+    /// backups of every partition it owns have confirmed they hold their data.
+    pub fn is_settled(&self) -> bool {
+        let node = &self.node;
+        if node.table_status().is_err() {
+            return false;
+        }
+        let view = node.membership.view();
+        let active: Vec<MemberId> = view.active_members().map(|m| m.id.clone()).collect();
+        if active.is_empty() {
+            return false;
+        }
+        let table = node.table();
+        let replicas = active.len().min(assign::REPLICAS_MAX);
+        if assign::plan(&table.rows, &active, replicas) != table.rows {
+            return false;
+        }
+        if node.master.lock().unwrap().migrating() > 0 {
+            return false;
+        }
+        table.owned_by(&node.local).all(|p| !node.slot(p).data.lock().unwrap().unconfirmed)
+    }
+
+    /// For a graceful shutdown, after this member announced it is leaving: waits until the master
+    /// has moved every partition replica off this member and every member has that table.
+    /// Returns at once when no other active member exists (its data cannot go anywhere).
+    pub async fn wait_handoff(&self, timeout: Duration) -> Result<(), String> {
+        let node = &self.node;
+        let deadline = Instant::now() + timeout;
+        let mut tables = node.table_tx.subscribe();
+        loop {
+            let view = node.membership.view();
+            if view.active_members().all(|m| m.id == node.local) {
+                warn!("leaving with no other active member: this member's map entries are not kept anywhere");
+                return Ok(());
+            }
+            let table = node.table();
+            let everyone_has_it = node
+                .gossip_epochs()
+                .into_iter()
+                .filter(|(m, _)| view.member(m).is_some())
+                .all(|(_, epoch)| epoch >= table.epoch);
+            if table.epoch > 0 && !table.holds_any(&node.local) && everyone_has_it {
+                info!(epoch = table.epoch, "partitions handed over");
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let held = table.rows.iter().filter(|row| row.contains(&node.local)).count();
+                return Err(format!("{held} partition replicas were still on this member after {timeout:?}"));
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), tables.changed()).await;
+        }
+    }
+
+    /// Stops the service's tasks and refuses new operations.
+    pub async fn shutdown(&self) {
+        self.node.stopped.store(true, Ordering::SeqCst);
+        self.node.cancel.cancel();
+        self.node.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.node.tasks.wait()).await.is_err() {
+            warn!("map service tasks did not stop within 10 s");
+        }
+    }
+
+    /// Test hook: runs one anti-entropy round now.
+    #[doc(hidden)]
+    pub async fn anti_entropy_now(&self) {
+        self.node.check_backups().await;
+    }
+
+    /// Test hook: sweeps expired entries now.
+    #[doc(hidden)]
+    pub fn sweep_now(&self) {
+        self.node.sweep();
+    }
+
+    /// Test hook: the entries this member holds for `map` in partition `p` (any role).
+    #[doc(hidden)]
+    pub fn local_entries(&self, map: &str, p: u32) -> Vec<(Vec<u8>, Record)> {
+        let data = self.node.slot(p).data.lock().unwrap();
+        data.maps
+            .get(map)
+            .map(|mp| mp.entries.iter().map(|(k, r)| (k.clone(), r.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A walk over a map's entries; see [`MapService::entries`].
+#[derive(Debug)]
+pub struct RawEntries {
+    node: Arc<Node>,
+    map: String,
+    partition: u32,
+    after: Option<Vec<u8>>,
+    done: bool,
+}
+
+/// Entries fetched per request.
+const PAGE_SIZE: u32 = 512;
+
+impl RawEntries {
+    /// The next batch of entries; `None` at the end.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, MapError> {
+        while !self.done {
+            if self.partition >= self.node.settings.partition_count {
+                self.done = true;
+                break;
+            }
+            let (entries, next) = self.node.page(&self.map, self.partition, self.after.take(), PAGE_SIZE).await?;
+            match next {
+                Some(key) => self.after = Some(key),
+                None => self.partition += 1,
+            }
+            if !entries.is_empty() {
+                return Ok(Some(entries));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -549,16 +549,16 @@ impl Inner {
         for old in replaced {
             let id = ChitchatId::new(old.id.node_id.clone(), old.id.generation, old.gossip_addr);
             let newer = members.iter().find(|m| m.id.node_id == old.id.node_id);
-            if let Some(newer) = newer.filter(|n| n.gossip_addr != old.gossip_addr) {
-                if self.duplicate_ids_logged.lock().unwrap().insert(id) {
-                    error!(
-                        node_id = %old.id.node_id,
-                        a = %old.gossip_addr,
-                        b = %newer.gossip_addr,
-                        "two members use node id {:?} ({} and {}); node ids must be unique, set --node-id",
-                        old.id.node_id, old.gossip_addr, newer.gossip_addr
-                    );
-                }
+            if let Some(newer) = newer.filter(|n| n.gossip_addr != old.gossip_addr)
+                && self.duplicate_ids_logged.lock().unwrap().insert(id)
+            {
+                error!(
+                    node_id = %old.id.node_id,
+                    a = %old.gossip_addr,
+                    b = %newer.gossip_addr,
+                    "two members use node id {:?} ({} and {}); node ids must be unique, set --node-id",
+                    old.id.node_id, old.gossip_addr, newer.gossip_addr
+                );
             }
         }
         let master = view::compute_master(&members);
@@ -695,11 +695,11 @@ async fn probe_loop(inner: Arc<Inner>) {
                 .copied()
                 .collect()
         };
-        if !targets.is_empty() {
-            if let Some(handle) = inner.handle.lock().unwrap().as_ref() {
-                for addr in &targets {
-                    let _ = handle.gossip(*addr);
-                }
+        if !targets.is_empty()
+            && let Some(handle) = inner.handle.lock().unwrap().as_ref()
+        {
+            for addr in &targets {
+                let _ = handle.gossip(*addr);
             }
         }
         let joining = inner.view_tx.borrow().local_member().is_none_or(|m| m.state == MemberState::Joining);

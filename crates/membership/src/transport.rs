@@ -117,30 +117,29 @@ impl Socket for ObservedSocket {
             }
             self.shared.datagrams_in.fetch_add(1, Ordering::Relaxed);
             match &outcome.envelope.message {
-                ChitchatMessage::Syn { cluster_id, .. } if *cluster_id != self.shared.cluster_name => {
-                    if self.shared.first_contact_from_foreign(outcome.from_addr) {
-                        warn!(
-                            peer = %outcome.from_addr,
-                            peer_cluster = %cluster_id,
-                            our_cluster = %self.shared.cluster_name,
-                            "a member of cluster {cluster_id:?} contacted this member of cluster {:?}; \
-                             they will not join each other (check cluster_name and the member lists); \
-                             logged once per peer",
-                            self.shared.cluster_name
-                        );
-                    }
+                ChitchatMessage::Syn { cluster_id, .. }
+                    if *cluster_id != self.shared.cluster_name
+                        && self.shared.first_contact_from_foreign(outcome.from_addr) =>
+                {
+                    warn!(
+                        peer = %outcome.from_addr,
+                        peer_cluster = %cluster_id,
+                        our_cluster = %self.shared.cluster_name,
+                        "a member of cluster {cluster_id:?} contacted this member of cluster {:?}; \
+                         they will not join each other (check cluster_name and the member lists); \
+                         logged once per peer",
+                        self.shared.cluster_name
+                    );
                 }
-                ChitchatMessage::BadCluster => {
-                    if self.shared.first_contact_from_foreign(outcome.from_addr) {
-                        warn!(
-                            peer = %outcome.from_addr,
-                            our_cluster = %self.shared.cluster_name,
-                            "the member at {} belongs to another cluster than {:?} and rejected our gossip; \
-                             it will not join (check cluster_name and the member lists); logged once per peer",
-                            outcome.from_addr,
-                            self.shared.cluster_name
-                        );
-                    }
+                ChitchatMessage::BadCluster if self.shared.first_contact_from_foreign(outcome.from_addr) => {
+                    warn!(
+                        peer = %outcome.from_addr,
+                        our_cluster = %self.shared.cluster_name,
+                        "the member at {} belongs to another cluster than {:?} and rejected our gossip; \
+                         it will not join (check cluster_name and the member lists); logged once per peer",
+                        outcome.from_addr,
+                        self.shared.cluster_name
+                    );
                 }
                 _ => {}
             }

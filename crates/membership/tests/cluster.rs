@@ -103,9 +103,8 @@ async fn a_graceful_leave_is_seen_as_left_well_before_failure_detection() {
     assert!(started.elapsed() < detection);
     let event = tokio::time::timeout(WAIT, async {
         loop {
-            match events.recv().await.unwrap() {
-                e @ (MemberEvent::Left { .. } | MemberEvent::Dead { .. }) => return e,
-                _ => {}
+            if let e @ (MemberEvent::Left { .. } | MemberEvent::Dead { .. }) = events.recv().await.unwrap() {
+                return e;
             }
         }
     })

@@ -20,9 +20,8 @@ fn config() -> bincode::config::Configuration {
 
 /// Encodes `value` with the project's wire format.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError {
-        message: format!("could not encode a {}: {e}", std::any::type_name::<T>()),
-    })
+    bincode::serde::encode_to_vec(value, config())
+        .map_err(|e| CodecError { message: format!("could not encode a {}: {e}", std::any::type_name::<T>()) })
 }
 
 /// Decodes a value encoded by [`encode`]. The whole input must be consumed: trailing bytes mean the

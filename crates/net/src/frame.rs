@@ -135,7 +135,10 @@ mod tests {
         let mut buf = BytesMut::from(&encoded(Kind::Request, 42, 7, b"hello")[..]);
         buf.extend_from_slice(&encoded(Kind::OneWay, 0, 1, b"")[..]);
         let first = parse(&mut buf, 1024).unwrap().unwrap();
-        assert_eq!(first, Frame { kind: Kind::Request, correlation: 42, service: 7, body: Bytes::from_static(b"hello") });
+        assert_eq!(
+            first,
+            Frame { kind: Kind::Request, correlation: 42, service: 7, body: Bytes::from_static(b"hello") }
+        );
         let second = parse(&mut buf, 1024).unwrap().unwrap();
         assert_eq!((second.kind, second.body.len()), (Kind::OneWay, 0));
         assert_eq!(parse(&mut buf, 1024).unwrap(), None);

@@ -105,6 +105,10 @@ impl Inner {
             return Err(NetError::Shutdown);
         }
         self.check_size(out.body.len())?;
+        if *to == self.config.local {
+            let reason = "it is this member; local work does not go through the network".to_string();
+            return Err(NetError::NotSent { peer: to.clone(), reason });
+        }
         let peer = self.peer(to).ok_or_else(|| NetError::UnknownPeer { peer: to.clone() })?;
         let mut st = lock(&peer.state);
         if let Some(error) = &st.closed {
@@ -132,13 +136,23 @@ impl Inner {
 
     /// Queues a response to a request that arrived on connection `origin`. Dropped (the requester
     /// has already failed it) when that connection is no longer current.
-    pub(crate) fn respond(&self, peer: &Peer, origin: u64, correlation: u64, service: u8, reply: Result<Bytes, (u8, String)>) {
+    pub(crate) fn respond(
+        &self,
+        peer: &Peer,
+        origin: u64,
+        correlation: u64,
+        service: u8,
+        reply: Result<Bytes, (u8, String)>,
+    ) {
         let (kind, body) = match reply {
             Ok(body) => match self.check_size(body.len()) {
                 Ok(()) => (Kind::Response, body),
                 Err(e) => {
                     warn!(peer = %peer.id, service, error = %e, "response too large, sending an error instead");
-                    (Kind::ErrorResponse, frame::error_body(frame::ERR_HANDLER_FAILED, &format!("the response could not be sent: {e}")))
+                    (
+                        Kind::ErrorResponse,
+                        frame::error_body(frame::ERR_HANDLER_FAILED, &format!("the response could not be sent: {e}")),
+                    )
                 }
             },
             Err((code, message)) => (Kind::ErrorResponse, frame::error_body(code, &message)),
@@ -255,7 +269,10 @@ impl Net {
         }
         inner.tracker.close();
         if tokio::time::timeout(SHUTDOWN_WAIT, inner.tracker.wait()).await.is_err() {
-            warn!(tasks = inner.tracker.len(), "data-plane tasks still running after {SHUTDOWN_WAIT:?}; giving up on them");
+            warn!(
+                tasks = inner.tracker.len(),
+                "data-plane tasks still running after {SHUTDOWN_WAIT:?}; giving up on them"
+            );
         }
     }
 

@@ -84,6 +84,9 @@ pub(crate) struct ConnCtx {
 pub(crate) struct DialSlot {
     pub(crate) id: u64,
     pub(crate) token: CancellationToken,
+    /// Past its back-off delay and connecting. A dial still waiting out its delay yields to an
+    /// inbound connection from the peer, whichever member is smaller.
+    pub(crate) connecting: bool,
 }
 
 #[derive(Debug)]
@@ -148,7 +151,7 @@ impl PeerState {
     }
 
     pub(crate) fn record_dial_failure(&mut self, max: Duration) {
-        self.backoff = if self.backoff.is_zero() { BACKOFF_START } else { (self.backoff * 2).min(max) };
+        self.backoff = if self.backoff.is_zero() { BACKOFF_START } else { self.backoff.saturating_mul(2).min(max) };
         self.last_failure = Some(Instant::now());
     }
 

@@ -1,0 +1,289 @@
+//! The caller's side: find the owner of a key under this member's table, send the operation,
+//! and retry (within the operation timeout) when the table was stale, the partition was moving,
+//! or the owner could not be reached before the request went out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use grapevine_membership::MemberId;
+use grapevine_net::{NetError, codec};
+use tokio::task::JoinSet;
+
+use crate::error::MapError;
+use crate::hash::partition_of;
+use crate::messages::{Msg, MultiOp, Op, OpResult, Reply};
+use crate::node::{MAP_SERVICE, Node};
+
+/// First retry delay; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// What one attempt produced.
+enum Attempt {
+    Reply(Reply),
+    /// Not delivered, or delivered with no answer for a read: retry.
+    Retry(String),
+    /// Delivered, answer lost, for a write: give up.
+    Lost(String),
+}
+
+impl Node {
+    fn check_running(&self, map: &str) -> Result<(), MapError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(MapError::ShuttingDown { map: map.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Waits a little before a retry: until the table changes or `delay` passes.
+    async fn pause(&self, delay: Duration, deadline: Instant) {
+        let mut rx = self.table_tx.subscribe();
+        let delay = delay.min(deadline.saturating_duration_since(Instant::now()));
+        let _ = tokio::time::timeout(delay, rx.changed()).await;
+    }
+
+    /// After a `WrongOwner`: if the answering member has a newer table, take it from there.
+    async fn catch_up(&self, from: &MemberId, their_epoch: u64) {
+        if their_epoch > self.table().epoch {
+            self.fetch_table(from).await;
+        }
+    }
+
+    /// Executes a key operation wherever its partition lives.
+    pub(crate) async fn call(self: &Arc<Self>, map: &str, op: Op) -> Result<OpResult, MapError> {
+        self.check_running(map)?;
+        let started = Instant::now();
+        let deadline = started + self.settings.operation_timeout;
+        let p = partition_of(op.key(), self.settings.partition_count);
+        let name = op.name();
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error: String;
+        loop {
+            let table = self.table();
+            let attempt = match table.owner(p).cloned() {
+                None => Attempt::Retry(if table.epoch == 0 {
+                    "this member has no partition table yet".to_string()
+                } else {
+                    format!("partition {p} has no owner")
+                }),
+                Some(owner) if owner == self.local => {
+                    Attempt::Reply(match self.owner_execute(p, map, op.clone(), table.epoch) {
+                        crate::owner::Executed::Now(reply) => reply,
+                        crate::owner::Executed::Pending(pending) => self.finish_write(pending).await,
+                    })
+                }
+                Some(owner) => {
+                    let msg = Node::encode(&Msg::Op {
+                        epoch: table.epoch,
+                        partition: p,
+                        map: map.to_string(),
+                        op: op.clone(),
+                    });
+                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    self.remote(&owner, msg, remaining, op.is_read()).await
+                }
+            };
+            match attempt {
+                Attempt::Reply(Reply::Done(result)) => {
+                    self.counters(map).record_latency(name, started.elapsed());
+                    return Ok(result);
+                }
+                Attempt::Reply(Reply::WrongOwner { epoch }) => {
+                    last_error = format!("the owner under table epoch {} moved (its epoch {epoch})", table.epoch);
+                    if let Some(owner) = table.owner(p) {
+                        self.catch_up(owner, epoch).await;
+                    }
+                }
+                Attempt::Reply(Reply::Retry { reason }) => last_error = reason,
+                Attempt::Reply(Reply::Failed { error }) => {
+                    return Err(MapError::Failed { op: name, map: map.to_string(), error });
+                }
+                Attempt::Reply(other) => {
+                    return Err(MapError::Failed {
+                        op: name,
+                        map: map.to_string(),
+                        error: format!("unexpected reply {other:?}"),
+                    });
+                }
+                Attempt::Retry(reason) => last_error = reason,
+                Attempt::Lost(reason) => {
+                    let owner = table.owner(p).map(ToString::to_string).unwrap_or_default();
+                    return Err(MapError::Indeterminate { op: name, map: map.to_string(), owner, reason });
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(MapError::Timeout {
+                    op: name,
+                    map: map.to_string(),
+                    after: self.settings.operation_timeout,
+                    last_error,
+                });
+            }
+            self.check_running(map)?;
+            self.pause(backoff, deadline).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Sends a request to `owner` and classifies the outcome.
+    async fn remote(&self, owner: &MemberId, msg: bytes::Bytes, timeout: Duration, retry_if_lost: bool) -> Attempt {
+        match self.net.request(owner, MAP_SERVICE, msg, timeout).await {
+            Ok(bytes) => match codec::decode::<Reply>(&bytes) {
+                Ok(reply) => Attempt::Reply(reply),
+                Err(error) => {
+                    Attempt::Reply(Reply::Failed { error: format!("undecodable reply from {owner}: {error}") })
+                }
+            },
+            Err(error @ (NetError::ConnectionLost { .. } | NetError::Timeout { .. } | NetError::Remote { .. }))
+                if !retry_if_lost =>
+            {
+                Attempt::Lost(error.to_string())
+            }
+            Err(error) => Attempt::Retry(error.to_string()),
+        }
+    }
+
+    /// Runs a per-partition operation on every partition, grouped by owner, retrying partitions
+    /// whose owner moved. Returns the sum of the per-partition results.
+    pub(crate) async fn fan_out(self: &Arc<Self>, map: &str, op: MultiOp) -> Result<u64, MapError> {
+        self.check_running(map)?;
+        let name = match op {
+            MultiOp::Count => "len",
+            MultiOp::Clear => "clear",
+        };
+        let deadline = Instant::now() + self.settings.operation_timeout;
+        let mut remaining: BTreeSet<u32> = (0..self.settings.partition_count).collect();
+        let mut total = 0u64;
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error = String::from("none");
+        loop {
+            let table = self.table();
+            let mut by_owner: BTreeMap<MemberId, Vec<u32>> = BTreeMap::new();
+            for p in &remaining {
+                match table.owner(*p) {
+                    Some(owner) => by_owner.entry(owner.clone()).or_default().push(*p),
+                    None => last_error = "some partitions have no owner yet".into(),
+                }
+            }
+            let mut calls = JoinSet::new();
+            for (owner, partitions) in by_owner {
+                let node = self.clone();
+                let map = map.to_string();
+                let epoch = table.epoch;
+                calls.spawn(async move {
+                    if owner == node.local {
+                        return (owner, Attempt::Reply(node.owner_multi(&map, partitions, op, epoch).await));
+                    }
+                    let msg = Node::encode(&Msg::Multi { epoch, map, partitions, op });
+                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    let attempt = node.remote(&owner, msg, remaining, op == MultiOp::Count).await;
+                    (owner, attempt)
+                });
+            }
+            while let Some(joined) = calls.join_next().await {
+                let Ok((owner, attempt)) = joined else { continue };
+                match attempt {
+                    Attempt::Reply(Reply::Multi { done, not_owner }) => {
+                        for (p, n) in done {
+                            if remaining.remove(&p) {
+                                total += n;
+                            }
+                        }
+                        if !not_owner.is_empty() {
+                            last_error = format!("{} partitions moved away from {owner}", not_owner.len());
+                        }
+                    }
+                    Attempt::Reply(Reply::Failed { error }) => {
+                        return Err(MapError::Failed { op: name, map: map.to_string(), error });
+                    }
+                    Attempt::Reply(other) => last_error = format!("{owner} answered {other:?}"),
+                    Attempt::Retry(reason) => last_error = reason,
+                    Attempt::Lost(reason) => {
+                        return Err(MapError::Indeterminate {
+                            op: name,
+                            map: map.to_string(),
+                            owner: owner.to_string(),
+                            reason,
+                        });
+                    }
+                }
+            }
+            if remaining.is_empty() {
+                return Ok(total);
+            }
+            if Instant::now() >= deadline {
+                return Err(MapError::Timeout {
+                    op: name,
+                    map: map.to_string(),
+                    after: self.settings.operation_timeout,
+                    last_error,
+                });
+            }
+            self.check_running(map)?;
+            self.pause(backoff, deadline).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One page of partition `p`'s entries (live ones, in key order) after `after`.
+    pub(crate) async fn page(
+        self: &Arc<Self>,
+        map: &str,
+        p: u32,
+        after: Option<Vec<u8>>,
+        limit: u32,
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>), MapError> {
+        self.check_running(map)?;
+        let deadline = Instant::now() + self.settings.operation_timeout;
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error: String;
+        loop {
+            let table = self.table();
+            let attempt = match table.owner(p).cloned() {
+                None => Attempt::Retry("no owner yet".into()),
+                Some(owner) if owner == self.local => {
+                    Attempt::Reply(self.owner_page(p, map, after.clone(), limit, table.epoch))
+                }
+                Some(owner) => {
+                    let msg = Node::encode(&Msg::Page {
+                        epoch: table.epoch,
+                        partition: p,
+                        map: map.to_string(),
+                        after: after.clone(),
+                        limit,
+                    });
+                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    self.remote(&owner, msg, remaining, true).await
+                }
+            };
+            match attempt {
+                Attempt::Reply(Reply::Page { entries, next }) => return Ok((entries, next)),
+                Attempt::Reply(Reply::WrongOwner { epoch }) => {
+                    last_error = "owner moved".into();
+                    if let Some(owner) = table.owner(p) {
+                        self.catch_up(owner, epoch).await;
+                    }
+                }
+                Attempt::Reply(Reply::Retry { reason }) | Attempt::Retry(reason) | Attempt::Lost(reason) => {
+                    last_error = reason
+                }
+                Attempt::Reply(Reply::Failed { error }) => {
+                    return Err(MapError::Failed { op: "entries", map: map.to_string(), error });
+                }
+                Attempt::Reply(other) => last_error = format!("unexpected reply {other:?}"),
+            }
+            if Instant::now() >= deadline {
+                return Err(MapError::Timeout {
+                    op: "entries",
+                    map: map.to_string(),
+                    after: self.settings.operation_timeout,
+                    last_error,
+                });
+            }
+            self.pause(backoff, deadline).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Errors of map operations. Each says what happened and what the caller can do.
+
+use std::time::Duration;
+
+/// Why a map operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MapError {
+    /// The operation did not complete within the operation timeout. `last_error` says what kept
+    /// failing (no partition table yet, owner unreachable, partition migrating, ...).
+    #[error(
+        "map {map:?}: {op} timed out after {after:?} (last problem: {last_error}); check that the cluster has an active master and reachable members"
+    )]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The map.
+        map: String,
+        /// How long it tried.
+        after: Duration,
+        /// The last reason it had to retry.
+        last_error: String,
+    },
+    /// The request reached the owner but its answer was lost: the write may or may not have been
+    /// applied. Read the key to find out, or repeat the write if it is idempotent.
+    #[error(
+        "map {map:?}: {op} on owner {owner} has an unknown outcome ({reason}); the write may or may not have been applied"
+    )]
+    Indeterminate {
+        /// The operation.
+        op: &'static str,
+        /// The map.
+        map: String,
+        /// The owner asked.
+        owner: String,
+        /// What was lost.
+        reason: String,
+    },
+    /// The owner executed the operation but reported a failure (e.g. a synchronous backup did not
+    /// confirm a write).
+    #[error("map {map:?}: {op} failed: {error}")]
+    Failed {
+        /// The operation.
+        op: &'static str,
+        /// The map.
+        map: String,
+        /// The owner's explanation.
+        error: String,
+    },
+    /// A key or value could not be encoded or decoded as the map's types.
+    #[error("map {map:?}: {message}")]
+    Codec {
+        /// The map.
+        map: String,
+        /// What failed.
+        message: String,
+    },
+    /// An invalid argument (map name, page size...).
+    #[error("{0}")]
+    Invalid(String),
+    /// This member is shutting down.
+    #[error("map {map:?}: this member is shutting down")]
+    ShuttingDown {
+        /// The map.
+        map: String,
+    },
+}

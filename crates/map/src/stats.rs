@@ -1,0 +1,133 @@
+//! Per-map counters and latency histograms, and the member's statistics document.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::messages::{LocalMapStats, LocalStats, OpResult};
+use crate::node::Node;
+use crate::table::Role;
+
+/// Counters of one map on one member.
+#[derive(Debug)]
+pub(crate) struct MapCounters {
+    gets: AtomicU64,
+    hits: AtomicU64,
+    puts: AtomicU64,
+    removes: AtomicU64,
+    get_latency: Mutex<Histogram<u64>>,
+    put_latency: Mutex<Histogram<u64>>,
+}
+
+impl Default for MapCounters {
+    fn default() -> Self {
+        // Microseconds, 1 µs to 10 min, 2 significant digits: a few KiB per histogram.
+        let histogram = || Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds");
+        MapCounters {
+            gets: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
+            removes: AtomicU64::new(0),
+            get_latency: Mutex::new(histogram()),
+            put_latency: Mutex::new(histogram()),
+        }
+    }
+}
+
+impl MapCounters {
+    /// Counts an operation executed as owner.
+    pub(crate) fn count_owner_op(&self, op: &'static str, result: &OpResult) {
+        match op {
+            "get" | "contains_key" => {
+                self.gets.fetch_add(1, Ordering::Relaxed);
+                let hit = matches!(result, OpResult::Value(Some(_)) | OpResult::Flag(true));
+                if hit {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            "remove" => {
+                self.removes.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.puts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records a caller-side latency.
+    pub(crate) fn record_latency(&self, op: &'static str, latency: Duration) {
+        let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
+        let histogram = match op {
+            "get" | "contains_key" => &self.get_latency,
+            "remove" => return,
+            _ => &self.put_latency,
+        };
+        let _ = histogram.lock().unwrap().record(micros);
+    }
+
+    fn p99(histogram: &Mutex<Histogram<u64>>) -> u64 {
+        let histogram = histogram.lock().unwrap();
+        if histogram.is_empty() { 0 } else { histogram.value_at_quantile(0.99) }
+    }
+}
+
+impl Node {
+    /// This member's map statistics.
+    pub(crate) fn local_stats(&self) -> LocalStats {
+        let table = self.table();
+        let mut maps: BTreeMap<String, LocalMapStats> = BTreeMap::new();
+        let mut owned_partitions = 0;
+        let mut backup_partitions = 0;
+        for p in 0..self.settings.partition_count {
+            let role = table.role(p, &self.local);
+            match role {
+                Role::Owner => owned_partitions += 1,
+                Role::Backup(_) => backup_partitions += 1,
+                Role::None => {}
+            }
+            let data = self.slot(p).data.lock().unwrap();
+            for (name, mp) in &data.maps {
+                let stats = maps.entry(name.clone()).or_default();
+                match role {
+                    Role::Owner => stats.owned_entries += mp.len() as u64,
+                    Role::Backup(_) => stats.backup_entries += mp.len() as u64,
+                    Role::None => {}
+                }
+                if role != Role::None {
+                    stats.memory_bytes += mp.memory_bytes();
+                }
+            }
+        }
+        let counters = self.counters.lock().unwrap().clone();
+        let names: BTreeSet<String> = maps.keys().chain(counters.keys()).cloned().collect();
+        let maps = names
+            .into_iter()
+            .map(|name| {
+                let mut stats = maps.remove(&name).unwrap_or_default();
+                let config = self.settings.map(&name);
+                stats.backup_count = config.backup_count;
+                stats.async_backup_count = config.async_backup_count;
+                if let Some(c) = counters.get(&name) {
+                    stats.gets = c.gets.load(Ordering::Relaxed);
+                    stats.hits = c.hits.load(Ordering::Relaxed);
+                    stats.puts = c.puts.load(Ordering::Relaxed);
+                    stats.removes = c.removes.load(Ordering::Relaxed);
+                    stats.get_p99_us = MapCounters::p99(&c.get_latency);
+                    stats.put_p99_us = MapCounters::p99(&c.put_latency);
+                }
+                stats.name = name;
+                stats
+            })
+            .collect();
+        LocalStats {
+            node_id: self.local.node_id.to_string(),
+            epoch: table.epoch,
+            owned_partitions,
+            backup_partitions,
+            maps,
+        }
+    }
+}

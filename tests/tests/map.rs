@@ -1,0 +1,123 @@
+//! The distributed map through the embedding API, on real in-process members.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use grapevine::{EntryEventKind, Expiry, MapConfig};
+use grapevine_tests::{TestCluster, WAIT, test_config, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_works_from_every_member() {
+    let cluster = TestCluster::start(3).await;
+    let a = cluster.member(0).map::<String, String>("things").unwrap();
+    let b = cluster.member(1).map::<String, String>("things").unwrap();
+    let c = cluster.member(2).map::<String, String>("things").unwrap();
+    let k = |s: &str| s.to_string();
+    assert_eq!(a.put(&k("x"), &k("1")).await.unwrap(), None);
+    assert_eq!(b.get(&k("x")).await.unwrap().as_deref(), Some("1"));
+    assert_eq!(c.put(&k("x"), &k("2")).await.unwrap().as_deref(), Some("1"));
+    assert!(a.contains_key(&k("x")).await.unwrap());
+    assert_eq!(b.put_if_absent(&k("x"), &k("3")).await.unwrap().as_deref(), Some("2"));
+    assert_eq!(b.put_if_absent(&k("y"), &k("3")).await.unwrap(), None);
+    assert_eq!(c.replace(&k("z"), &k("9")).await.unwrap(), None);
+    assert!(!a.contains_key(&k("z")).await.unwrap(), "replace must not create a key");
+    assert_eq!(c.replace(&k("y"), &k("4")).await.unwrap().as_deref(), Some("3"));
+    assert!(!a.compare_and_set(&k("y"), Some(&k("3")), Some(&k("5"))).await.unwrap());
+    assert!(a.compare_and_set(&k("y"), Some(&k("4")), Some(&k("5"))).await.unwrap());
+    assert!(b.compare_and_set(&k("new"), None, Some(&k("n"))).await.unwrap());
+    for i in 0..200 {
+        a.put(&format!("bulk-{i}"), &i.to_string()).await.unwrap();
+    }
+    assert_eq!(c.len().await.unwrap(), 203);
+    let mut seen: BTreeMap<String, String> = b.entries().collect().await.unwrap().into_iter().collect();
+    assert_eq!(seen.len(), 203);
+    assert_eq!(seen.remove("y").as_deref(), Some("5"));
+    assert_eq!(a.remove(&k("x")).await.unwrap().as_deref(), Some("2"));
+    assert_eq!(a.remove(&k("x")).await.unwrap(), None);
+    assert_eq!(b.clear().await.unwrap(), 202);
+    assert_eq!(c.len().await.unwrap(), 0);
+    assert!(a.get(&k("y")).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_owner_loses_no_acknowledged_write_even_after_a_second_loss() {
+    let cluster = TestCluster::start(3).await;
+    cluster.wait_settled().await;
+    let writer = cluster.member(2).map::<u32, u64>("sessions").unwrap();
+    const KEYS: u32 = 10_000;
+    let mut writes = tokio::task::JoinSet::new();
+    for chunk in 0..8u32 {
+        let map = writer.clone();
+        writes.spawn(async move {
+            for key in (chunk..KEYS).step_by(8) {
+                map.put(&key, &(u64::from(key) * 7)).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = writes.join_next().await {
+        done.unwrap();
+    }
+    cluster.member(0).kill().await;
+    let survivors = [cluster.member(1), cluster.member(2)];
+    let reader = cluster.member(1).map::<u32, u64>("sessions").unwrap();
+    for key in 0..KEYS {
+        assert_eq!(reader.get(&key).await.unwrap(), Some(u64::from(key) * 7), "key {key} after the first loss");
+    }
+    grapevine_tests::wait_settled(&survivors).await;
+    cluster.member(2).kill().await;
+    for key in 0..KEYS {
+        assert_eq!(reader.get(&key).await.unwrap(), Some(u64::from(key) * 7), "key {key} after the second loss");
+    }
+    assert_eq!(reader.len().await.unwrap(), u64::from(KEYS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_hands_everything_over_even_without_backups() {
+    let cluster = TestCluster::start_with(3, |name| {
+        let mut config = test_config(name);
+        config.maps.insert("nobackup".into(), MapConfig { backup_count: 0, ..MapConfig::default() });
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    let map = cluster.member(0).map::<u32, u32>("nobackup").unwrap();
+    for key in 0..2_000 {
+        map.put(&key, &key).await.unwrap();
+    }
+    cluster.member(1).shutdown().await;
+    let map = cluster.member(2).map::<u32, u32>("nobackup").unwrap();
+    for key in 0..2_000 {
+        assert_eq!(map.get(&key).await.unwrap(), Some(key), "key {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_see_adds_updates_removes_and_expiry_from_any_member() {
+    let cluster = TestCluster::start(2).await;
+    let map = cluster.member(0).map::<String, u32>("watched").unwrap();
+    let mut events = cluster.member(1).map::<String, u32>("watched").unwrap().listen().await;
+    // The registration travels by gossip: wait until the writer's member sees it.
+    wait_until("the listener registration to spread", WAIT, || {
+        cluster.member(0).view().members.iter().any(|m| m.ext.contains_key("listen:watched"))
+    })
+    .await;
+    map.put(&"a".into(), &1).await.unwrap();
+    map.put(&"a".into(), &2).await.unwrap();
+    map.remove(&"a".into()).await.unwrap();
+    map.put_with(&"b".into(), &3, Expiry::ttl(Duration::from_millis(50))).await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 5 {
+        let event = tokio::time::timeout(WAIT, events.recv()).await.expect("event in time").unwrap();
+        kinds.push((event.kind, event.key.clone(), event.value, event.old_value));
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            (EntryEventKind::Added, "a".to_string(), Some(1), None),
+            (EntryEventKind::Updated, "a".to_string(), Some(2), Some(1)),
+            (EntryEventKind::Removed, "a".to_string(), None, Some(2)),
+            (EntryEventKind::Added, "b".to_string(), Some(3), None),
+            (EntryEventKind::Expired, "b".to_string(), None, Some(3)),
+        ]
+    );
+}
