@@ -121,3 +121,52 @@ async fn listeners_see_adds_updates_removes_and_expiry_from_any_member() {
         ]
     );
 }
+
+/// Cuts gossip and data traffic between `a` and `b`, both ways.
+fn cut(a: &grapevine::Cluster, b: &grapevine::Cluster, cut: bool) {
+    a.block_gossip_with(b.addresses().gossip, cut);
+    b.block_gossip_with(a.addresses().gossip, cut);
+    a.net().faults().drop_outbound(b.local(), None, cut);
+    b.net().faults().drop_outbound(a.local(), None, cut);
+    if cut {
+        a.net().faults().sever(b.local());
+        b.net().faults().sever(a.local());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_network_partition_keeps_the_majority_side_data() {
+    let cluster = TestCluster::start(3).await;
+    cluster.wait_settled().await;
+    let (a, b, c) = (cluster.member(0), cluster.member(1), cluster.member(2));
+    let map = a.map::<u32, u32>("kept").unwrap();
+    for key in 0..1_000 {
+        map.put(&key, &key).await.unwrap();
+    }
+    cut(a, c, true);
+    cut(b, c, true);
+    wait_until("both sides to see the split", WAIT, || {
+        a.view().member(c.local()).is_none() && c.view().len() == 1 && c.is_master()
+    })
+    .await;
+    grapevine_tests::wait_settled(&[a, b]).await;
+    // The majority keeps working through the split; the minority believes it is alone and runs
+    // with its own (higher-epoch) table.
+    for key in 1_000..1_500 {
+        map.put(&key, &key).await.unwrap();
+    }
+    wait_until("the minority to publish its own tables", WAIT, || {
+        c.map_service().table().epoch > a.map_service().table().epoch
+    })
+    .await;
+    cut(a, c, false);
+    cut(b, c, false);
+    wait_until("the cluster to merge", WAIT, || c.view().len() == 3 && a.view().len() == 3).await;
+    cluster.wait_settled().await;
+    for member in [a, b, c] {
+        let map = member.map::<u32, u32>("kept").unwrap();
+        for key in 0..1_500 {
+            assert_eq!(map.get(&key).await.unwrap(), Some(key), "key {key} read through {}", member.local());
+        }
+    }
+}

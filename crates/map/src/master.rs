@@ -79,7 +79,16 @@ impl Node {
         epochs.sort_by_key(|(_, e)| std::cmp::Reverse(*e));
         for (member, epoch) in &epochs {
             if *epoch > self.table().epoch {
-                self.fetch_table(member).await;
+                // Adopt a newer table only from this member's own lineage: one that includes this
+                // member, or whose publisher is gone (the previous master died before every member
+                // received its last commit). A newer table published by a live member that left
+                // this member out comes from the other side of a healed network partition: its
+                // rows would make this side drop its data, so it is outbid instead (below).
+                let local = self.local.clone();
+                self.fetch_table_if(member, |table| {
+                    table.holds_any(&local) || table.master.as_ref().is_none_or(|m| view.member(m).is_none())
+                })
+                .await;
             }
         }
         let table = self.table();

@@ -288,15 +288,31 @@ impl Node {
             .collect()
     }
 
-    /// Asks `from` for its table and applies it if newer.
+    /// Asks `from` for its table and applies it if it is newer and was published by the master
+    /// this member follows.
     pub(crate) async fn fetch_table(&self, from: &MemberId) -> bool {
+        self.fetch_table_if(from, |table| {
+            let master = self.membership.view().master.clone();
+            table.master.is_some() && table.master == master
+        })
+        .await
+    }
+
+    /// Asks `from` for its table and applies it if it is newer and `accept` approves it.
+    pub(crate) async fn fetch_table_if(&self, from: &MemberId, accept: impl Fn(&PartitionTable) -> bool) -> bool {
         if *from == self.local {
             return false;
         }
         self.table_fetches.fetch_add(1, Ordering::Relaxed);
         let reply = self.net.request(from, MAP_SERVICE, Self::encode(&Msg::TableGet), Duration::from_secs(5)).await;
         match reply.map(|bytes| codec::decode::<Reply>(&bytes)) {
-            Ok(Ok(Reply::Table(table))) => self.apply_table(table),
+            Ok(Ok(Reply::Table(table))) => {
+                if !accept(&table) {
+                    debug!(%from, epoch = table.epoch, publisher = ?table.master, "not adopting that member's table");
+                    return false;
+                }
+                self.apply_table(table)
+            }
             Ok(Ok(other)) => {
                 warn!(%from, reply = ?other, "unexpected reply to a table request");
                 false
@@ -395,7 +411,13 @@ impl Node {
             Msg::VersionCheck { epoch: _, versions } => now(self.on_version_check(versions)),
             Msg::TablePush { table } => {
                 let epoch = table.epoch;
-                if !self.apply_table(table) {
+                // Only the master this member follows may change its table. After a network
+                // partition heals, the smaller side's master may still push a table with a higher
+                // epoch for a moment; applying it would make this side drop its data.
+                let master = self.membership.view().master.clone();
+                if master.as_ref() != Some(from) {
+                    debug!(%from, ?master, epoch, "ignored a table pushed by a member that is not our master");
+                } else if !self.apply_table(table) {
                     debug!(%from, epoch, "ignored a table that is not newer");
                 }
                 now(Reply::TableAck { epoch: self.table().epoch })
