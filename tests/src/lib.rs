@@ -21,13 +21,15 @@ pub fn next_loopback_ip() -> IpAddr {
     Ipv4Addr::new(127, third, n / 250, n % 250 + 2).into()
 }
 
-/// A configuration with short timers for tests: 50 ms gossip, detection in about half a second.
+/// A configuration with short timers for tests: 100 ms gossip and a phi threshold of 12, so a
+/// silent member is declared dead after roughly a second. Shorter windows made members of a busy
+/// test machine (CPU starved while other builds run) declare each other dead while alive.
 pub fn test_config(cluster_name: &str) -> Config {
     let mut config = Config::new(cluster_name);
     config.port = 0;
     config.admin_port = 0;
-    config.gossip.interval_ms = 50;
-    config.gossip.phi_threshold = 8.0;
+    config.gossip.interval_ms = 100;
+    config.gossip.phi_threshold = 12.0;
     config.gossip.probe_interval_ms = 100;
     config.gossip.join_timeout_ms = 2_000;
     config.partitions.anti_entropy_interval_ms = 500;
@@ -133,6 +135,11 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A key encoded as maps encode it (to find its partition).
+pub fn encode_key<K: serde::Serialize>(key: &K) -> Vec<u8> {
+    grapevine_net::codec::encode(key).expect("test keys encode")
 }
 
 /// Logs to the test output when `RUST_LOG` is set.

@@ -271,8 +271,7 @@ impl MapService {
             return false;
         }
         let table = node.table();
-        let replicas = active.len().min(assign::REPLICAS_MAX);
-        if assign::plan(&table.rows, &active, replicas) != table.rows {
+        if *node.target_rows(&table, &active) != table.rows {
             return false;
         }
         if node.master.lock().unwrap().migrating() > 0 {

@@ -234,15 +234,14 @@ impl Node {
             return;
         }
         let table = self.table();
-        let replicas = active.len().min(REPLICAS_MAX);
-        let target = plan(&table.rows, &active, replicas);
+        let target = self.target_rows(&table, &active);
         let mut orphans = Vec::new();
         let now = Instant::now();
         let mut to_start = Vec::new();
         {
             let mut state = self.master.lock().unwrap();
             state.backoff.retain(|_, until| *until > now);
-            for (p, (current, wanted)) in table.rows.iter().zip(&target).enumerate() {
+            for (p, (current, wanted)) in table.rows.iter().zip(target.iter()).enumerate() {
                 let p = p as u32;
                 if current == wanted || state.inflight.contains_key(&p) || state.backoff.contains_key(&p) {
                     continue;

@@ -97,6 +97,9 @@ pub(crate) struct Node {
     /// Wakes the loop that confirms backups of partitions whose row changed.
     pub(crate) confirm_wakeup: Notify,
     pub(crate) table_fetches: AtomicU64,
+    /// The last balanced plan computed, keyed by table epoch and active members: planning is the
+    /// master's most expensive step and the plan only changes when one of those does.
+    plan_cache: Mutex<Option<(u64, Vec<MemberId>, Arc<Vec<crate::assign::Row>>)>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stopped: AtomicBool,
@@ -128,6 +131,7 @@ impl Node {
             master_wakeup: Notify::new(),
             confirm_wakeup: Notify::new(),
             table_fetches: AtomicU64::new(0),
+            plan_cache: Mutex::new(None),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             stopped: AtomicBool::new(false),
@@ -178,6 +182,7 @@ impl Node {
         }
         table.assert_valid();
         let now = now_ms();
+        let migration_window_ms = self.settings.migration_timeout.as_millis() as u64;
         for p in 0..table.partition_count() {
             let (old_row, new_row) = (old.row(p), table.row(p));
             if old_row == new_row {
@@ -194,10 +199,23 @@ impl Node {
                 (Role::Owner, Role::Owner) => {}
                 (_, Role::Owner) => self.take_over(p, &mut data, &table, now),
                 (_, Role::None) if old_row.contains(&self.local) => {
-                    if !data.maps.is_empty() {
-                        debug!(partition = p, "no longer a replica: dropping data");
+                    // A migration may be copying the partition to this member while it catches up
+                    // on tables (it can apply a table that predates the migration after the copy
+                    // arrived): keep recent copies; `drop_stray_data` removes them if the migration
+                    // is abandoned.
+                    let copying = now.saturating_sub(data.last_install_ms) < migration_window_ms;
+                    if copying {
+                        debug!(
+                            partition = p,
+                            epoch = table.epoch,
+                            "not a replica, but a copy just arrived: keeping it"
+                        );
+                    } else {
+                        if !data.maps.is_empty() {
+                            debug!(partition = p, epoch = table.epoch, "no longer a replica: dropping data");
+                        }
+                        data.maps.clear();
                     }
-                    data.maps.clear();
                 }
                 _ => {}
             }
@@ -228,6 +246,22 @@ impl Node {
                 debug!(partition = p, %backup, %error, "cannot announce the new term; the backup will resync");
             }
         }
+    }
+
+    /// The balanced table the master migrates toward, for `table` and the `active` members
+    /// (sorted, as the view lists them).
+    pub(crate) fn target_rows(&self, table: &PartitionTable, active: &[MemberId]) -> Arc<Vec<crate::assign::Row>> {
+        let mut cache = self.plan_cache.lock().unwrap();
+        if let Some((epoch, members, rows)) = cache.as_ref()
+            && *epoch == table.epoch
+            && members == active
+        {
+            return rows.clone();
+        }
+        let replicas = active.len().min(crate::assign::REPLICAS_MAX);
+        let rows = Arc::new(crate::assign::plan(&table.rows, active, replicas));
+        *cache = Some((table.epoch, active.to_vec(), rows.clone()));
+        rows
     }
 
     /// The members that listen to `map`, from gossip.

@@ -113,6 +113,7 @@ impl Node {
             }
         }
         if last {
+            debug!(local = %self.local, partition = p, map, term, seq, "full copy installed");
             let (_, staged) = mp.staging.take().unwrap_or_default();
             mp.install(term, seq, staged);
         }
