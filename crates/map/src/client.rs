@@ -3,6 +3,7 @@
 //! or the owner could not be reached before the request went out.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -51,13 +52,25 @@ impl Node {
         }
     }
 
-    /// Executes a key operation wherever its partition lives.
-    pub(crate) async fn call(self: &Arc<Self>, map: &str, op: Op) -> Result<OpResult, MapError> {
+    /// Sends a partition operation to the partition's owner under this member's table (running
+    /// it here when this member is the owner) until the owner gives an answer other than "wrong
+    /// owner" or "retry", or the operation timeout passes. `local` runs it here; `msg` builds the
+    /// request for a remote owner; both get this member's table epoch.
+    async fn route<L, F>(
+        self: &Arc<Self>,
+        map: &str,
+        op: &'static str,
+        p: u32,
+        retry_if_lost: bool,
+        mut local: L,
+        msg: impl Fn(u64) -> Msg,
+    ) -> Result<Reply, MapError>
+    where
+        L: FnMut(u64) -> F,
+        F: Future<Output = Reply>,
+    {
         self.check_running(map)?;
-        let started = Instant::now();
-        let deadline = started + self.settings.operation_timeout;
-        let p = partition_of(op.key(), self.settings.partition_count);
-        let name = op.name();
+        let deadline = Instant::now() + self.settings.operation_timeout;
         let mut backoff = BACKOFF_MIN;
         let mut last_error: String;
         loop {
@@ -68,54 +81,32 @@ impl Node {
                 } else {
                     format!("partition {p} has no owner")
                 }),
-                Some(owner) if owner == self.local => {
-                    Attempt::Reply(match self.owner_execute(p, map, op.clone(), table.epoch) {
-                        crate::owner::Executed::Now(reply) => reply,
-                        crate::owner::Executed::Pending(pending) => self.finish_write(pending).await,
-                    })
-                }
+                Some(owner) if owner == self.local => Attempt::Reply(local(table.epoch).await),
                 Some(owner) => {
-                    let msg = Node::encode(&Msg::Op {
-                        epoch: table.epoch,
-                        partition: p,
-                        map: map.to_string(),
-                        op: op.clone(),
-                    });
                     let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                    self.remote(&owner, msg, remaining, op.is_read()).await
+                    self.remote(&owner, Node::encode(&msg(table.epoch)), remaining, retry_if_lost).await
                 }
             };
             match attempt {
-                Attempt::Reply(Reply::Done(result)) => {
-                    self.counters(map).record_latency(name, started.elapsed());
-                    return Ok(result);
-                }
                 Attempt::Reply(Reply::WrongOwner { epoch }) => {
                     last_error = format!("the owner under table epoch {} moved (its epoch {epoch})", table.epoch);
                     if let Some(owner) = table.owner(p) {
                         self.catch_up(owner, epoch).await;
                     }
                 }
-                Attempt::Reply(Reply::Retry { reason }) => last_error = reason,
+                Attempt::Reply(Reply::Retry { reason }) | Attempt::Retry(reason) => last_error = reason,
                 Attempt::Reply(Reply::Failed { error }) => {
-                    return Err(MapError::Failed { op: name, map: map.to_string(), error });
+                    return Err(MapError::Failed { op, map: map.to_string(), error });
                 }
-                Attempt::Reply(other) => {
-                    return Err(MapError::Failed {
-                        op: name,
-                        map: map.to_string(),
-                        error: format!("unexpected reply {other:?}"),
-                    });
-                }
-                Attempt::Retry(reason) => last_error = reason,
+                Attempt::Reply(reply) => return Ok(reply),
                 Attempt::Lost(reason) => {
                     let owner = table.owner(p).map(ToString::to_string).unwrap_or_default();
-                    return Err(MapError::Indeterminate { op: name, map: map.to_string(), owner, reason });
+                    return Err(MapError::Indeterminate { op, map: map.to_string(), owner, reason });
                 }
             }
             if Instant::now() >= deadline {
                 return Err(MapError::Timeout {
-                    op: name,
+                    op,
                     map: map.to_string(),
                     after: self.settings.operation_timeout,
                     last_error,
@@ -124,6 +115,32 @@ impl Node {
             self.check_running(map)?;
             self.pause(backoff, deadline).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Executes a key operation wherever its partition lives.
+    pub(crate) async fn call(self: &Arc<Self>, map: &str, op: Op) -> Result<OpResult, MapError> {
+        let started = Instant::now();
+        let p = partition_of(op.key(), self.settings.partition_count);
+        let name = op.name();
+        let local = |epoch: u64| {
+            let op = op.clone();
+            async move {
+                match self.owner_execute(p, map, op, epoch) {
+                    crate::owner::Executed::Now(reply) => reply,
+                    crate::owner::Executed::Pending(pending) => self.finish_write(pending).await,
+                }
+            }
+        };
+        let msg = |epoch| Msg::Op { epoch, partition: p, map: map.to_string(), op: op.clone() };
+        match self.route(map, name, p, op.is_read(), local, msg).await? {
+            Reply::Done(result) => {
+                self.counters(map).record_latency(name, started.elapsed());
+                Ok(result)
+            }
+            other => {
+                Err(MapError::Failed { op: name, map: map.to_string(), error: format!("unexpected reply {other:?}") })
+            }
         }
     }
 
@@ -234,56 +251,16 @@ impl Node {
         p: u32,
         after: Option<Vec<u8>>,
         limit: u32,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>), MapError> {
-        self.check_running(map)?;
-        let deadline = Instant::now() + self.settings.operation_timeout;
-        let mut backoff = BACKOFF_MIN;
-        let mut last_error: String;
-        loop {
-            let table = self.table();
-            let attempt = match table.owner(p).cloned() {
-                None => Attempt::Retry("no owner yet".into()),
-                Some(owner) if owner == self.local => {
-                    Attempt::Reply(self.owner_page(p, map, after.clone(), limit, table.epoch))
-                }
-                Some(owner) => {
-                    let msg = Node::encode(&Msg::Page {
-                        epoch: table.epoch,
-                        partition: p,
-                        map: map.to_string(),
-                        after: after.clone(),
-                        limit,
-                    });
-                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                    self.remote(&owner, msg, remaining, true).await
-                }
-            };
-            match attempt {
-                Attempt::Reply(Reply::Page { entries, next }) => return Ok((entries, next)),
-                Attempt::Reply(Reply::WrongOwner { epoch }) => {
-                    last_error = "owner moved".into();
-                    if let Some(owner) = table.owner(p) {
-                        self.catch_up(owner, epoch).await;
-                    }
-                }
-                Attempt::Reply(Reply::Retry { reason }) | Attempt::Retry(reason) | Attempt::Lost(reason) => {
-                    last_error = reason
-                }
-                Attempt::Reply(Reply::Failed { error }) => {
-                    return Err(MapError::Failed { op: "entries", map: map.to_string(), error });
-                }
-                Attempt::Reply(other) => last_error = format!("unexpected reply {other:?}"),
-            }
-            if Instant::now() >= deadline {
-                return Err(MapError::Timeout {
-                    op: "entries",
-                    map: map.to_string(),
-                    after: self.settings.operation_timeout,
-                    last_error,
-                });
-            }
-            self.pause(backoff, deadline).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+    ) -> Result<crate::store::Page, MapError> {
+        let local = |epoch| std::future::ready(self.owner_page(p, map, after.clone(), limit, epoch));
+        let msg = |epoch| Msg::Page { epoch, partition: p, map: map.to_string(), after: after.clone(), limit };
+        match self.route(map, "entries", p, true, local, msg).await? {
+            Reply::Page { entries, next } => Ok((entries, next)),
+            other => Err(MapError::Failed {
+                op: "entries",
+                map: map.to_string(),
+                error: format!("unexpected reply {other:?}"),
+            }),
         }
     }
 }

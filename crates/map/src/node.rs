@@ -77,6 +77,9 @@ pub(crate) struct Freeze {
     pub(crate) since_ms: u64,
 }
 
+/// A cached plan: the table epoch and active members it was computed for, and the planned rows.
+type PlanCacheEntry = (u64, Vec<MemberId>, Arc<Vec<crate::assign::Row>>);
+
 /// The map service on one member.
 pub(crate) struct Node {
     pub(crate) local: MemberId,
@@ -99,7 +102,7 @@ pub(crate) struct Node {
     pub(crate) table_fetches: AtomicU64,
     /// The last balanced plan computed, keyed by table epoch and active members: planning is the
     /// master's most expensive step and the plan only changes when one of those does.
-    plan_cache: Mutex<Option<(u64, Vec<MemberId>, Arc<Vec<crate::assign::Row>>)>>,
+    plan_cache: Mutex<Option<PlanCacheEntry>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stopped: AtomicBool,

@@ -120,7 +120,8 @@ impl Node {
         let (result, change) = mp.execute(op, now, idle_floor, &config);
         counters.count_owner_op(op_name, &result);
         let Some(change) = change else { return Executed::Now(Reply::Done(result)) };
-        let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change);
+        let events = vec![event_of(map, &change)];
+        let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
         drop(data);
         if acks.is_empty() {
             drop(guard);
@@ -154,7 +155,9 @@ impl Node {
 
     /// Stamps a change with the partition's next sequence number and sends it to the backups:
     /// asynchronous ones without waiting, synchronous ones as requests whose answers the caller
-    /// awaits. Runs under the partition lock, which is what keeps backups' input in order.
+    /// awaits; then publishes `events`. Runs under the partition lock, which is what keeps backups'
+    /// input, and listeners' events, in write order.
+    #[allow(clippy::too_many_arguments)]
     fn replicate_locked(
         self: &Arc<Self>,
         table: &PartitionTable,
@@ -163,12 +166,12 @@ impl Node {
         config: &MapConfig,
         data: &mut PartitionData,
         change: Change,
+        events: Vec<RawEntryEvent>,
     ) -> (u64, Vec<(MemberId, ResponseFuture)>, InflightGuard) {
         let (sync, asynchronous) = replica_targets(table, p, config, &data.migrating);
         let mp = data.maps.get_mut(map).expect("the map partition was just written");
         mp.seq += 1;
         let (term, seq) = (mp.term, mp.seq);
-        let event = event_of(map, &change);
         let msg = Node::encode(&Msg::Backup {
             epoch: table.epoch,
             partition: p,
@@ -189,8 +192,7 @@ impl Node {
                 (member, ack)
             })
             .collect();
-        // Events leave in write order because they are sent under the partition lock too.
-        self.publish_events(map, vec![event]);
+        self.publish_events(map, events);
         let guard = InflightGuard::new(self, p, data);
         (seq, acks, guard)
     }
@@ -393,8 +395,7 @@ impl Node {
                         old_value: None,
                     };
                     let (term, _) = (mp.term, ());
-                    let (seq, acks, guard) = self.replicate_locked_quiet(&table, p, map, &config, &mut data, change);
-                    self.publish_events(map, events);
+                    let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
                     pending.push((
                         PendingWrite {
                             partition: p,
@@ -418,42 +419,6 @@ impl Node {
             }
         }
         Reply::Multi { done, not_owner }
-    }
-
-    /// Like `replicate_locked` without an entry event (clear publishes its own).
-    fn replicate_locked_quiet(
-        self: &Arc<Self>,
-        table: &PartitionTable,
-        p: u32,
-        map: &str,
-        config: &MapConfig,
-        data: &mut PartitionData,
-        change: Change,
-    ) -> (u64, Vec<(MemberId, ResponseFuture)>, InflightGuard) {
-        let (sync, asynchronous) = replica_targets(table, p, config, &data.migrating);
-        let mp = data.maps.get_mut(map).expect("the map partition exists");
-        mp.seq += 1;
-        let (term, seq) = (mp.term, mp.seq);
-        let msg = Node::encode(&Msg::Backup {
-            epoch: table.epoch,
-            partition: p,
-            map: map.to_string(),
-            term,
-            seq,
-            op: change.repl,
-        });
-        for member in &asynchronous {
-            let _ = self.net.send(member, MAP_SERVICE, msg.clone());
-        }
-        let acks = sync
-            .into_iter()
-            .map(|m| {
-                let ack = self.net.request(&m, MAP_SERVICE, msg.clone(), self.settings.backup_ack_timeout);
-                (m, ack)
-            })
-            .collect();
-        let guard = InflightGuard::new(self, p, data);
-        (seq, acks, guard)
     }
 
     /// A page of entries of partition `p`.
