@@ -309,13 +309,8 @@ impl Cluster {
         cluster.inner.membership.join(join_timeout).await;
         // Ready means usable: wait (bounded) for the partition table, so maps work on return.
         let table_wait = join_timeout.max(Duration::from_secs(5));
-        let deadline = tokio::time::Instant::now() + table_wait;
-        while let Err(reason) = cluster.inner.maps.table_status() {
-            if tokio::time::Instant::now() >= deadline {
-                warn!(%reason, waited = ?table_wait, "started without a current partition table; /health reports 503 until it arrives");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(reason) = cluster.inner.maps.wait_table_current(table_wait).await {
+            warn!(%reason, waited = ?table_wait, "started without a current partition table; /health reports 503 until it arrives");
         }
         info!(
             node = %cluster.local(),

@@ -201,6 +201,25 @@ impl MapService {
         self.node.table_status()
     }
 
+    /// Waits until this member has a current table (see [`MapService::table_status`]), or
+    /// `timeout` passes; then returns the status.
+    pub async fn wait_table_current(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tables = self.node.table_tx.subscribe();
+        let mut views = self.node.membership.watch();
+        loop {
+            let status = self.node.table_status();
+            if status.is_ok() {
+                return status;
+            }
+            tokio::select! {
+                _ = tables.changed() => {},
+                _ = views.changed() => {},
+                _ = tokio::time::sleep_until(deadline) => return self.node.table_status(),
+            }
+        }
+    }
+
     /// This member's statistics.
     pub fn local_stats(&self) -> LocalStats {
         self.node.local_stats()
