@@ -187,3 +187,77 @@ async fn the_table_is_balanced_and_stats_describe_it() {
     assert!(counted.memory_bytes > 400 * 8);
     assert!(counted.put_p99_us > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_started_at_the_same_moment_converge_on_one_table() {
+    grapevine_tests::init_logging();
+    for round in 0..3 {
+        let ips: Vec<std::net::IpAddr> = (0..3).map(|_| grapevine_tests::next_loopback_ip()).collect();
+        let port = 17_000 + round;
+        let members: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
+        let name = format!("together-{}-{round}", std::process::id());
+        let starts = ips.iter().map(|ip| {
+            let mut config = test_config(&name);
+            config.port = port;
+            config.port_auto_increment = false;
+            config.bind = Some(*ip);
+            config.members = members.clone();
+            Cluster::start(config)
+        });
+        let started: Vec<Cluster> = futures_join_all(starts).await.into_iter().map(|r| r.unwrap()).collect();
+        let refs: Vec<&Cluster> = started.iter().collect();
+        wait_until("every member to see three active members", WAIT, || {
+            started.iter().all(|m| m.view().active_members().count() == 3)
+        })
+        .await;
+        grapevine_tests::wait_settled(&refs).await;
+        let tables: Vec<_> = started.iter().map(|m| m.map_service().table()).collect();
+        assert!(tables.iter().all(|t| *t == tables[0]), "round {round}: members hold different tables");
+        for member in &started {
+            assert!(member.health().healthy, "{:?}", member.health());
+            let map = member.map::<String, String>("together").unwrap();
+            map.put(&member.local().to_string(), &"here".into()).await.unwrap();
+        }
+        assert_eq!(started[0].map::<String, String>("together").unwrap().len().await.unwrap(), 3);
+        for member in &started {
+            member.shutdown().await;
+        }
+    }
+}
+
+/// Starts every future at once and collects their outputs in order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_larger_than_a_frame_is_refused_at_once_with_the_setting_to_change() {
+    let cluster = TestCluster::start_with(2, |name| {
+        let mut config = test_config(name);
+        config.net.frame_bytes_max = 64 << 10;
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    for member in &cluster.members {
+        let map = member.map::<String, Vec<u8>>("big").unwrap();
+        for key in ["a", "b", "c", "d"] {
+            let started = tokio::time::Instant::now();
+            let error = map.put(&key.to_string(), &vec![7u8; 100 << 10]).await.unwrap_err();
+            assert!(matches!(error, MapError::Failed { .. }), "{error:?}");
+            assert!(error.to_string().contains("frame_bytes_max"), "{error}");
+            assert!(started.elapsed() < Duration::from_secs(5), "refused at once, not after retries");
+            assert_eq!(map.get(&key.to_string()).await.unwrap(), None, "nothing was stored");
+        }
+        map.put(&"small".to_string(), &vec![1u8; 1024]).await.unwrap();
+    }
+}

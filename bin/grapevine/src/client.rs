@@ -1,7 +1,8 @@
 //! A small blocking client for a member's admin HTTP endpoint, shared by the operator commands
-//! (`clusterstats`, `master`, and later `map`). Every failure is one line that names the address
-//! and what to check.
+//! (`clusterstats`, `master`, `map`). Every failure is one line that names the address and what to
+//! check.
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -13,6 +14,9 @@ pub const DEFAULT_NODE: &str = "127.0.0.1:5801";
 const DEFAULT_ADMIN_PORT: u16 = 5801;
 /// How long a plain request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a reply body may hold (a map value can be as large as `net.frame_bytes_max`, at most
+/// 1 GiB).
+const BODY_BYTES_MAX: u64 = 1 << 30;
 
 /// A member's admin endpoint.
 #[derive(Debug)]
@@ -27,6 +31,31 @@ pub struct AdminClient {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+}
+
+/// A reply of the admin endpoint whose body may be text (a map value) rather than JSON.
+#[derive(Debug)]
+pub struct TextReply {
+    pub status: u16,
+    pub text: String,
+}
+
+/// A request method of [`AdminClient::send`].
+#[derive(Debug, Clone, Copy)]
+pub enum Method {
+    Get,
+    Put,
+    Delete,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+        }
+    }
 }
 
 impl AdminClient {
@@ -78,6 +107,34 @@ impl AdminClient {
         self.reply("POST", path, response)
     }
 
+    /// `method path` with an optional text body (PUT only); the reply body as text, whatever the
+    /// status. `path` must be percent-encoded already (see [`path_segment`]).
+    pub fn send(&self, method: Method, path: &str, body: Option<&str>) -> Result<TextReply, String> {
+        let url = format!("{}{path}", self.base);
+        let response = match method {
+            Method::Get => self.agent.get(url).call(),
+            Method::Delete => self.agent.delete(url).call(),
+            Method::Put => {
+                self.agent.put(url).header("content-type", "text/plain; charset=utf-8").send(body.unwrap_or_default())
+            }
+        };
+        let mut response = response.map_err(|e| self.unreachable(&e))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(BODY_BYTES_MAX)
+            .read_to_string()
+            .map_err(|e| self.unreachable(&e))?;
+        Ok(TextReply { status, text })
+    }
+
+    /// The JSON body of a reply of `method path`; an error that says what answered when it is not
+    /// JSON.
+    pub fn json(&self, method: Method, path: &str, reply: &TextReply) -> Result<Value, String> {
+        self.parse_json(method.name(), path, reply.status, &reply.text)
+    }
+
     fn reply(
         &self,
         method: &str,
@@ -86,15 +143,24 @@ impl AdminClient {
     ) -> Result<Reply, String> {
         let mut response = response.map_err(|e| self.unreachable(&e))?;
         let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().map_err(|e| self.unreachable(&e))?;
-        let body: Value = serde_json::from_str(&text).map_err(|_| {
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(BODY_BYTES_MAX)
+            .read_to_string()
+            .map_err(|e| self.unreachable(&e))?;
+        let body = self.parse_json(method, path, status, &text)?;
+        Ok(Reply { status, body })
+    }
+
+    fn parse_json(&self, method: &str, path: &str, status: u16, text: &str) -> Result<Value, String> {
+        serde_json::from_str(text).map_err(|_| {
             format!(
                 "{} answered {method} {path} with HTTP {status} and a body that is not JSON: is it the admin \
                  port (admin_port, default 5801) of a grapevine member?",
                 self.node
             )
-        })?;
-        Ok(Reply { status, body })
+        })
     }
 
     fn unreachable(&self, error: &ureq::Error) -> String {
@@ -121,6 +187,20 @@ pub fn error_message(body: &Value) -> String {
     body.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| body.to_string())
 }
 
+/// `text` as one URL path segment: every byte but the unreserved letters, digits, `-`, `_` and
+/// `~` percent-encoded (`.` too, so that `.` and `..` stay names rather than path steps).
+pub fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +217,14 @@ mod tests {
         assert_eq!(base("http://db-1:6000/"), "http://db-1:6000");
         assert!(AdminClient::new("https://db-1", REQUEST_TIMEOUT).is_err());
         assert!(AdminClient::new("", REQUEST_TIMEOUT).is_err());
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(path_segment("user-1_a~b"), "user-1_a~b");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("?#%"), "%3F%23%25");
+        assert_eq!(path_segment("é"), "%C3%A9");
     }
 }

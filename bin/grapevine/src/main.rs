@@ -3,11 +3,13 @@
 //! * `grapevine start --cluster-name NAME [--config FILE] ...` runs a member.
 //! * `grapevine clusterstats [--node HOST:ADMIN_PORT] [--json]` prints what a member knows.
 //! * `grapevine master --node HOST:ADMIN_PORT --handover-to NODE_ID` moves the master role.
+//! * `grapevine map put|get|remove|size MAP [KEY [VALUE]] [--ttl SECONDS] [--node HOST:ADMIN_PORT]`
+//!   reads and writes string entries of a distributed map.
 //!
 //! Exit status: 0 success; 1 failure (start-up failure such as an exhausted port range, an
-//! unreachable member, a refused operation, a graceful shutdown that ran out of time); 2 bad
-//! configuration or command line; 130 / 143 when a second SIGINT / SIGTERM cut a graceful shutdown
-//! short.
+//! unreachable member, a refused operation, `map get` of an absent key, a graceful shutdown that
+//! ran out of time); 2 bad configuration or command line; 130 / 143 when a second SIGINT /
+//! SIGTERM cut a graceful shutdown short.
 
 mod client;
 mod cmd;

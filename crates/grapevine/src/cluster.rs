@@ -256,7 +256,12 @@ impl Cluster {
         let admin_advertised =
             admin_bound.map(|a| if a.ip().is_unspecified() { SocketAddr::new(advertise_ip, a.port()) } else { a });
 
-        let node_id = config.node_id.clone().unwrap_or_else(|| format!("{}-{port}", ports::hostname()));
+        // The port is unique on the host when listening on every interface; with a specific
+        // `bind`, only the address and port together are.
+        let node_id = config.node_id.clone().unwrap_or_else(|| match config.bind.filter(|ip| !ip.is_unspecified()) {
+            Some(ip) => format!("{}-{ip}-{port}", ports::hostname()),
+            None => format!("{}-{port}", ports::hostname()),
+        });
         let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let mut membership_config =
             MembershipConfig::new(config.cluster_name.clone(), node_id, generation, advertised, advertised);

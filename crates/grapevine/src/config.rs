@@ -21,7 +21,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct Config {
     /// Members join only members with the same cluster name. Required.
     pub cluster_name: String,
-    /// This member's id, unique in the cluster. Default: `<hostname>-<port>`.
+    /// This member's id, unique in the cluster. Default: `<hostname>-<port>`, or
+    /// `<hostname>-<bind>-<port>` when `bind` names an address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// The interface address to listen on and advertise. Default: listen on every interface and

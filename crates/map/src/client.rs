@@ -158,6 +158,8 @@ impl Node {
             {
                 Attempt::Lost(error.to_string())
             }
+            // Retrying cannot make a message fit.
+            Err(error @ NetError::FrameTooLarge { .. }) => Attempt::Reply(Reply::Failed { error: error.to_string() }),
             Err(error) => Attempt::Retry(error.to_string()),
         }
     }

@@ -191,6 +191,16 @@ impl Node {
             }
         }
 
+        // A member advertising a table of this epoch or newer that this master did not publish
+        // followed another master meanwhile (two members acting as master at once while starting
+        // together, or the other side of a healed partition): republish so everyone converges.
+        let table = self.table();
+        let local = self.local.to_string();
+        if let Some(rival) = self.gossip_tables().into_iter().find(|t| t.epoch >= table.epoch && t.publisher != local) {
+            info!(member = %rival.member, epoch = rival.epoch, publisher = %rival.publisher, "a member follows another table; republishing");
+            self.commit(table.rows.clone());
+        }
+
         // 2. Commit migrations whose replicas are ready, if their partition did not change since.
         let table = self.table();
         let mut rows = table.rows.clone();

@@ -45,6 +45,17 @@ impl Op {
         }
     }
 
+    /// Bytes of key and values the operation carries.
+    pub(crate) fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Get { key } | Op::ContainsKey { key } | Op::Remove { key } => key.len(),
+            Op::Put { key, value, .. } => key.len() + value.len(),
+            Op::CompareAndSet { key, expected, new } => {
+                key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
+            }
+        }
+    }
+
     pub(crate) fn is_read(&self) -> bool {
         matches!(self, Op::Get { .. } | Op::ContainsKey { .. })
     }

@@ -26,8 +26,23 @@ use crate::table::{PartitionTable, Role};
 /// The data-plane service id of the map.
 pub(crate) const MAP_SERVICE: ServiceId = ServiceId(1);
 
-/// Gossip key (`x:` prefixed by membership) carrying a member's table epoch.
+/// Gossip key (`x:` prefixed by membership) carrying a member's table: `"<epoch> <publisher>"`,
+/// the publisher being the master that committed it (`-` for none).
 pub(crate) const EPOCH_KEY: &str = "epoch";
+
+/// The gossip value describing a table.
+pub(crate) fn table_gossip_value(table: &PartitionTable) -> String {
+    let publisher = table.master.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".to_string());
+    format!("{} {publisher}", table.epoch)
+}
+
+/// A member's table as advertised in gossip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AdvertisedTable {
+    pub(crate) member: MemberId,
+    pub(crate) epoch: u64,
+    pub(crate) publisher: String,
+}
 
 /// Gossip key prefix announcing that a member has listeners on a map: `listen:<map>`.
 pub(crate) const LISTEN_KEY_PREFIX: &str = "listen:";
@@ -198,6 +213,15 @@ impl Node {
             data.migration_target = None;
             data.synced.clear();
             data.unconfirmed = table.role(p, &self.local) == Role::Owner && new_row.len() > 1;
+            let copying = now.saturating_sub(data.last_install_ms) < migration_window_ms;
+            if let Role::Backup(index) = table.role(p, &self.local)
+                && !copying
+            {
+                // Maps that use fewer replicas than this index get no writes here any more: their
+                // copies would go stale (and count as backups in statistics). A later move to a
+                // lower index brings a full copy.
+                data.maps.retain(|name, _| self.settings.map(name).replicas() > index);
+            }
             match (old.role(p, &self.local), table.role(p, &self.local)) {
                 (Role::Owner, Role::Owner) => {}
                 (_, Role::Owner) => self.take_over(p, &mut data, &table, now),
@@ -206,7 +230,6 @@ impl Node {
                     // on tables (it can apply a table that predates the migration after the copy
                     // arrived): keep recent copies; `drop_stray_data` removes them if the migration
                     // is abandoned.
-                    let copying = now.saturating_sub(data.last_install_ms) < migration_window_ms;
                     if copying {
                         debug!(
                             partition = p,
@@ -316,13 +339,26 @@ impl Node {
         *self.remote_listeners.write().unwrap() = registry;
     }
 
-    /// The epochs members published in gossip.
-    pub(crate) fn gossip_epochs(&self) -> Vec<(MemberId, u64)> {
+    /// The tables members advertise in gossip.
+    pub(crate) fn gossip_tables(&self) -> Vec<AdvertisedTable> {
         let view = self.membership.view();
         view.members
             .iter()
-            .filter_map(|m| m.ext.get(EPOCH_KEY).and_then(|e| e.parse().ok()).map(|e| (m.id.clone(), e)))
+            .filter_map(|m| {
+                let value = m.ext.get(EPOCH_KEY)?;
+                let (epoch, publisher) = value.split_once(' ')?;
+                Some(AdvertisedTable {
+                    member: m.id.clone(),
+                    epoch: epoch.parse().ok()?,
+                    publisher: publisher.to_string(),
+                })
+            })
             .collect()
+    }
+
+    /// The table epochs members advertise in gossip.
+    pub(crate) fn gossip_epochs(&self) -> Vec<(MemberId, u64)> {
+        self.gossip_tables().into_iter().map(|t| (t.member, t.epoch)).collect()
     }
 
     /// Asks `from` for its table and applies it if it is newer and was published by the master
@@ -365,15 +401,29 @@ impl Node {
         }
     }
 
-    /// Whether the member's table is current: it has one, and no member advertises a newer one.
+    /// Whether the member's table is current: it has one, no member advertises a newer one, and
+    /// it is the table the master holds (members that acted as master at the same moment, e.g.
+    /// while starting together, can hold different tables of the same epoch until the master
+    /// republishes).
     pub(crate) fn table_status(&self) -> Result<(), String> {
         let table = self.table();
         if table.epoch == 0 {
             return Err("no partition table yet".into());
         }
-        let newest = self.gossip_epochs().into_iter().map(|(_, e)| e).max().unwrap_or(0);
+        let advertised = self.gossip_tables();
+        let newest = advertised.iter().map(|t| t.epoch).max().unwrap_or(0);
         if newest > table.epoch {
             return Err(format!("partition table epoch {} is behind the cluster's {newest}", table.epoch));
+        }
+        let master = self.membership.view().master.clone();
+        if let Some(theirs) = master.and_then(|m| advertised.into_iter().find(|t| t.member == m))
+            && theirs.epoch == table.epoch
+            && theirs.publisher != table_gossip_value(&table).split_once(' ').map(|(_, p)| p).unwrap_or("-")
+        {
+            return Err(format!(
+                "partition table epoch {} was published by another master than the master's ({})",
+                table.epoch, theirs.publisher
+            ));
         }
         Ok(())
     }

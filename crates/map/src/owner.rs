@@ -15,6 +15,9 @@ use crate::record::now_ms;
 use crate::store::Change;
 use crate::table::PartitionTable;
 
+/// What a replicated write adds to its key and value: record metadata, message fields, framing.
+const ENTRY_OVERHEAD_BYTES: usize = 256;
+
 /// Largest full-copy chunk, in encoded bytes (approximately). Well under the frame limit.
 const INSTALL_CHUNK_BYTES: usize = 1 << 20;
 
@@ -101,6 +104,17 @@ impl Node {
         let table = self.table();
         if let Some(reply) = self.check_owner(&table, p, caller_epoch) {
             return Executed::Now(reply);
+        }
+        // An entry must fit in one message to reach its backups: refuse it before applying it here.
+        let entry_bytes = op.payload_bytes() + map.len() + ENTRY_OVERHEAD_BYTES;
+        if entry_bytes > self.net.frame_bytes_max() {
+            return Executed::Now(Reply::Failed {
+                error: format!(
+                    "the entry takes {entry_bytes} bytes, more than net.frame_bytes_max = {} allows between members; \
+                     store a smaller value or raise net.frame_bytes_max on every member",
+                    self.net.frame_bytes_max()
+                ),
+            });
         }
         let config = self.settings.map(map);
         let counters = self.counters(map);

@@ -91,12 +91,18 @@ impl Node {
             let data = self.slot(p).data.lock().unwrap();
             for (name, mp) in &data.maps {
                 let stats = maps.entry(name.clone()).or_default();
-                match role {
-                    Role::Owner => stats.owned_entries += mp.len() as u64,
-                    Role::Backup(_) => stats.backup_entries += mp.len() as u64,
-                    Role::None => {}
-                }
-                if role != Role::None {
+                let replicates = match role {
+                    Role::Owner => {
+                        stats.owned_entries += mp.len() as u64;
+                        true
+                    }
+                    Role::Backup(index) if index < self.settings.map(name).replicas() => {
+                        stats.backup_entries += mp.len() as u64;
+                        true
+                    }
+                    _ => false,
+                };
+                if replicates {
                     stats.memory_bytes += mp.memory_bytes();
                 }
             }

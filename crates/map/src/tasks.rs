@@ -37,7 +37,7 @@ impl Node {
 pub(crate) async fn follow_loop(node: Arc<Node>) {
     let mut tables = node.table_tx.subscribe();
     let mut views = node.membership.watch();
-    let mut published = 0u64;
+    let mut published = String::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -47,15 +47,16 @@ pub(crate) async fn follow_loop(node: Arc<Node>) {
             _ = tick.tick() => {},
             _ = node.cancel.cancelled() => return,
         }
-        let epoch = node.table().epoch;
-        if epoch != published {
-            node.membership.set_ext_key(EPOCH_KEY, &epoch.to_string()).await;
-            published = epoch;
+        let table = node.table();
+        let epoch = table.epoch;
+        let value = crate::node::table_gossip_value(&table);
+        if value != published {
+            node.membership.set_ext_key(EPOCH_KEY, &value).await;
+            published = value;
         }
         let view = views.borrow().clone();
         if let Some(master) = view.master.as_ref().filter(|m| **m != node.local) {
-            let master_epoch =
-                view.member(master).and_then(|m| m.ext.get(EPOCH_KEY)).and_then(|e| e.parse::<u64>().ok());
+            let master_epoch = node.gossip_tables().into_iter().find(|t| t.member == *master).map(|t| t.epoch);
             if master_epoch.is_some_and(|e| e > epoch) {
                 node.fetch_table(master).await;
             }

@@ -545,7 +545,7 @@ impl Inner {
         }
         let compatible: Vec<Member> = candidates.into_iter().filter(|m| self.admit(m)).collect();
         let present: Vec<Member> = compatible.into_iter().filter(|m| m.state != MemberState::Left).collect();
-        let (members, replaced) = view::dedupe_node_ids(present);
+        let (members, replaced) = view::dedupe_node_ids(present, &self.local);
         for old in replaced {
             let id = ChitchatId::new(old.id.node_id.clone(), old.id.generation, old.gossip_addr);
             let newer = members.iter().find(|m| m.id.node_id == old.id.node_id);

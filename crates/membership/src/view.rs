@@ -110,23 +110,28 @@ pub(crate) fn compute_master(members: &[Member]) -> Option<MemberId> {
     claimed.or_else(|| active.min_by(|a, b| a.id.cmp(&b.id))).map(|m| m.id.clone())
 }
 
-/// Keeps one member per node id: the newest generation. Two live generations of one node id mean a
-/// restart whose old generation has not been declared dead yet; the old one is gone for good.
-/// Returns the kept members (oldest first) and the dropped (older) ones.
-pub(crate) fn dedupe_node_ids(members: Vec<Member>) -> (Vec<Member>, Vec<Member>) {
-    let mut newest: BTreeMap<std::sync::Arc<str>, Member> = BTreeMap::new();
+/// Keeps one member per node id: the newest generation, except that this member (`local`) always
+/// stays in its own view. Two live generations of one node id mean a restart whose old generation
+/// has not been declared dead yet (the old one is gone for good), or two members misconfigured with
+/// the same node id (logged by the caller). Returns the kept members (oldest first) and the dropped.
+pub(crate) fn dedupe_node_ids(members: Vec<Member>, local: &MemberId) -> (Vec<Member>, Vec<Member>) {
+    let mut chosen: BTreeMap<std::sync::Arc<str>, Member> = BTreeMap::new();
     let mut dropped = Vec::new();
     for member in members {
-        match newest.get(&member.id.node_id) {
-            Some(existing) if existing.id.generation >= member.id.generation => dropped.push(member),
-            _ => {
-                if let Some(old) = newest.insert(member.id.node_id.clone(), member) {
-                    dropped.push(old);
-                }
+        let keep_new = match chosen.get(&member.id.node_id) {
+            None => true,
+            Some(existing) if existing.id == *local => false,
+            Some(existing) => member.id == *local || member.id.generation > existing.id.generation,
+        };
+        if keep_new {
+            if let Some(old) = chosen.insert(member.id.node_id.clone(), member) {
+                dropped.push(old);
             }
+        } else {
+            dropped.push(member);
         }
     }
-    let mut kept: Vec<Member> = newest.into_values().collect();
+    let mut kept: Vec<Member> = chosen.into_values().collect();
     kept.sort_by(|a, b| a.id.cmp(&b.id));
     (kept, dropped)
 }
@@ -224,15 +229,19 @@ pub(crate) mod tests {
 
     #[test]
     fn a_restarted_node_replaces_its_old_generation() {
-        let (kept, dropped) = dedupe_node_ids(vec![
+        let members = vec![
             member("a", 1, MemberState::Active),
             member("b", 2, MemberState::Active),
             member("a", 7, MemberState::Joining),
-        ]);
+        ];
+        let (kept, dropped) = dedupe_node_ids(members.clone(), &MemberId::new("b", 2));
         let kept_ids: Vec<_> = kept.iter().map(|m| m.id.clone()).collect();
         assert_eq!(kept_ids, vec![MemberId::new("b", 2), MemberId::new("a", 7)]);
         assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].id, MemberId::new("a", 1));
+        // A member never drops itself, even for a newer member with the same (misconfigured) id.
+        let (kept, _) = dedupe_node_ids(members, &MemberId::new("a", 1));
+        assert!(kept.iter().any(|m| m.id == MemberId::new("a", 1)));
     }
 
     #[test]

@@ -209,6 +209,11 @@ impl Net {
         &self.inner.config.local
     }
 
+    /// The largest frame this member sends or accepts (`frame_bytes_max`), header included.
+    pub fn frame_bytes_max(&self) -> usize {
+        self.inner.config.frame_bytes_max
+    }
+
     /// Registers (or replaces) the handler of a service.
     pub fn register(&self, service: ServiceId, handler: Arc<dyn Handler>) {
         let mut handlers = self.inner.handlers.write().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -60,6 +60,8 @@ pub struct Stats {
     pub members: Vec<MemberRow>,
     pub local: Local,
     pub gossip: Gossip,
+    pub partitions: Option<Partitions>,
+    pub maps: Vec<MapRow>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,9 +119,48 @@ pub struct Gossip {
     pub view_version: u64,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Partitions {
+    pub count: u32,
+    pub epoch: u64,
+    pub migrating: u64,
+    pub owned_by_member: BTreeMap<String, u32>,
+    pub backups_by_member: BTreeMap<String, u32>,
+}
+
+/// One map, summed over the members (each member's part is in `per_member`, shown by `--json`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct MapRow {
+    pub name: String,
+    pub owned_entries: u64,
+    pub backup_entries: u64,
+    pub hits: u64,
+    pub gets: u64,
+    pub puts: u64,
+    pub removes: u64,
+    pub get_p99_us: u64,
+    pub put_p99_us: u64,
+    pub memory_bytes: u64,
+    pub backup_count: u8,
+    pub async_backup_count: u8,
+    pub per_member: Vec<Value>,
+}
+
 /// Sections of `/stats` this printer knows.
-const KNOWN_SECTIONS: &[&str] =
-    &["cluster_name", "node_id", "generation", "master", "view_version", "members", "local", "gossip"];
+const KNOWN_SECTIONS: &[&str] = &[
+    "cluster_name",
+    "node_id",
+    "generation",
+    "master",
+    "view_version",
+    "members",
+    "local",
+    "gossip",
+    "partitions",
+    "maps",
+];
 
 pub fn parse(doc: &Value) -> Result<Stats, serde_json::Error> {
     Stats::deserialize(doc)
@@ -143,8 +184,94 @@ pub fn format_uptime(seconds: u64) -> String {
     }
 }
 
+/// The line under the maps table.
+const MAP_LEGEND: &str = "  (ENTRIES: owned copies; BACKUP: backup copies; P99: the highest of any member; \
+                          SYNC+ASYNC: backups configured)";
+
+/// Map names longer than this are cut in the table (`--json` has them whole).
+const MAP_NAME_WIDTH: usize = 28;
+
+/// `text`, cut to `width` characters with `…` when longer.
+fn shorten(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// A counter: exact below a million, then `1.2M`, `9.9G`, `1.0T`.
+pub fn format_count(n: u64) -> String {
+    match n {
+        0..1_000_000 => n.to_string(),
+        1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        1_000_000_000..1_000_000_000_000 => format!("{:.1}G", n as f64 / 1e9),
+        _ => format!("{:.1}T", n as f64 / 1e12),
+    }
+}
+
+/// A latency in microseconds: `850 µs`, `12.3 ms`, `1.25 s`.
+pub fn format_micros(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us} µs"),
+        1_000..1_000_000 => format!("{:.1} ms", us as f64 / 1e3),
+        _ => format!("{:.2} s", us as f64 / 1e6),
+    }
+}
+
+/// A size in bytes: `512 B`, `1.5 KiB`, `12.0 MiB`, `1.25 GiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 fn or_dash(value: &str) -> &str {
     if value.is_empty() { "-" } else { value }
+}
+
+/// A table: a header and rows of cells, columns two spaces apart; `numeric` columns are aligned
+/// right. No trailing spaces.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>], numeric: &[bool]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::from("  ");
+        for (i, cell) in cells.enumerate() {
+            let w = widths[i];
+            if numeric.get(i).copied().unwrap_or(false) {
+                let _ = write!(text, "{cell:>w$}  ");
+            } else {
+                let _ = write!(text, "{cell:<w$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    line(out, &mut header.iter().copied());
+    for row in rows {
+        line(out, &mut row.iter().map(String::as_str));
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+}
+
+/// The node id, marked when it is the answering member.
+fn this(stats: &Stats, node_id: &str) -> String {
+    if node_id == stats.node_id { format!("{node_id} (this)") } else { node_id.to_string() }
 }
 
 /// The tables, as printed.
@@ -203,13 +330,12 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
 
     let _ = writeln!(out, "\nMEMBERS");
     let header = ["NODE ID", "GOSSIP ADDR", "ADMIN ADDR", "VERSION", "STATE", "UPTIME", "MASTER"];
-    let rows: Vec<[String; 7]> = stats
+    let rows: Vec<Vec<String>> = stats
         .members
         .iter()
         .map(|m| {
-            let node = if m.node_id == stats.node_id { format!("{} (this)", m.node_id) } else { m.node_id.clone() };
-            [
-                node,
+            vec![
+                this(stats, &m.node_id),
                 or_dash(&m.gossip_addr).to_string(),
                 m.admin_addr.clone().unwrap_or_else(|| "-".to_string()),
                 or_dash(&m.protocol_version).to_string(),
@@ -219,30 +345,78 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
+    table(&mut out, &header, &rows, &[]);
+
+    if let Some(p) = &stats.partitions {
+        let _ = writeln!(out, "\nPARTITIONS");
+        row(&mut out, "Count", &p.count.to_string());
+        row(&mut out, "Table epoch", &p.epoch.to_string());
+        let is_master = stats.master.is_some() && stats.master.as_deref() == Some(stats.node_id.as_str());
+        let migrating = match stats.master.as_deref() {
+            _ if is_master => p.migrating.to_string(),
+            Some(master) => format!("{} (only the master counts them: ask {master})", p.migrating),
+            None => format!("{} (only the master counts them; there is none)", p.migrating),
+        };
+        row(&mut out, "Migrations", &migrating);
+        // Every member of the view, and any other node id the table names.
+        let mut nodes: BTreeMap<&str, (u32, u32)> =
+            stats.members.iter().map(|m| (m.node_id.as_str(), (0, 0))).collect();
+        for (node, n) in &p.owned_by_member {
+            nodes.entry(node).or_default().0 = *n;
+        }
+        for (node, n) in &p.backups_by_member {
+            nodes.entry(node).or_default().1 = *n;
+        }
+        let rows: Vec<Vec<String>> = nodes
+            .iter()
+            .map(|(node, (owned, backups))| vec![this(stats, node), owned.to_string(), backups.to_string()])
+            .collect();
+        let _ = writeln!(out);
+        table(&mut out, &["NODE ID", "OWNED", "BACKUPS"], &rows, &[false, true, true]);
+    }
+
+    if stats.partitions.is_some() || !stats.maps.is_empty() {
+        let _ = writeln!(out, "\nMAPS (cluster-wide; each member's part: --json)");
+        let header = [
+            "NAME",
+            "ENTRIES",
+            "BACKUP",
+            "HITS",
+            "GETS",
+            "PUTS",
+            "REMOVES",
+            "GET P99",
+            "PUT P99",
+            "MEMORY",
+            "SYNC+ASYNC",
+        ];
+        let rows: Vec<Vec<String>> = stats
+            .maps
+            .iter()
+            .map(|m| {
+                vec![
+                    shorten(or_dash(&m.name), MAP_NAME_WIDTH),
+                    m.owned_entries.to_string(),
+                    m.backup_entries.to_string(),
+                    format_count(m.hits),
+                    format_count(m.gets),
+                    format_count(m.puts),
+                    format_count(m.removes),
+                    format_micros(m.get_p99_us),
+                    format_micros(m.put_p99_us),
+                    format_bytes(m.memory_bytes),
+                    format!("{}+{}", m.backup_count, m.async_backup_count),
+                ]
+            })
+            .collect();
+        let mut numeric = [true; 11];
+        numeric[0] = false;
+        table(&mut out, &header, &rows, &numeric);
+        if !rows.is_empty() {
+            let _ = writeln!(out, "{MAP_LEGEND}");
         }
     }
-    let line = |out: &mut String, cells: &[&str]| {
-        let mut text = String::from("  ");
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                let _ = write!(text, "{cell:<w$}  ");
-            }
-        }
-        let _ = writeln!(out, "{}", text.trim_end());
-    };
-    line(&mut out, &header);
-    for r in &rows {
-        line(&mut out, &r.each_ref().map(String::as_str));
-    }
-    if rows.is_empty() {
-        let _ = writeln!(out, "  (none)");
-    }
+
     if !extra.is_empty() {
         let _ = writeln!(out, "\n(not shown by this version of the CLI: {}; see --json)", extra.join(", "));
     }
@@ -276,8 +450,19 @@ mod tests {
         "probe_interval_ms": 2000, "net": {"connect_timeout_ms": 1000}}},
       "gossip": {"gossip_rounds": 12, "datagrams_in": 30, "datagrams_out": 31, "foreign_cluster_peers": 0,
         "incompatible_members": 0, "events": 3, "view_version": 7, "bytes_in": 99},
-      "partitions": {"count": 271, "epoch": 4},
-      "maps": [{"name": "sessions", "entries": 10}]
+      "partitions": {"count": 271, "epoch": 4, "migrating": 2, "owned_by_member": {"web-1": 136, "web-2": 135},
+        "backups_by_member": {"web-1": 135, "web-2": 136, "web-9": 0}, "replicas_by_member": {}},
+      "maps": [
+        {"name": "sessions", "owned_entries": 1234567, "backup_entries": 1234567, "hits": 9876543210,
+         "gets": 9999999999, "puts": 123456789, "removes": 4567, "get_p99_us": 850, "put_p99_us": 12345,
+         "memory_bytes": 1610612736, "backup_count": 1, "async_backup_count": 0, "near_cache": true,
+         "per_member": [{"node_id": "web-1", "name": "sessions", "owned_entries": 617283}]},
+        {"name": "a-map-with-a-rather-long-name", "owned_entries": 0, "backup_entries": 0, "hits": 0,
+         "gets": 0, "puts": 0, "removes": 0, "get_p99_us": 2500000, "put_p99_us": 0, "memory_bytes": 1536,
+         "backup_count": 2, "async_backup_count": 1, "per_member": []},
+        {"name": "sparse"}
+      ],
+      "topics": []
     }"#;
 
     #[test]
@@ -307,7 +492,12 @@ mod tests {
             "Join timeout       5000 ms",
             "Probe interval     2000 ms",
             "MEMBERS",
-            "not shown by this version of the CLI: maps, partitions",
+            "PARTITIONS",
+            "Count              271",
+            "Table epoch        4",
+            "Migrations         2 (only the master counts them: ask web-1)",
+            "MAPS",
+            "not shown by this version of the CLI: topics",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
@@ -322,6 +512,54 @@ mod tests {
         let col = lines[header].find("GOSSIP ADDR").unwrap();
         assert_eq!(web1.find("10.0.0.1:5701"), Some(col));
         assert_eq!(web2.find("10.0.0.2:5701"), Some(col));
+
+        // The partition distribution: every member of the view, and node ids only the table names.
+        let cells = |line: &str| line.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let header = lines.iter().position(|l| l.trim_start().starts_with("NODE ID") && l.contains("OWNED")).unwrap();
+        assert_eq!(cells(lines[header]), ["NODE", "ID", "OWNED", "BACKUPS"]);
+        assert_eq!(cells(lines[header + 1]), ["web-1", "136", "135"]);
+        assert_eq!(cells(lines[header + 2]), ["web-2", "(this)", "135", "136"]);
+        assert_eq!(cells(lines[header + 3]), ["web-9", "0", "0"]);
+
+        // The maps: totals in human units, numbers aligned right.
+        let header = lines.iter().position(|l| l.trim_start().starts_with("NAME")).unwrap();
+        for name in
+            ["ENTRIES", "BACKUP", "HITS", "GETS", "PUTS", "REMOVES", "GET P99", "PUT P99", "MEMORY", "SYNC+ASYNC"]
+        {
+            assert!(lines[header].contains(name), "{name} in {}", lines[header]);
+        }
+        let sessions = cells(lines[header + 1]);
+        assert_eq!(
+            sessions,
+            [
+                "sessions", "1234567", "1234567", "9.9G", "10.0G", "123.5M", "4567", "850", "µs", "12.3", "ms", "1.5",
+                "GiB", "1+0"
+            ]
+        );
+        let long = cells(lines[header + 2]);
+        assert_eq!(long[0], "a-map-with-a-rather-long-na…");
+        assert_eq!(long[7..], ["2.50", "s", "0", "µs", "1.5", "KiB", "2+1"]);
+        assert_eq!(cells(lines[header + 3])[0], "sparse");
+        assert!(lines[header + 3].trim_end().ends_with("0+0"), "{}", lines[header + 3]);
+        let entries_end = lines[header].find("ENTRIES").unwrap() + "ENTRIES".len();
+        assert_eq!(lines[header + 1].find("1234567").map(|i| i + 7), Some(entries_end), "{text}");
+        for line in &lines {
+            assert!(line.chars().count() <= 120, "wider than 120 columns: {line}");
+            assert_eq!(line.trim_end(), *line, "trailing spaces: {line:?}");
+        }
+    }
+
+    #[test]
+    fn the_master_reports_its_migrations() {
+        let doc: Value = serde_json::from_str(
+            r#"{"node_id": "a", "master": "a", "partitions": {"count": 7, "epoch": 2, "migrating": 3,
+                "owned_by_member": {"a": 7}}, "maps": []}"#,
+        )
+        .unwrap();
+        let text = render(&parse(&doc).unwrap(), &extra_sections(&doc));
+        assert!(text.contains("Migrations         3\n"), "{text}");
+        assert!(text.contains("MAPS") && text.contains("(none)"), "{text}");
+        assert!(!text.contains("not shown"), "{text}");
     }
 
     #[test]
@@ -331,6 +569,7 @@ mod tests {
         assert!(text.contains("Master             none"), "{text}");
         assert!(text.contains("(none)"), "{text}");
         assert!(text.contains("future"), "{text}");
+        assert!(!text.contains("PARTITIONS") && !text.contains("MAPS"), "{text}");
     }
 
     #[test]
@@ -345,5 +584,25 @@ mod tests {
         assert_eq!(format_uptime(65), "1m 05s");
         assert_eq!(format_uptime(3_725), "1h 02m 05s");
         assert_eq!(format_uptime(93_784), "1d 02h 03m");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(format_micros(0), "0 µs");
+        assert_eq!(format_micros(999), "999 µs");
+        assert_eq!(format_micros(1_000), "1.0 ms");
+        assert_eq!(format_micros(12_345), "12.3 ms");
+        assert_eq!(format_micros(1_250_000), "1.25 s");
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(12 << 20), "12.0 MiB");
+        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
+        assert_eq!(format_bytes(5000 << 40), "5000.0 TiB");
+        assert_eq!(format_count(999_999), "999999");
+        assert_eq!(format_count(1_250_000), "1.2M");
+        assert_eq!(format_count(25_000_000_000_000), "25.0T");
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcd", 3), "ab…");
     }
 }

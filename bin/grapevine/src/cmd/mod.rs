@@ -6,6 +6,7 @@ use clap::Subcommand;
 use crate::Failure;
 
 pub mod clusterstats;
+pub mod map;
 pub mod master;
 pub mod start;
 
@@ -17,6 +18,8 @@ pub enum Command {
     Clusterstats(clusterstats::ClusterStatsArgs),
     /// Force a member to become the master (it leads until it leaves).
     Master(master::MasterArgs),
+    /// Read and write entries of a distributed map (string keys and values).
+    Map(map::MapArgs),
 }
 
 impl Command {
@@ -25,6 +28,7 @@ impl Command {
             Command::Start(args) => start::run(args),
             Command::Clusterstats(args) => clusterstats::run(args),
             Command::Master(args) => master::run(args),
+            Command::Map(args) => map::run(args),
         }
     }
 }

@@ -47,7 +47,8 @@ pub struct StartArgs {
     /// Static discovery: comma-separated `host`, `host:port` or `host:first-last` (key `members`).
     #[arg(long, value_name = "LIST")]
     pub members: Option<String>,
-    /// This member's id, unique in the cluster (key `node_id`). Default: `<hostname>-<port>`.
+    /// This member's id, unique in the cluster (key `node_id`). Default: `<hostname>-<port>`
+    /// (`<hostname>-<bind>-<port>` when `--bind` is set).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
     /// Log format on stderr (key `log_format`). The level comes from RUST_LOG.
