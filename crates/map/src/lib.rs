@@ -26,6 +26,7 @@ mod node;
 mod owner;
 mod record;
 mod replica;
+mod sides;
 mod stats;
 mod store;
 pub mod table;

@@ -2,7 +2,7 @@
 //! backups at once when members die, and migrate partitions toward the balanced plan: a few at a
 //! time, each committed as soon as its owner reports the new replicas ready.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 use crate::assign::{REPLICAS_MAX, plan, promote};
 use crate::messages::{Msg, Reply};
 use crate::node::{MAP_SERVICE, Node};
+use crate::sides;
 use crate::table::PartitionTable;
 
 /// Master-side bookkeeping; reset whenever this member stops being master.
@@ -24,6 +25,22 @@ pub(crate) struct MasterState {
     inflight: HashMap<u32, Migration>,
     /// Partitions whose last migration failed, not retried before the instant.
     backoff: HashMap<u32, Instant>,
+    /// Tables of other publishers found to be of this master's lineage by [`Node::merge_sides`]:
+    /// (publisher, epoch) → when (re-examined after a second, as liveness may have changed).
+    examined: HashMap<(String, u64), Instant>,
+    /// Tables of another side this master kept its own table over, already logged.
+    kept_over: HashSet<(String, u64)>,
+}
+
+/// What [`Node::merge_sides`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// No table from another side.
+    None,
+    /// This master adopted another side's table.
+    Adopted,
+    /// Members still follow another side's table, which lost.
+    Pending,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +208,12 @@ impl Node {
             }
         }
 
+        // The other side of a healed network partition: the larger side keeps its data.
+        let merge = self.merge_sides(view).await;
+        if merge == Merge::Adopted {
+            return;
+        }
+
         // A member advertising a table of this epoch or newer that this master did not publish
         // followed another master meanwhile (two members acting as master at once while starting
         // together, or the other side of a healed partition): republish so everyone converges.
@@ -240,7 +263,7 @@ impl Node {
         }
 
         // 3. Start migrations toward the balanced plan.
-        if active.is_empty() {
+        if active.is_empty() || merge == Merge::Pending {
             return;
         }
         let table = self.table();
@@ -279,6 +302,74 @@ impl Node {
         }
         for (p, migration) in to_start {
             self.start_migration(p, migration);
+        }
+    }
+
+    /// Looks for tables published by another side (see [`crate::sides`]) and keeps the data of
+    /// the larger side. Returns `Adopted` when it adopted another side's table, `Pending` while a
+    /// member still follows another side's table that lost (it will apply this master's table;
+    /// no migration starts meanwhile, as it could copy this side's data over the other's).
+    async fn merge_sides(self: &Arc<Self>, view: &ClusterView) -> Merge {
+        let local = self.local.to_string();
+        let mut candidates: Vec<(MemberId, (String, u64))> = Vec::new();
+        {
+            let mut state = self.master.lock().unwrap();
+            state.examined.retain(|_, at| at.elapsed() < Duration::from_secs(1));
+            for advertised in self.gossip_tables() {
+                let key = (advertised.publisher.clone(), advertised.epoch);
+                if advertised.publisher != local
+                    && !state.examined.contains_key(&key)
+                    && !candidates.iter().any(|(_, k)| *k == key)
+                {
+                    candidates.push((advertised.member, key));
+                }
+            }
+        }
+        let mut pending = false;
+        for (member, key) in candidates {
+            let Some(theirs) = self.request_table(&member).await else { continue };
+            let ours = self.table();
+            let live = |m: &MemberId| view.member(m).is_some();
+            if !sides::from_two_sides(&ours, &theirs, &live) {
+                // One lineage: not looked at again for a while.
+                self.master.lock().unwrap().examined.insert(key, Instant::now());
+                continue;
+            }
+            let our_side = sides::live_members(&ours, &live);
+            let their_side = sides::live_members(&theirs, &live);
+            if sides::challenger_wins(&ours, &theirs, &live) {
+                warn!(
+                    this_side = ?our_side,
+                    other_side = ?their_side,
+                    publisher = ?theirs.master,
+                    "members that acted as master apart meet again (a healed network partition) and the other \
+                     side is larger: adopting its partition table; entries written on this side meanwhile are \
+                     discarded"
+                );
+                self.abort_all_migrations();
+                self.commit(theirs.rows);
+                return Merge::Adopted;
+            }
+            if self.master.lock().unwrap().kept_over.insert(key) {
+                warn!(
+                    this_side = ?our_side,
+                    other_side = ?their_side,
+                    publisher = ?theirs.master,
+                    "members that acted as master apart meet again (a healed network partition) and this side is \
+                     at least as large: keeping its partition table; entries written on the other side meanwhile \
+                     are discarded"
+                );
+            }
+            pending = true;
+        }
+        if pending { Merge::Pending } else { Merge::None }
+    }
+
+    /// Forgets every migration under way and tells their owners.
+    fn abort_all_migrations(&self) {
+        let inflight: Vec<(u32, Migration)> = self.master.lock().unwrap().inflight.drain().collect();
+        for (p, migration) in inflight {
+            self.abort_remote(p, &migration);
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grapevine_membership::{MemberId, Membership};
+use grapevine_membership::{MemberId, MemberState, Membership};
 use grapevine_net::{Handler, Net, Reply as NetReply, ServiceId, codec};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::MapSettings;
 use crate::messages::{Msg, RawEntryEvent, Reply};
 use crate::record::now_ms;
+use crate::sides;
 use crate::stats::MapCounters;
 use crate::store::MapPartition;
 use crate::table::{PartitionTable, Role};
@@ -115,6 +116,8 @@ pub(crate) struct Node {
     /// Wakes the loop that confirms backups of partitions whose row changed.
     pub(crate) confirm_wakeup: Notify,
     pub(crate) table_fetches: AtomicU64,
+    /// The epoch of the last master's table this member refused for its own side's (logged once).
+    kept_side_over: AtomicU64,
     /// The last balanced plan computed, keyed by table epoch and active members: planning is the
     /// master's most expensive step and the plan only changes when one of those does.
     plan_cache: Mutex<Option<PlanCacheEntry>>,
@@ -149,6 +152,7 @@ impl Node {
             master_wakeup: Notify::new(),
             confirm_wakeup: Notify::new(),
             table_fetches: AtomicU64::new(0),
+            kept_side_over: AtomicU64::new(0),
             plan_cache: Mutex::new(None),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -366,38 +370,85 @@ impl Node {
     pub(crate) async fn fetch_table(&self, from: &MemberId) -> bool {
         self.fetch_table_if(from, |table| {
             let master = self.membership.view().master.clone();
-            table.master.is_some() && table.master == master
+            table.master.is_some() && table.master == master && !self.keeps_own_side(table)
         })
         .await
     }
 
+    /// Whether this member keeps its table rather than apply `incoming`, its master's: the two
+    /// come from two sides of a healed network partition and this member's side is larger (see
+    /// [`crate::sides`]). The master applies the same rule and adopts this side's table; applying
+    /// its table meanwhile would drop the data it is about to keep.
+    pub(crate) fn keeps_own_side(&self, incoming: &PartitionTable) -> bool {
+        let current = self.table();
+        let view = self.membership.view();
+        let active = view.local_member().is_some_and(|m| m.state == MemberState::Active);
+        let live = |m: &MemberId| view.member(m).is_some();
+        let keep = active
+            && current.holds_any(&self.local)
+            && sides::from_two_sides(&current, incoming, &live)
+            && sides::challenger_wins(incoming, &current, &live);
+        if keep && self.kept_side_over.swap(incoming.epoch, Ordering::Relaxed) != incoming.epoch {
+            warn!(
+                epoch = incoming.epoch,
+                publisher = ?incoming.master,
+                ours = current.epoch,
+                our_publisher = ?current.master,
+                "the master's table comes from the other side of a healed network partition, and this side is larger: \
+                 keeping this side's table until the master adopts it"
+            );
+        }
+        keep
+    }
+
     /// Asks `from` for its table and applies it if it is newer and `accept` approves it.
     pub(crate) async fn fetch_table_if(&self, from: &MemberId, accept: impl Fn(&PartitionTable) -> bool) -> bool {
-        if *from == self.local {
+        let Some(table) = self.request_table(from).await else { return false };
+        if !accept(&table) {
+            debug!(%from, epoch = table.epoch, publisher = ?table.master, "not adopting that member's table");
             return false;
+        }
+        self.apply_table(table)
+    }
+
+    /// Asks `from` for the table it holds, without applying it; `None` when it does not answer.
+    pub(crate) async fn request_table(&self, from: &MemberId) -> Option<PartitionTable> {
+        if *from == self.local {
+            return None;
         }
         self.table_fetches.fetch_add(1, Ordering::Relaxed);
         let reply = self.net.request(from, MAP_SERVICE, Self::encode(&Msg::TableGet), Duration::from_secs(5)).await;
         match reply.map(|bytes| codec::decode::<Reply>(&bytes)) {
-            Ok(Ok(Reply::Table(table))) => {
-                if !accept(&table) {
-                    debug!(%from, epoch = table.epoch, publisher = ?table.master, "not adopting that member's table");
-                    return false;
-                }
-                self.apply_table(table)
-            }
+            Ok(Ok(Reply::Table(table))) => Some(table),
             Ok(Ok(other)) => {
                 warn!(%from, reply = ?other, "unexpected reply to a table request");
-                false
+                None
             }
             Ok(Err(error)) => {
                 warn!(%from, %error, "undecodable table reply");
-                false
+                None
             }
             Err(error) => {
                 debug!(%from, %error, "table request failed");
-                false
+                None
             }
+        }
+    }
+
+    /// Whether `table` is one this member may serve under: published by the master it follows,
+    /// or by a member that is gone (the previous master died; the new one republishes soon). A
+    /// table published by another live member comes from members that acted as master apart
+    /// (starting together, or a healed network partition) and may be replaced by one that moves
+    /// the partition, dropping what was written under it.
+    pub(crate) fn table_followed(&self, table: &PartitionTable) -> Result<(), String> {
+        let view = self.membership.view();
+        match (&table.master, &view.master) {
+            (Some(publisher), Some(master)) if publisher != master && view.member(publisher).is_some() => Err(format!(
+                "partition table epoch {} was published by {publisher}, not by the master {master}: waiting for \
+                 the master's",
+                table.epoch
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -410,6 +461,7 @@ impl Node {
         if table.epoch == 0 {
             return Err("no partition table yet".into());
         }
+        self.table_followed(&table)?;
         let advertised = self.gossip_tables();
         let newest = advertised.iter().map(|t| t.epoch).max().unwrap_or(0);
         if newest > table.epoch {
@@ -504,6 +556,8 @@ impl Node {
                 let master = self.membership.view().master.clone();
                 if master.as_ref() != Some(from) {
                     debug!(%from, ?master, epoch, "ignored a table pushed by a member that is not our master");
+                } else if self.keeps_own_side(&table) {
+                    debug!(%from, epoch, "kept this side's table over the master's");
                 } else if !self.apply_table(table) {
                     debug!(%from, epoch, "ignored a table that is not newer");
                 }

@@ -161,6 +161,13 @@ impl Node {
             // The caller knows a newer table: catch up before answering for the partition.
             self.spawn_table_refresh();
         }
+        if let Err(reason) = self.table_followed(table) {
+            // Members that acted as master apart for a moment (starting together, or a healed
+            // partition): a write accepted under this table could be dropped when the master's
+            // arrives.
+            self.spawn_table_refresh();
+            return Some(Reply::Retry { reason });
+        }
         if table.owner(p) != Some(&self.local) {
             return Some(Reply::WrongOwner { epoch: table.epoch });
         }
@@ -216,6 +223,7 @@ impl Node {
     pub(crate) async fn finish_write(self: &Arc<Self>, pending: PendingWrite) -> Reply {
         let PendingWrite { partition, map, term, seq, result, acks, _inflight } = pending;
         let mut failures = Vec::new();
+        let asked: Vec<MemberId> = acks.iter().map(|(member, _)| member.clone()).collect();
         for (member, ack) in acks {
             let answer = ack.await.map_err(|e| e.to_string()).and_then(|bytes| {
                 codec::decode::<Reply>(&bytes).map_err(|e| format!("undecodable acknowledgement: {e}"))
@@ -228,6 +236,9 @@ impl Node {
                     Err(format!("it has a newer partition table (epoch {epoch}): the partition moved"))
                 }
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(_) if self.membership.view().member(&member).is_none() => {
+                    self.cover_departed_backup(&member, &asked, partition, &map, term, seq).await
+                }
                 Err(error) => Err(error),
             };
             if let Err(error) = outcome {
@@ -246,6 +257,51 @@ impl Node {
                 failures.join("; ")
             ),
         }
+    }
+
+    /// A synchronous backup of a write left the cluster (it is no longer in the view) before it
+    /// confirmed the write: the master promotes it away. Waits, within `backup_ack_timeout`, for
+    /// the table without it, then makes sure the synchronous backups that table gives the
+    /// partition (other than those `asked` already) hold the write, so the write is acknowledged
+    /// as durable only once it really is.
+    async fn cover_departed_backup(
+        self: &Arc<Self>,
+        departed: &MemberId,
+        asked: &[MemberId],
+        p: u32,
+        map: &str,
+        term: u64,
+        seq: u64,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + self.settings.backup_ack_timeout;
+        let mut tables = self.table_tx.subscribe();
+        let table = loop {
+            let table = tables.borrow_and_update().clone();
+            if !table.row(p).contains(departed) {
+                break table;
+            }
+            match tokio::time::timeout_at(deadline.into(), tables.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("this member is shutting down".into()),
+                Err(_) => {
+                    return Err(format!(
+                        "it left the cluster and no partition table without it arrived within {:?}",
+                        self.settings.backup_ack_timeout
+                    ));
+                }
+            }
+        };
+        if table.owner(p) != Some(&self.local) {
+            return Err(format!("it left the cluster and partition {p} moved to another owner meanwhile"));
+        }
+        let (sync, _) = replica_targets(&table, p, &self.settings.map(map), &[]);
+        for member in sync.iter().filter(|m| !asked.contains(m)) {
+            self.ensure_synced(member, p, map, term, seq)
+                .await
+                .map_err(|e| format!("it left the cluster, and its replacement {member} did not confirm: {e}"))?;
+        }
+        debug!(partition = p, %departed, "a departed synchronous backup was replaced; the write is on its replacement");
+        Ok(())
     }
 
     /// Makes sure `member` holds map partition `(p, map)` at least up to `(term, seq)`: sends a full
