@@ -130,9 +130,15 @@ impl RedisServer {
             .with_context(|| format!("no {field} in INFO {section} of port {}", self.port))
     }
 
+    /// A numeric field of `INFO <section>`.
+    pub async fn info_number(&self, section: &str, field: &str) -> anyhow::Result<u64> {
+        let value = self.info_field(section, field).await?;
+        value.parse().with_context(|| format!("{field} of port {} is not a number: {value:?}", self.port))
+    }
+
     /// `used_memory` (bytes the allocator handed out, as Redis counts them).
     pub async fn used_memory(&self) -> anyhow::Result<u64> {
-        Ok(self.info_field("memory", "used_memory").await?.parse()?)
+        self.info_number("memory", "used_memory").await
     }
 
     /// The number of keys in db 0.
@@ -169,12 +175,23 @@ impl RedisPair {
         }
     }
 
-    /// Waits until the replica acknowledged everything written to the primary so far.
+    /// Waits until the replica has processed everything written to the primary so far: its
+    /// replication offset reaches the primary's. (`WAIT` would not do on a fresh connection: it
+    /// waits only for that connection's own writes.)
     pub async fn wait_replicated(&self) -> anyhow::Result<()> {
-        let mut con = self.primary.connect().await?;
-        let acked: i64 = redis::cmd("WAIT").arg(1).arg(60_000).query_async(&mut con).await?;
-        anyhow::ensure!(acked >= 1, "the replica did not acknowledge the data set within 60 s");
-        Ok(())
+        let target = self.primary.info_number("replication", "master_repl_offset").await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reached = self.replica.info_number("replication", "slave_repl_offset").await?;
+            if reached >= target {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the replica reached replication offset {reached} of the primary's {target} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// `n` clients with a connection each to the primary; `wait`: follow every `SET` with

@@ -66,30 +66,7 @@ fn three_members_on_default_ports_form_a_cluster_survive_a_crash_and_a_leave() {
 #[test]
 fn master_handover_through_the_cli() {
     let cluster = format!("handover-{}", std::process::id());
-    let mut env = FAST_TIMERS.to_vec();
-    env.push(("GRAPEVINE_PORT_AUTO_INCREMENT", "false"));
-    let mut nodes: Vec<Node> = (1..=3u16)
-        .map(|i| {
-            let (port, admin, id) = ((27100 + i).to_string(), (28100 + i).to_string(), format!("h{i}"));
-            let args = [
-                "start",
-                "--cluster-name",
-                &cluster,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--admin-port",
-                &admin,
-                "--node-id",
-                &id,
-                "--members",
-                "127.0.0.1:27101-27103",
-            ];
-            Node::spawn(&id, &args, &env)
-        })
-        .collect();
-    let ports: Vec<u16> = nodes.iter_mut().map(Node::admin_port).collect();
+    let (nodes, ports) = start_three(&cluster, "h", 27100, 28100, FAST_TIMERS);
     assert_eq!(ports, vec![28101, 28102, 28103]);
     let (master, ids) = wait_for_agreement(&ports, 3);
     assert_eq!(ids, vec!["h1", "h2", "h3"]);

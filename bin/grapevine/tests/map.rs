@@ -131,38 +131,14 @@ fn map_entries_survive_a_graceful_leave_and_show_in_stats() {
     let started = Instant::now();
     let cluster = format!("maps-{}", std::process::id());
     let map = "sessions";
-    let mut env = FAST_TIMERS.to_vec();
-    env.push(("GRAPEVINE_PORT_AUTO_INCREMENT", "false"));
-    // One after the other: members started at the same instant can each create a first partition
-    // table, and tables of the same epoch are never reconciled (a map-layer start-up race, not
-    // what this test is about).
-    let mut nodes: Vec<Node> = Vec::new();
-    let mut admins: Vec<u16> = Vec::new();
-    for i in 1..=3u16 {
-        let (port, admin, id) = ((27200 + i).to_string(), (28200 + i).to_string(), format!("m{i}"));
-        let args = [
-            "start",
-            "--cluster-name",
-            &cluster,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--admin-port",
-            &admin,
-            "--node-id",
-            &id,
-            "--members",
-            "127.0.0.1:27201-27203",
-        ];
-        let mut node = Node::spawn(&id, &args, &env);
-        admins.push(node.admin_port());
-        nodes.push(node);
-        wait_for_agreement(&admins, admins.len());
-        for admin in &admins {
-            let health = format!("http://127.0.0.1:{admin}/health");
-            wait_until("every member to be healthy", WAIT, || http_get(&health).filter(|(status, _)| *status == 200));
-        }
+    // Started at the same moment: each may lead for an instant and publish a partition table of
+    // its own before they agree on the master; they must converge on the master's table without
+    // losing writes (the start-up race the chaos tests also cover).
+    let (mut nodes, admins) = start_three(&cluster, "m", 27200, 28200, FAST_TIMERS);
+    wait_for_agreement(&admins, 3);
+    for admin in &admins {
+        let health = format!("http://127.0.0.1:{admin}/health");
+        wait_until("every member to be healthy", WAIT, || http_get(&health).filter(|(status, _)| *status == 200));
     }
     assert_eq!(admins, vec![28201, 28202, 28203]);
     let (n1, n2, n3) = (admins[0], admins[1], admins[2]);

@@ -194,3 +194,43 @@ pub fn clean_stderr(out: &Output) -> String {
     assert!(!stderr.contains("panicked") && !stderr.to_lowercase().contains("backtrace"), "{stderr}");
     stderr
 }
+
+/// Starts three members of `cluster` at once on 127.0.0.1 with fixed ports: data/gossip ports
+/// `port_base + 1..=3`, admin ports `admin_base + 1..=3`, node ids `<prefix>1..3`, each listing the
+/// others; `env` on top of the clean environment (port auto-increment off, so a port in use is an
+/// error rather than another member's port). Returns the nodes and their admin ports, once they
+/// announced them.
+pub fn start_three(
+    cluster: &str,
+    prefix: &str,
+    port_base: u16,
+    admin_base: u16,
+    env: &[(&str, &str)],
+) -> (Vec<Node>, Vec<u16>) {
+    let mut env = env.to_vec();
+    env.push(("GRAPEVINE_PORT_AUTO_INCREMENT", "false"));
+    let members = format!("127.0.0.1:{}-{}", port_base + 1, port_base + 3);
+    let mut nodes: Vec<Node> = (1..=3u16)
+        .map(|i| {
+            let (port, admin, id) = ((port_base + i).to_string(), (admin_base + i).to_string(), format!("{prefix}{i}"));
+            let args = [
+                "start",
+                "--cluster-name",
+                cluster,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--admin-port",
+                &admin,
+                "--node-id",
+                &id,
+                "--members",
+                &members,
+            ];
+            Node::spawn(&id, &args, &env)
+        })
+        .collect();
+    let admins: Vec<u16> = nodes.iter_mut().map(Node::admin_port).collect();
+    (nodes, admins)
+}
