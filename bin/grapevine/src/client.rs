@@ -118,14 +118,7 @@ impl AdminClient {
                 self.agent.put(url).header("content-type", "text/plain; charset=utf-8").send(body.unwrap_or_default())
             }
         };
-        let mut response = response.map_err(|e| self.unreachable(&e))?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(BODY_BYTES_MAX)
-            .read_to_string()
-            .map_err(|e| self.unreachable(&e))?;
+        let (status, text) = self.read(response)?;
         Ok(TextReply { status, text })
     }
 
@@ -135,12 +128,8 @@ impl AdminClient {
         self.parse_json(method.name(), path, reply.status, &reply.text)
     }
 
-    fn reply(
-        &self,
-        method: &str,
-        path: &str,
-        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Reply, String> {
+    /// The status and the body as text (at most `BODY_BYTES_MAX`) of a reply.
+    fn read(&self, response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<(u16, String), String> {
         let mut response = response.map_err(|e| self.unreachable(&e))?;
         let status = response.status().as_u16();
         let text = response
@@ -149,6 +138,16 @@ impl AdminClient {
             .limit(BODY_BYTES_MAX)
             .read_to_string()
             .map_err(|e| self.unreachable(&e))?;
+        Ok((status, text))
+    }
+
+    fn reply(
+        &self,
+        method: &str,
+        path: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Reply, String> {
+        let (status, text) = self.read(response)?;
         let body = self.parse_json(method, path, status, &text)?;
         Ok(Reply { status, body })
     }

@@ -198,6 +198,18 @@ fn string_map(cluster: &Cluster, name: &str) -> Result<DistributedMap<String, St
     cluster.map::<String, String>(name)
 }
 
+/// The map and key an entry route names, or the response that says why not (a bad path, the
+/// member stopping, a bad map name).
+fn entry_target(
+    state: &AdminState,
+    path: EntryPath,
+) -> Result<(DistributedMap<String, String>, String, String), Box<Response>> {
+    let Path((name, key)) = path.map_err(|r| Box::new(path_error(r)))?;
+    let cluster = state.cluster.upgrade().ok_or_else(|| Box::new(gone()))?;
+    let map = string_map(&cluster, &name).map_err(|e| Box::new(map_error(e)))?;
+    Ok((map, name, key))
+}
+
 /// A map error as a response: the full message, with a status that tells retryable from not.
 fn map_error(e: MapError) -> Response {
     // Exhaustive on purpose: a new variant must get its status decided here.
@@ -286,14 +298,9 @@ async fn map_put(
 
 /// `GET /maps/{map}/entries/{key}`: the value as text, or 404.
 async fn map_get(State(state): State<AdminState>, path: EntryPath) -> Response {
-    let Path((name, key)) = match path {
-        Ok(path) => path,
-        Err(rejection) => return path_error(rejection),
-    };
-    let Some(cluster) = state.cluster.upgrade() else { return gone() };
-    let map = match string_map(&cluster, &name) {
-        Ok(map) => map,
-        Err(e) => return map_error(e),
+    let (map, name, key) = match entry_target(&state, path) {
+        Ok(target) => target,
+        Err(response) => return *response,
     };
     match map.get(&key).await {
         // A `String` answers `text/plain; charset=utf-8`.
@@ -305,14 +312,9 @@ async fn map_get(State(state): State<AdminState>, path: EntryPath) -> Response {
 
 /// `DELETE /maps/{map}/entries/{key}`.
 async fn map_remove(State(state): State<AdminState>, path: EntryPath) -> Response {
-    let Path((name, key)) = match path {
-        Ok(path) => path,
-        Err(rejection) => return path_error(rejection),
-    };
-    let Some(cluster) = state.cluster.upgrade() else { return gone() };
-    let map = match string_map(&cluster, &name) {
-        Ok(map) => map,
-        Err(e) => return map_error(e),
+    let (map, _, key) = match entry_target(&state, path) {
+        Ok(target) => target,
+        Err(response) => return *response,
     };
     map.remove(&key).await.map_or_else(map_error, previous)
 }
