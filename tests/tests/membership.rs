@@ -10,7 +10,8 @@ async fn three_members_form_one_cluster_and_agree_on_the_master() {
     let oldest = cluster.member(0).local().clone();
     for member in &cluster.members {
         assert_eq!(member.view().master.as_ref(), Some(&oldest));
-        assert!(member.health().healthy);
+        // Agreeing on the master comes before holding its partition table.
+        wait_until("the member to be healthy", WAIT, || member.health().healthy).await;
         let stats = member.stats().await;
         assert_eq!(stats.members.len(), 3);
         assert_eq!(stats.master.as_deref(), Some(&*oldest.node_id));

@@ -203,6 +203,57 @@ fn a_member_that_stops_sending_is_declared_dead_and_rejoins_when_healed() {
     lab.heal_and_check(1, &master, &keys);
 }
 
+/// The first schedule: only the master's outbound traffic is cut. It still hears the
+/// others (their heartbeats ride in their gossip requests), so it keeps its view and its table,
+/// while they declare it dead and carry on without it. 150 changes (overwrites and removes) are
+/// acknowledged by the other two during the cut; after the heal the master, the oldest member,
+/// leads again and must adopt what they did instead of imposing its stale table.
+#[test]
+fn changes_acknowledged_while_the_master_cannot_send_survive_the_heal() {
+    let Some(lab) = Lab::create("mastersend", 'h', 7) else { return };
+    let master = lab.start_all();
+    lab.wait_healthy(&[0, 1, 2]);
+    let keys = lab.write_keys(&[0, 1, 2], 0..150, "before");
+
+    lab.cut(0, &[1, 2], Cut::OutboundOnly);
+    assert_ne!(lab.wait_view(&[1, 2], &["n2", "n3"]), master);
+    lab.wait_healthy(&[1, 2]);
+    let expected = lab.change_keys(&[1, 2], &keys, "during");
+
+    lab.heal(0);
+    assert_eq!(lab.wait_view(&[0, 1, 2], &["n1", "n2", "n3"]), master, "the oldest member leads again");
+    lab.wait_healthy(&[0, 1, 2]);
+    lab.check_changes(&[0, 1, 2], &expected);
+    lab.wait_table_settled(&[0, 1, 2]);
+    lab.check_changes(&[0, 1, 2], &expected);
+    lab.assert_all_running();
+}
+
+/// The second schedule: only a member's (not the master's) outbound traffic is cut; the
+/// other two acknowledge 150 changes meanwhile, which must survive the heal. (The cut-off member
+/// owned partitions and kept talking to its former backups' ports: its anti-entropy must not
+/// overwrite their newer data.)
+#[test]
+fn changes_acknowledged_while_a_member_cannot_send_survive_the_heal() {
+    let Some(lab) = Lab::create("membersend", 'i', 8) else { return };
+    let master = lab.start_all();
+    lab.wait_healthy(&[0, 1, 2]);
+    let keys = lab.write_keys(&[0, 1, 2], 0..150, "before");
+
+    lab.cut(1, &[0, 2], Cut::OutboundOnly);
+    assert_eq!(lab.wait_view(&[0, 2], &["n1", "n3"]), master);
+    lab.wait_healthy(&[0, 2]);
+    let expected = lab.change_keys(&[0, 2], &keys, "during");
+
+    lab.heal(1);
+    assert_eq!(lab.wait_view(&[0, 1, 2], &["n1", "n2", "n3"]), master);
+    lab.wait_healthy(&[0, 1, 2]);
+    lab.check_changes(&[0, 1, 2], &expected);
+    lab.wait_table_settled(&[0, 1, 2]);
+    lab.check_changes(&[0, 1, 2], &expected);
+    lab.assert_all_running();
+}
+
 /// The other one-way cut: n3 (not the master) stops receiving from its peers but still sends.
 /// It hears nothing and sees itself alone (what n1 and n2 see depends on whether they take its
 /// one-way gossip as a sign of life); nothing crashes; after the heal the cluster re-forms, every
@@ -636,6 +687,73 @@ impl Lab {
         written
     }
 
+    /// Changes every key of `keys` through `via`, round-robin, every acknowledged: one in three is
+    /// removed, the others get the value `<label>-<n>`. Returns what each key must hold afterwards
+    /// (`None`: absent).
+    fn change_keys(&self, via: &[usize], keys: &[(String, String)], label: &str) -> Vec<(String, Option<String>)> {
+        let started = Instant::now();
+        let mut expected = Vec::new();
+        for (k, (key, _)) in keys.iter().enumerate() {
+            let i = via[k % via.len()];
+            let url = self.url(i, &format!("/maps/{MAP}/entries/{key}"));
+            let (status, body) = if k % 3 == 0 {
+                request(&self.data, "DELETE", &url, None)
+            } else {
+                request(&self.data, "PUT", &url, Some(&format!("{label}-{k}")))
+            }
+            .unwrap_or_else(|e| panic!("changing {key} through {}: {e}", self.node_id(i)));
+            assert_eq!(status, 200, "changing {key} through {}: {body}", self.node_id(i));
+            expected.push((key.clone(), (k % 3 != 0).then(|| format!("{label}-{k}"))));
+        }
+        eprintln!(
+            "chaos test {}: {} changes ({label}) acknowledged through {:?} in {:?}",
+            self.test,
+            expected.len(),
+            via.iter().map(|i| self.node_id(*i)).collect::<Vec<_>>(),
+            started.elapsed()
+        );
+        expected
+    }
+
+    /// Reads every key of `expected` through each member of `nodes` and checks it holds the
+    /// expected value or is absent, and the map's size; reports every member's lost changes.
+    fn check_changes(&self, nodes: &[usize], expected: &[(String, Option<String>)]) {
+        let mut problems = Vec::new();
+        let present = expected.iter().filter(|(_, v)| v.is_some()).count();
+        for &i in nodes {
+            let who = self.node_id(i);
+            let mut lost = Vec::new();
+            for (key, value) in expected {
+                let url = self.url(i, &format!("/maps/{MAP}/entries/{key}"));
+                match (request(&self.data, "GET", &url, None), value) {
+                    (Ok((200, body)), Some(v)) if body == *v => {}
+                    (Ok((404, _)), None) => {}
+                    (Ok((status, body)), _) => lost.push(format!("{key}: expected {value:?}, got {status} {body}")),
+                    (Err(e), _) => lost.push(format!("{key}: {e}")),
+                }
+            }
+            if !lost.is_empty() {
+                problems.push(format!(
+                    "{} of {} acknowledged changes are lost through {who}; the first ones:\n  {}",
+                    lost.len(),
+                    expected.len(),
+                    lost.iter().take(5).cloned().collect::<Vec<_>>().join("\n  ")
+                ));
+            }
+            let url = self.url(i, &format!("/maps/{MAP}/size"));
+            match request(&self.data, "GET", &url, None) {
+                Ok((200, body)) => {
+                    let reply: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    if reply["size"].as_u64() != Some(present as u64) {
+                        problems.push(format!("size through {who}: expected {present}, got {body}"));
+                    }
+                }
+                other => problems.push(format!("size through {who}: {other:?}")),
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
     /// Reads every key through each member of `nodes`: each must be there with its value; with
     /// `size`, the map's size through each must be the number of keys. Checks every member before
     /// failing, so that the message says which ones are wrong.
@@ -790,6 +908,7 @@ fn agent(timeout: Duration) -> ureq::Agent {
 fn request(agent: &ureq::Agent, method: &str, url: &str, body: Option<&str>) -> Result<(u16, String), String> {
     let response = match (method, body) {
         ("GET", None) => agent.get(url).call(),
+        ("DELETE", None) => agent.delete(url).call(),
         ("PUT", Some(body)) => agent.put(url).send(body),
         _ => unreachable!("{method} with body {body:?}"),
     };

@@ -34,8 +34,9 @@ fn three_members_on_default_ports_form_a_cluster_survive_a_crash_and_a_leave() {
     assert_eq!(status, 200);
     let members_line = metrics.lines().find(|l| l.starts_with("grapevine_members{")).unwrap();
     assert!(members_line.contains(&format!("cluster=\"{cluster}\"")) && members_line.ends_with(" 3"), "{metrics}");
-    let (status, _) = http_get(&format!("http://127.0.0.1:{}/health", ports[2])).unwrap();
-    assert_eq!(status, 200);
+    // Members agree on the master before they all hold its partition table: wait for it.
+    let health = format!("http://127.0.0.1:{}/health", ports[2]);
+    wait_until("/health to answer 200", WAIT, || http_get(&health).filter(|(status, _)| *status == 200));
 
     // A crash (SIGKILL) of the master: the other two see it dead and agree on a new master.
     let index_of = |stats_master: &str, ports: &[u16]| {

@@ -285,6 +285,9 @@ impl Cluster {
         net_config.connect_timeout = Duration::from_millis(config.net.connect_timeout_ms);
         net_config.outbound_ports =
             config.outbound_ports().map_err(|message| ConfigError { key: "net.outbound_ports".into(), message })?;
+        // Idle peers are pinged once a gossip interval, so that the data plane knows every peer's
+        // reachability (see `reachability_reports`).
+        net_config.ping_interval = Some(config.gossip_interval());
         let net = Net::start(net_config, data_listener);
         let maps = Arc::new(MapService::start(net.clone(), membership.clone(), config.map_settings()));
 
@@ -303,6 +306,11 @@ impl Cluster {
             }),
         };
         cluster.inner.tasks.spawn(peer_directory(
+            cluster.inner.membership.clone(),
+            cluster.inner.net.clone(),
+            cluster.inner.cancel.clone(),
+        ));
+        cluster.inner.tasks.spawn(reachability_reports(
             cluster.inner.membership.clone(),
             cluster.inner.net.clone(),
             cluster.inner.cancel.clone(),
@@ -620,6 +628,39 @@ async fn peer_directory(membership: Membership, net: Net, cancel: CancellationTo
             changed = views.changed() => if changed.is_err() { return },
             _ = cancel.cancelled() => return,
         }
+    }
+}
+
+/// Publishes, twice a gossip interval, what the data plane knows of the members in the view:
+/// those it has heard nothing from for the failure-detection time although gossip says they are
+/// alive (a data-plane-only cut: the membership layer excludes them from ownership when the
+/// reports say so), and those whose data port refuses connections (their process is gone: they
+/// are declared dead as soon as their heartbeat is silent too, well before gossip's failure
+/// detector would).
+async fn reachability_reports(membership: Membership, net: Net, cancel: CancellationToken) {
+    let detection = membership.config().failure_detection_time();
+    let mut tick = tokio::time::interval(membership.config().gossip_interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            _ = cancel.cancelled() => return,
+        }
+        let view = membership.view();
+        let mut unreachable = Vec::new();
+        let mut gone = Vec::new();
+        for peer in net.reachability() {
+            if view.member(&peer.member).is_none() {
+                continue;
+            }
+            if peer.refused_for.is_some() {
+                gone.push(peer.member.clone());
+            }
+            if peer.silent_for >= detection {
+                unreachable.push(peer.member);
+            }
+        }
+        membership.report_data_plane(unreachable, gone).await;
     }
 }
 

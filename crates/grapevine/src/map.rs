@@ -120,6 +120,16 @@ where
         self.decode_opt("value", old)
     }
 
+    /// Like [`DistributedMap::put_if_absent`], with the entry's expiry (only used when the key was
+    /// absent and the entry is written).
+    pub async fn put_if_absent_with(&self, key: &K, value: &V, expiry: Expiry) -> Result<Option<V>, MapError> {
+        let old = self
+            .service
+            .put_if_absent(&self.name, self.encode("key", key)?, self.encode("value", value)?, Some(expiry))
+            .await?;
+        self.decode_opt("value", old)
+    }
+
     /// Sets `key` only if it is present; returns the previous value (`None`: nothing changed).
     pub async fn replace(&self, key: &K, value: &V) -> Result<Option<V>, MapError> {
         let old = self.service.replace(&self.name, self.encode("key", key)?, self.encode("value", value)?).await?;

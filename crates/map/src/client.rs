@@ -40,13 +40,13 @@ impl Node {
 
     /// Waits a little before a retry: until the table changes or `delay` passes.
     async fn pause(&self, delay: Duration, deadline: Instant) {
-        let mut rx = self.table_tx.subscribe();
+        let mut rx = self.tables.tx.subscribe();
         let delay = delay.min(deadline.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(delay, rx.changed()).await;
     }
 
     /// After a `WrongOwner`: if the answering member has a newer table, take it from there.
-    async fn catch_up(&self, from: &MemberId, their_epoch: u64) {
+    async fn catch_up(self: &Arc<Self>, from: &MemberId, their_epoch: u64) {
         if their_epoch > self.table().epoch {
             self.fetch_table(from).await;
         }

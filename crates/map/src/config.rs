@@ -36,6 +36,11 @@ impl MapConfig {
         1 + usize::from(self.backup_count) + usize::from(self.async_backup_count)
     }
 
+    /// Replicas that hold every acknowledged write: the owner and the synchronous backups.
+    pub fn durable_replicas(&self) -> usize {
+        1 + usize::from(self.backup_count)
+    }
+
     /// Clamps backup counts to [`BACKUP_COUNT_MAX`]; returns a warning for each clamped value.
     pub fn clamp(&mut self, map: &str) -> Vec<String> {
         let mut warnings = Vec::new();

@@ -18,18 +18,23 @@
 pub mod assign;
 mod client;
 pub mod config;
+mod copy;
 mod error;
+mod fence;
 pub mod hash;
+mod lineage;
+mod listeners;
 mod master;
 mod messages;
+mod migration;
 mod node;
 mod owner;
 mod record;
 mod replica;
-mod sides;
 mod stats;
 mod store;
 pub mod table;
+mod tables;
 mod tasks;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,8 +50,9 @@ use tracing::{info, warn};
 pub use config::{BACKUP_COUNT_MAX, MapConfig, MapSettings};
 pub use error::MapError;
 pub use messages::{EntryEventKind, LocalMapStats, LocalStats, RawEntryEvent};
+pub use node::PartitionLost;
 pub use record::{Expiry, Record};
-pub use table::PartitionTable;
+pub use table::{PartitionTable, TableId};
 
 use messages::{Msg, MultiOp, Op, OpResult, PutMode, Reply};
 use node::{MAP_SERVICE, MapHandler, Node};
@@ -97,6 +103,7 @@ impl MapService {
         let node = Node::new(local, net.clone(), membership, settings);
         net.register(MAP_SERVICE, Arc::new(MapHandler { node: Arc::downgrade(&node) }));
         node.tasks.spawn(master::master_loop(node.clone()));
+        node.tasks.spawn(tables::refresh_loop(node.clone()));
         node.tasks.spawn(tasks::follow_loop(node.clone()));
         node.tasks.spawn(tasks::anti_entropy_loop(node.clone()));
         node.tasks.spawn(tasks::sweep_loop(node.clone()));
@@ -206,7 +213,7 @@ impl MapService {
     /// `timeout` passes; then returns the status.
     pub async fn wait_table_current(&self, timeout: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut tables = self.node.table_tx.subscribe();
+        let mut tables = self.node.tables.tx.subscribe();
         let mut views = self.node.membership.watch();
         loop {
             let status = self.node.table_status();
@@ -219,6 +226,13 @@ impl MapService {
                 _ = tokio::time::sleep_until(deadline) => return self.node.table_status(),
             }
         }
+    }
+
+    /// Partitions that lost every replica of some map at once, as this member learns of them (from
+    /// now on; the master also logs each as an error). The channel is bounded; a slow receiver
+    /// gets `Lagged`. The count since start is in [`LocalStats::partitions_lost`].
+    pub fn partition_losses(&self) -> broadcast::Receiver<PartitionLost> {
+        self.node.losses.subscribe()
     }
 
     /// This member's statistics.
@@ -286,7 +300,7 @@ impl MapService {
             return false;
         }
         let view = node.membership.view();
-        let active: Vec<MemberId> = view.active_members().map(|m| m.id.clone()).collect();
+        let active: Vec<MemberId> = view.eligible_members().map(|m| m.id.clone()).collect();
         if active.is_empty() {
             return false;
         }
@@ -297,7 +311,10 @@ impl MapService {
         if node.master.lock().unwrap().migrating() > 0 {
             return false;
         }
-        table.owned_by(&node.local).all(|p| !node.slot(p).data.lock().unwrap().unconfirmed)
+        table.owned_by(&node.local).all(|p| {
+            let data = node.slot(p).data.lock().unwrap();
+            !data.unconfirmed && !data.starting && data.fenced.is_none()
+        })
     }
 
     /// For a graceful shutdown, after this member announced it is leaving: waits until the master
@@ -306,7 +323,7 @@ impl MapService {
     pub async fn wait_handoff(&self, timeout: Duration) -> Result<(), String> {
         let node = &self.node;
         let deadline = Instant::now() + timeout;
-        let mut tables = node.table_tx.subscribe();
+        let mut tables = node.tables.tx.subscribe();
         loop {
             let view = node.membership.view();
             if view.active_members().all(|m| m.id == node.local) {

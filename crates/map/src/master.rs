@@ -1,6 +1,14 @@
-//! The master's partition work: recover the newest table when this member becomes master, promote
-//! backups at once when members die, and migrate partitions toward the balanced plan: a few at a
-//! time, each committed as soon as its owner reports the new replicas ready.
+//! The master's partition work: when this member becomes master, collect every member's table and
+//! adopt the newest history ([`crate::lineage`]); promote backups at once when members die, and say
+//! so when a partition lost every replica of a map; and migrate partitions toward the balanced
+//! plan, a few at a time, each attempt with an id, each committed as soon as its owner reports
+//! the new replicas ready.
+//!
+//! The master only ever publishes a table derived from the one it holds, and it holds a table only
+//! once the lineage rule chose it over every table other members advertise. So it never hands a
+//! partition back to an owner whose term was superseded: a master that was cut off one way leads
+//! again after the heal (it is the oldest member), but adopts the history the others made without
+//! it before it publishes anything.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -8,43 +16,35 @@ use std::time::{Duration, Instant};
 
 use grapevine_membership::{ClusterView, MemberId};
 use grapevine_net::codec;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::assign::{REPLICAS_MAX, plan, promote};
-use crate::messages::{Msg, Reply};
+use crate::assign::{REPLICAS_MAX, Row, plan, promote};
+use crate::lineage;
+use crate::messages::{MigrationId, Msg, Reply};
 use crate::node::{MAP_SERVICE, Node};
-use crate::sides;
-use crate::table::PartitionTable;
+use crate::table::{PartitionTable, TableId};
+
+/// How long the master waits for members' tables when it takes over.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Master-side bookkeeping; reset whenever this member stops being master.
 #[derive(Debug, Default)]
 pub(crate) struct MasterState {
     /// True once this member, as master, has collected the newest table and republished it.
     recovered: bool,
-    /// Migrations under way: partition → (row it started from, row it leads to, start time, ready).
+    /// Migrations under way, per partition.
     inflight: HashMap<u32, Migration>,
     /// Partitions whose last migration failed, not retried before the instant.
     backoff: HashMap<u32, Instant>,
-    /// Tables of other publishers found to be of this master's lineage by [`Node::merge_sides`]:
-    /// (publisher, epoch) → when (re-examined after a second, as liveness may have changed).
-    examined: HashMap<(String, u64), Instant>,
-    /// Tables of another side this master kept its own table over, already logged.
-    kept_over: HashSet<(String, u64)>,
-}
-
-/// What [`Node::merge_sides`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Merge {
-    /// No table from another side.
-    None,
-    /// This master adopted another side's table.
-    Adopted,
-    /// Members still follow another side's table, which lost.
-    Pending,
+    /// Losing sides already logged.
+    logged_losers: HashSet<TableId>,
+    /// Numbers migration attempts.
+    next_attempt: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Migration {
+    id: MigrationId,
     old_row: Vec<MemberId>,
     new_row: Vec<MemberId>,
     started: Instant,
@@ -56,6 +56,19 @@ impl MasterState {
     pub(crate) fn migrating(&self) -> usize {
         self.inflight.len()
     }
+}
+
+/// What [`Node::resolve_tables`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolved {
+    /// Every member holds this master's table or an ancestor of it.
+    Settled,
+    /// This master published a table that settles the difference (adopting another side's table,
+    /// or superseding tables that lost).
+    Published,
+    /// A member holds another table and did not answer: nothing is decided yet, and no migration
+    /// starts meanwhile, as copying could overwrite that member's data before it has switched.
+    Pending,
 }
 
 /// Drives the master's work while this member is master.
@@ -88,66 +101,121 @@ pub(crate) async fn master_loop(node: Arc<Node>) {
 }
 
 impl Node {
-    /// This member just became master: adopt the newest table any member holds (the previous
-    /// master may have committed one that not everyone received), then republish it under a new
-    /// epoch so every member follows this master.
+    /// This member just became master: ask every member for its table and keep the winning side's
+    /// (the previous master may have committed a table not everyone received, and members that
+    /// acted as master apart come back with their own), then republish it under a new epoch so
+    /// every member follows this master.
     async fn recover_as_master(self: &Arc<Self>, view: &ClusterView) {
-        let mut epochs = self.gossip_epochs();
-        epochs.sort_by_key(|(_, e)| std::cmp::Reverse(*e));
-        for (member, epoch) in &epochs {
-            if *epoch > self.table().epoch {
-                // Adopt a newer table only from this member's own lineage: one that includes this
-                // member, or whose publisher is gone (the previous master died before every member
-                // received its last commit). A newer table published by a live member that left
-                // this member out comes from the other side of a healed network partition: its
-                // rows would make this side drop its data, so it is outbid instead (below).
-                let local = self.local.clone();
-                self.fetch_table_if(member, |table| {
-                    table.holds_any(&local) || table.master.as_ref().is_none_or(|m| view.member(m).is_none())
-                })
-                .await;
-            }
-        }
+        let (held, _complete) = self.collect_tables(view).await;
+        let superseded = self.decide(&held);
         let table = self.table();
-        let active: Vec<MemberId> = view.active_members().map(|m| m.id.clone()).collect();
+        let active: Vec<MemberId> = view.eligible_members().map(|m| m.id.clone()).collect();
         if table.epoch == 0 {
             if active.is_empty() {
                 return;
             }
             // The first table: nobody holds data yet, so no migration is needed.
-            let replicas = active.len().min(REPLICAS_MAX);
-            let rows = plan(&table.rows, &active, replicas);
+            let rows = plan(&table.rows, &active, active.len().min(REPLICAS_MAX));
             info!(members = active.len(), partitions = rows.len(), "creating the first partition table");
-            self.commit(rows);
+            self.commit_superseding(rows, &superseded);
         } else {
-            info!(epoch = table.epoch, "taking over the partition table as master");
-            self.commit(table.rows.clone());
+            info!(table = %table.id(), "taking over the partition table as master");
+            self.commit_superseding(table.rows.clone(), &superseded);
         }
         self.master.lock().unwrap().recovered = true;
     }
 
-    /// Publishes `rows` as the next table: applies it here and pushes it to every member.
-    pub(crate) fn commit(self: &Arc<Self>, rows: Vec<Vec<MemberId>>) {
+    /// Asks every eligible member (active, not excluded) for the table it holds (this one
+    /// included). Also returns whether every one of them answered.
+    async fn collect_tables(self: &Arc<Self>, view: &ClusterView) -> (Vec<(MemberId, PartitionTable)>, bool) {
+        let mut requests = tokio::task::JoinSet::new();
+        for member in view.eligible_members().map(|m| m.id.clone()).filter(|m| *m != self.local) {
+            let node = self.clone();
+            requests.spawn(async move {
+                let table = tokio::time::timeout(RECOVERY_TIMEOUT, node.request_table(&member)).await.ok().flatten();
+                (member, table)
+            });
+        }
+        let mut held = vec![(self.local.clone(), (*self.table()).clone())];
+        let mut complete = true;
+        while let Some(joined) = requests.join_next().await {
+            match joined {
+                Ok((member, Some(table))) => held.push((member, table)),
+                _ => complete = false,
+            }
+        }
+        (held, complete)
+    }
+
+    /// Groups the members by the tables they hold into sides ([`lineage::sides`]), adopts the
+    /// winning side's table if it is not this master's, and returns the tables held that the
+    /// result does not descend from: the next table must supersede them.
+    fn decide(self: &Arc<Self>, held: &[(MemberId, PartitionTable)]) -> Vec<PartitionTable> {
+        let refs: Vec<(MemberId, &PartitionTable)> = held.iter().map(|(m, t)| (m.clone(), t)).collect();
+        let Some(found) = lineage::sides(&refs) else { return Vec::new() };
+        let current = self.table();
+        if found.winner != current.id()
+            && let Some((_, winner)) = held.iter().find(|(_, t)| t.id() == found.winner)
+        {
+            info!(ours = %current.id(), winner = %found.winner, members = ?found.sides[&found.winner], "adopting the partition table of the larger side");
+            self.abort_all_migrations();
+            self.apply_table(winner.clone());
+        }
+        let current = self.table();
+        let mut logged = self.master.lock().unwrap();
+        for (id, members) in &found.sides {
+            if *id != found.winner && logged.logged_losers.insert(id.clone()) {
+                warn!(
+                    winner = %found.winner,
+                    winning_side = ?found.sides[&found.winner],
+                    losing = %id,
+                    losing_side = ?members,
+                    "members that acted as master apart meet again (a healed network split or one-way cut, or \
+                     members started together): the larger side's partition table wins; entries written only on \
+                     the other side meanwhile are discarded"
+                );
+            }
+        }
+        drop(logged);
+        let mut superseded: Vec<PartitionTable> = Vec::new();
+        for (_, table) in held {
+            if !current.descends_from(&table.id()) && !superseded.iter().any(|t| t.id() == table.id()) {
+                superseded.push(table.clone());
+            }
+        }
+        superseded
+    }
+
+    /// Publishes `rows` as the next table, derived from the one held: applies it here and pushes
+    /// it to every member.
+    pub(crate) fn commit(self: &Arc<Self>, rows: Vec<Row>) {
+        self.commit_superseding(rows, &[]);
+    }
+
+    /// Like [`Node::commit`], the new table also counting `superseded` as ancestors, so that the
+    /// members holding them apply it.
+    fn commit_superseding(self: &Arc<Self>, rows: Vec<Row>, superseded: &[PartitionTable]) {
         let current = self.table();
         let newest_seen = self.gossip_epochs().into_iter().map(|(_, e)| e).max().unwrap_or(0);
-        let table =
-            PartitionTable { epoch: current.epoch.max(newest_seen) + 1, master: Some(self.local.clone()), rows };
-        table.assert_valid();
-        let epoch = table.epoch;
+        let newest_held = superseded.iter().map(|t| t.epoch).max().unwrap_or(0);
+        let epoch = current.epoch.max(newest_seen).max(newest_held) + 1;
+        let refs: Vec<&PartitionTable> = superseded.iter().collect();
+        let table = current.successor_superseding(&self.local, epoch, rows, &refs);
+        let id = table.id();
         let msg = Node::encode(&Msg::TablePush { table: table.clone() });
-        assert!(self.apply_table(table), "a freshly committed table is always newer");
+        assert!(self.apply_table(table), "a freshly committed table is always valid and new");
         for member in self.view_members() {
             if member == self.local {
                 continue;
             }
             let node = self.clone();
             let ack = self.net.request(&member, MAP_SERVICE, msg.clone(), Duration::from_secs(5));
+            let id = id.clone();
             self.tasks.spawn(async move {
                 match ack.await.map(|b| codec::decode::<Reply>(&b)) {
-                    Ok(Ok(Reply::TableAck { epoch: theirs })) if theirs > epoch => {
-                        // Someone holds a newer table than this master: recover again.
-                        warn!(%member, theirs, ours = epoch, "a member has a newer partition table; re-synchronising");
-                        node.master.lock().unwrap().recovered = false;
+                    Ok(Ok(Reply::TableAck { table })) if table != id => {
+                        // It keeps another table: examine it on the next round.
+                        debug!(%member, theirs = %table, ours = %id, "a member kept another partition table");
                         node.master_wakeup.notify_one();
                     }
                     Ok(_) => {}
@@ -155,14 +223,18 @@ impl Node {
                 }
             });
         }
-        debug!(epoch, "partition table committed");
+        debug!(table = %id, "partition table committed");
     }
 
     /// One round of the master's work.
     async fn master_step(self: &Arc<Self>, view: &ClusterView) {
         let table = self.table();
-        let live: BTreeSet<MemberId> = view.members.iter().map(|m| m.id.clone()).collect();
-        let active: Vec<MemberId> = view.active_members().map(|m| m.id.clone()).collect();
+        // Members that may keep replicas: every member in the view (joining and leaving ones
+        // too: a leaving member hands its data over first) but those excluded because others
+        // cannot reach them over the data plane.
+        let live: BTreeSet<MemberId> =
+            view.members.iter().map(|m| m.id.clone()).filter(|m| !view.is_excluded(m)).collect();
+        let active: Vec<MemberId> = view.eligible_members().map(|m| m.id.clone()).collect();
         if table.epoch == 0 {
             if !active.is_empty() {
                 self.master.lock().unwrap().recovered = false;
@@ -173,58 +245,110 @@ impl Node {
 
         // 1. Members gone: promote their backups at once, before any data moves.
         if table.rows.iter().any(|row| row.iter().any(|m| !live.contains(m))) {
-            let rows = promote(&table.rows, &live);
-            let lost: Vec<usize> = rows
-                .iter()
-                .enumerate()
-                .filter(|(p, row)| row.is_empty() && !table.rows[*p].is_empty())
-                .map(|(p, _)| p)
-                .collect();
-            if !lost.is_empty() {
-                error!(
-                    partitions = ?lost,
-                    "every replica of {} partition(s) is gone: their entries are lost (raise backup_count to survive \
-                     losing more members at once)",
-                    lost.len()
-                );
-            }
-            let dropped: Vec<(u32, Migration)> = {
-                let mut state = self.master.lock().unwrap();
-                let dropped = state
-                    .inflight
-                    .iter()
-                    .filter(|(_, m)| !m.old_row.iter().chain(&m.new_row).all(|x| live.contains(x)))
-                    .map(|(p, m)| (*p, m.clone()))
-                    .collect::<Vec<_>>();
-                for (p, _) in &dropped {
-                    state.inflight.remove(p);
-                }
-                dropped
-            };
-            info!(epoch = table.epoch + 1, "promoting backups of departed members");
-            self.commit(rows);
-            for (p, migration) in dropped {
-                self.abort_remote(p, &migration);
-            }
+            self.promote_departed(&table, &live);
         }
 
-        // The other side of a healed network partition: the larger side keeps its data.
-        let merge = self.merge_sides(view).await;
-        if merge == Merge::Adopted {
+        // 2. Tables other members hold that are not ancestors of ours: decide which side wins.
+        let resolved = self.resolve_tables(view).await;
+        if resolved == Resolved::Published {
             return;
         }
-
-        // A member advertising a table of this epoch or newer that this master did not publish
-        // followed another master meanwhile (two members acting as master at once while starting
-        // together, or the other side of a healed partition): republish so everyone converges.
+        // A member advertising a newer epoch than ours (one that lost to ours, or members that
+        // acted as master at the same moment): republish, so ours is the newest epoch everyone sees.
         let table = self.table();
-        let local = self.local.to_string();
-        if let Some(rival) = self.gossip_tables().into_iter().find(|t| t.epoch >= table.epoch && t.publisher != local) {
-            info!(member = %rival.member, epoch = rival.epoch, publisher = %rival.publisher, "a member follows another table; republishing");
+        if self.gossip_tables().iter().any(|t| t.table.epoch > table.epoch) {
+            debug!(table = %table.id(), "a member advertises a newer epoch; republishing");
             self.commit(table.rows.clone());
         }
 
-        // 2. Commit migrations whose replicas are ready, if their partition did not change since.
+        // 3. Commit migrations whose replicas are ready, if their partition did not change since.
+        self.commit_ready_migrations();
+
+        // 4. Start migrations toward the balanced plan.
+        if active.is_empty() || resolved == Resolved::Pending {
+            return;
+        }
+        self.start_migrations(&active);
+    }
+
+    /// Removes departed members from every row (their first surviving replica takes over), reports
+    /// partitions that lost every replica of some map, and drops migrations that involved them.
+    fn promote_departed(self: &Arc<Self>, table: &PartitionTable, live: &BTreeSet<MemberId>) {
+        let rows = promote(&table.rows, live);
+        let least_durable = self
+            .settings
+            .maps
+            .values()
+            .map(|c| c.durable_replicas())
+            .chain(std::iter::once(self.settings.map("default").durable_replicas()))
+            .min()
+            .unwrap_or(1);
+        let mut losses = Vec::new();
+        for (p, row) in table.rows.iter().enumerate() {
+            let lost = row.iter().take_while(|m| !live.contains(*m)).count();
+            if lost >= least_durable {
+                losses.push((p as u32, lost.min(usize::from(u8::MAX)) as u8));
+            }
+        }
+        let dropped: Vec<(u32, Migration)> = {
+            let mut state = self.master.lock().unwrap();
+            let dropped: Vec<(u32, Migration)> = state
+                .inflight
+                .iter()
+                .filter(|(_, m)| !m.old_row.iter().chain(&m.new_row).all(|x| live.contains(x)))
+                .map(|(p, m)| (*p, m.clone()))
+                .collect();
+            for (p, _) in &dropped {
+                state.inflight.remove(p);
+            }
+            dropped
+        };
+        info!(table = %table.id(), "promoting backups of departed members");
+        self.commit(rows);
+        let id = self.table().id();
+        for (p, lost_replicas) in losses {
+            self.on_partition_lost(p, lost_replicas, true);
+            let msg = Node::encode(&Msg::PartitionLost { table: id.clone(), partition: p, lost_replicas });
+            for member in self.view_members().into_iter().filter(|m| *m != self.local) {
+                let _ = self.net.send(&member, MAP_SERVICE, msg.clone());
+            }
+        }
+        for (p, migration) in dropped {
+            self.abort_remote(p, &migration);
+        }
+    }
+
+    /// When some active member advertises a table that is neither this master's nor one of its
+    /// ancestors, asks every active member for its table and settles the difference
+    /// ([`Node::decide`]). Decides only when every one of them answered.
+    async fn resolve_tables(self: &Arc<Self>, view: &ClusterView) -> Resolved {
+        let ours = self.table();
+        let differs = self.gossip_tables().into_iter().any(|advertised| {
+            view.eligible_members().any(|m| m.id == advertised.member)
+                && advertised.table != ours.id()
+                && !ours.descends_from(&advertised.table)
+        });
+        if !differs {
+            return Resolved::Settled;
+        }
+        let (held, complete) = self.collect_tables(view).await;
+        let outstanding = held.iter().any(|(_, t)| t.id() != ours.id() && !ours.descends_from(&t.id()));
+        if !complete {
+            debug!("not every member answered with its partition table; deciding later");
+            return Resolved::Pending;
+        }
+        if !outstanding {
+            // Gossip was behind: everyone holds ours or an ancestor already.
+            return Resolved::Settled;
+        }
+        let superseded = self.decide(&held);
+        let table = self.table();
+        self.commit_superseding(table.rows.clone(), &superseded);
+        Resolved::Published
+    }
+
+    /// Commits every migration whose owner reported ready, if the row did not change meanwhile.
+    fn commit_ready_migrations(self: &Arc<Self>) {
         let table = self.table();
         let mut rows = table.rows.clone();
         let mut aborted = Vec::new();
@@ -232,6 +356,7 @@ impl Node {
         {
             let mut state = self.master.lock().unwrap();
             let timeout = self.settings.migration_timeout;
+            let mut backoff = Vec::new();
             state.inflight.retain(|p, m| {
                 let p = *p;
                 if m.ready {
@@ -250,24 +375,26 @@ impl Node {
                 }
             });
             for (p, _) in &aborted {
-                state.backoff.insert(*p, Instant::now() + Duration::from_secs(1));
+                backoff.push(*p);
+            }
+            for p in backoff {
+                state.backoff.insert(p, Instant::now() + Duration::from_secs(1));
             }
         }
         for (p, migration) in aborted {
-            warn!(partition = p, "migration aborted (timed out, or the partition changed meanwhile)");
+            warn!(partition = p, id = %migration.id, "migration aborted (timed out, or the partition changed meanwhile)");
             self.abort_remote(p, &migration);
         }
         if committed > 0 {
             debug!(committed, "committing finished migrations");
             self.commit(rows);
         }
+    }
 
-        // 3. Start migrations toward the balanced plan.
-        if active.is_empty() || merge == Merge::Pending {
-            return;
-        }
+    /// Starts migrations toward the balanced plan for `members`, up to `migration_parallelism`.
+    fn start_migrations(self: &Arc<Self>, members: &[MemberId]) {
         let table = self.table();
-        let target = self.target_rows(&table, &active);
+        let target = self.target_rows(&table, members);
         let mut orphans = Vec::new();
         let now = Instant::now();
         let mut to_start = Vec::new();
@@ -286,8 +413,10 @@ impl Node {
                 if state.inflight.len() >= self.settings.migration_parallelism {
                     break;
                 }
+                state.next_attempt += 1;
+                let id = MigrationId { master: self.local.clone(), n: state.next_attempt };
                 let migration =
-                    Migration { old_row: current.clone(), new_row: wanted.clone(), started: now, ready: false };
+                    Migration { id, old_row: current.clone(), new_row: wanted.clone(), started: now, ready: false };
                 state.inflight.insert(p, migration.clone());
                 to_start.push((p, migration));
             }
@@ -305,66 +434,6 @@ impl Node {
         }
     }
 
-    /// Looks for tables published by another side (see [`crate::sides`]) and keeps the data of
-    /// the larger side. Returns `Adopted` when it adopted another side's table, `Pending` while a
-    /// member still follows another side's table that lost (it will apply this master's table;
-    /// no migration starts meanwhile, as it could copy this side's data over the other's).
-    async fn merge_sides(self: &Arc<Self>, view: &ClusterView) -> Merge {
-        let local = self.local.to_string();
-        let mut candidates: Vec<(MemberId, (String, u64))> = Vec::new();
-        {
-            let mut state = self.master.lock().unwrap();
-            state.examined.retain(|_, at| at.elapsed() < Duration::from_secs(1));
-            for advertised in self.gossip_tables() {
-                let key = (advertised.publisher.clone(), advertised.epoch);
-                if advertised.publisher != local
-                    && !state.examined.contains_key(&key)
-                    && !candidates.iter().any(|(_, k)| *k == key)
-                {
-                    candidates.push((advertised.member, key));
-                }
-            }
-        }
-        let mut pending = false;
-        for (member, key) in candidates {
-            let Some(theirs) = self.request_table(&member).await else { continue };
-            let ours = self.table();
-            let live = |m: &MemberId| view.member(m).is_some();
-            if !sides::from_two_sides(&ours, &theirs, &live) {
-                // One lineage: not looked at again for a while.
-                self.master.lock().unwrap().examined.insert(key, Instant::now());
-                continue;
-            }
-            let our_side = sides::live_members(&ours, &live);
-            let their_side = sides::live_members(&theirs, &live);
-            if sides::challenger_wins(&ours, &theirs, &live) {
-                warn!(
-                    this_side = ?our_side,
-                    other_side = ?their_side,
-                    publisher = ?theirs.master,
-                    "members that acted as master apart meet again (a healed network partition) and the other \
-                     side is larger: adopting its partition table; entries written on this side meanwhile are \
-                     discarded"
-                );
-                self.abort_all_migrations();
-                self.commit(theirs.rows);
-                return Merge::Adopted;
-            }
-            if self.master.lock().unwrap().kept_over.insert(key) {
-                warn!(
-                    this_side = ?our_side,
-                    other_side = ?their_side,
-                    publisher = ?theirs.master,
-                    "members that acted as master apart meet again (a healed network partition) and this side is \
-                     at least as large: keeping its partition table; entries written on the other side meanwhile \
-                     are discarded"
-                );
-            }
-            pending = true;
-        }
-        if pending { Merge::Pending } else { Merge::None }
-    }
-
     /// Forgets every migration under way and tells their owners.
     fn abort_all_migrations(&self) {
         let inflight: Vec<(u32, Migration)> = self.master.lock().unwrap().inflight.drain().collect();
@@ -377,9 +446,9 @@ impl Node {
     fn abort_remote(&self, p: u32, migration: &Migration) {
         let Some(owner) = migration.old_row.first() else { return };
         if *owner == self.local {
-            self.on_migrate_abort(p, &migration.new_row);
+            self.on_migrate_abort(p, &migration.id);
         } else {
-            let msg = Node::encode(&Msg::MigrateAbort { partition: p, new_row: migration.new_row.clone() });
+            let msg = Node::encode(&Msg::MigrateAbort { id: migration.id.clone(), partition: p });
             if let Err(error) = self.net.send(owner, MAP_SERVICE, msg) {
                 debug!(partition = p, %owner, %error, "abort not sent; the owner unfreezes on its own");
             }
@@ -388,16 +457,14 @@ impl Node {
 
     fn start_migration(self: &Arc<Self>, p: u32, migration: Migration) {
         let node = self.clone();
+        let table = self.table().id();
         self.tasks.spawn(async move {
             let owner = migration.old_row[0].clone();
+            let (old_row, new_row, id) = (migration.old_row.clone(), migration.new_row.clone(), migration.id.clone());
             let outcome = if owner == node.local {
-                node.migrate_out(&node.local.clone(), p, migration.old_row.clone(), migration.new_row.clone()).await
+                node.migrate_out(&node.local.clone(), id.clone(), &table, p, old_row, new_row).await
             } else {
-                let msg = Node::encode(&Msg::MigrateStart {
-                    old_row: migration.old_row.clone(),
-                    partition: p,
-                    new_row: migration.new_row.clone(),
-                });
+                let msg = Node::encode(&Msg::MigrateStart { id: id.clone(), table, partition: p, old_row, new_row });
                 match node.net.request(&owner, MAP_SERVICE, msg, node.settings.migration_timeout).await {
                     Ok(bytes) => codec::decode::<Reply>(&bytes)
                         .unwrap_or_else(|e| Reply::Failed { error: format!("undecodable reply: {e}") }),
@@ -406,14 +473,14 @@ impl Node {
             };
             let mut state = node.master.lock().unwrap();
             match outcome {
-                Reply::MigrateReady => {
-                    if let Some(m) = state.inflight.get_mut(&p).filter(|m| m.new_row == migration.new_row) {
+                Reply::MigrateReady { id: ready } if ready == id => {
+                    if let Some(m) = state.inflight.get_mut(&p).filter(|m| m.id == id) {
                         m.ready = true;
                     }
                 }
                 other => {
-                    debug!(partition = p, %owner, reply = ?other, "migration failed; will retry");
-                    if state.inflight.get(&p).is_some_and(|m| m.new_row == migration.new_row) {
+                    debug!(partition = p, %owner, %id, reply = ?other, "migration failed; will retry");
+                    if state.inflight.get(&p).is_some_and(|m| m.id == id) {
                         state.inflight.remove(&p);
                         state.backoff.insert(p, Instant::now() + Duration::from_secs(1));
                     }

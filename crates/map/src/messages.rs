@@ -6,7 +6,7 @@ use grapevine_membership::MemberId;
 use serde::{Deserialize, Serialize};
 
 use crate::record::{Expiry, Record};
-use crate::table::PartitionTable;
+use crate::table::{PartitionTable, TableId, Term};
 
 /// A key-level operation, executed by the partition's owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,11 +174,40 @@ pub struct LocalStats {
     pub owned_partitions: u32,
     /// Partitions this member backs up.
     pub backup_partitions: u32,
+    /// Partitions this member learned were lost (every replica up to a map's backup count gone
+    /// at once) since it started.
+    #[serde(default)]
+    pub partitions_lost: u64,
     /// Per-map statistics.
     pub maps: Vec<LocalMapStats>,
 }
 
-/// Every message of the map service.
+/// Identifies one migration attempt: the master that started it and a number unique to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct MigrationId {
+    pub(crate) master: MemberId,
+    pub(crate) n: u64,
+}
+
+impl std::fmt::Display for MigrationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.master, self.n)
+    }
+}
+
+/// One partition's term start, for one backup: where each map's replication continues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TermStart {
+    pub(crate) partition: u32,
+    /// The new owner's term.
+    pub(crate) term: Term,
+    /// Per map: the position `(term, seq)` the new owner holds; a backup exactly there continues
+    /// in the new term, any other is copied in full on the next change.
+    pub(crate) bases: Vec<(String, Term, u64)>,
+}
+
+/// Every message of the map service. Messages that change a replica carry the sender's owner
+/// term, checked by [`crate::fence`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Msg {
     /// Caller → owner: a key operation.
@@ -187,40 +216,44 @@ pub(crate) enum Msg {
     Multi { epoch: u64, map: String, partitions: Vec<u32>, op: MultiOp },
     /// Caller → owner: entries of a partition after `after`, at most `limit`.
     Page { epoch: u64, partition: u32, map: String, after: Option<Vec<u8>>, limit: u32 },
-    /// Owner → backup: one change, `seq` following the previous one in `term`.
-    Backup { epoch: u64, partition: u32, map: String, term: u64, seq: u64, op: ReplOp },
-    /// New owner → backups: its term starts at `epoch`; a backup at exactly `base` for a map
-    /// continues, any other needs a full copy.
-    TermStart { epoch: u64, partition: u32, term: u64, bases: Vec<(String, u64, u64)> },
-    /// Owner → replica: a full copy of a map partition at `(term, seq)`, in chunks numbered from 0,
-    /// installed atomically when the `last` one arrives.
-    Install {
-        epoch: u64,
+    /// Owner → replica: one change, `seq` following the previous one in `term`.
+    Backup { partition: u32, term: Term, map: String, seq: u64, op: ReplOp },
+    /// New owner → one backup, for the partitions it took over in its table `table`.
+    TermStart { table: TableId, starts: Vec<TermStart> },
+    /// Owner → replica: chunk `chunk` of full copy `copy` of a map partition, taken from the
+    /// owner's position `(term, start_seq)` on. Changes after `start_seq` reach the replica as
+    /// `Backup` messages meanwhile; it buffers them and replays them on the copy. `end`, on the last
+    /// chunk: the owner's position when it was taken; the replica then holds exactly
+    /// `(term, end)`.
+    Copy {
         partition: u32,
+        term: Term,
         map: String,
-        term: u64,
-        seq: u64,
+        copy: u64,
         chunk: u32,
-        last: bool,
+        start_seq: u64,
+        end: Option<u64>,
         entries: Vec<(Vec<u8>, Record)>,
     },
-    /// Backup → owner: "I missed changes of this map partition; send me a full copy."
+    /// Replica → owner: "I missed changes of this map partition; send me a full copy."
     SyncRequest { partition: u32, map: String },
-    /// Owner → backup, periodic anti-entropy: the owner's version of each map partition.
-    VersionCheck { epoch: u64, versions: Vec<(u32, String, u64, u64)> },
+    /// Owner → replica: is the replica at least at `(term, seq)` for each `(partition, term, map, seq)`?
+    VersionCheck { versions: Vec<(u32, Term, String, u64)> },
     /// Master → member: a new table.
     TablePush { table: PartitionTable },
     /// Anyone → member: send me your table.
     TableGet,
-    /// Master → owner: the partition's row is `old_row`; bring `new_row`'s members up to date,
-    /// and freeze writes if the owner changes, until the master commits the new row.
-    MigrateStart { old_row: Vec<MemberId>, partition: u32, new_row: Vec<MemberId> },
-    /// Master → owner: the migration to `new_row` will not be committed; unfreeze.
-    MigrateAbort { partition: u32, new_row: Vec<MemberId> },
+    /// Master → owner: attempt `id`: bring partition `partition` from `old_row` (its row in the
+    /// master's table `table`) to `new_row`, freezing writes at the end if the owner changes.
+    MigrateStart { id: MigrationId, table: TableId, partition: u32, old_row: Vec<MemberId>, new_row: Vec<MemberId> },
+    /// Master → owner: migration attempt `id` will not be committed.
+    MigrateAbort { id: MigrationId, partition: u32 },
     /// Owner → listening member: entry events.
     Events { events: Vec<RawEntryEvent> },
     /// Anyone → member: your map statistics.
     Stats,
+    /// Master → every member: every replica of `partition` up to index `lost_replicas - 1` is gone.
+    PartitionLost { table: TableId, partition: u32, lost_replicas: u8 },
 }
 
 /// Every reply of the map service.
@@ -231,7 +264,7 @@ pub(crate) enum Reply {
     WrongOwner {
         epoch: u64,
     },
-    /// Try again shortly (partition frozen for a migration, table not yet received, ...).
+    /// Try again shortly (partition frozen for a migration, table not yet received, busy, ...).
     Retry {
         reason: String,
     },
@@ -240,15 +273,25 @@ pub(crate) enum Reply {
         error: String,
     },
     Ack,
-    /// Backup: cannot apply; it holds `(term, seq)` and needs a full copy.
+    /// Replica: cannot apply; it holds `(term, seq)` and needs a full copy.
     NeedSync {
-        term: u64,
+        term: Term,
         seq: u64,
     },
-    /// The sender is not the owner under the callee's newer table.
-    Stale {
-        epoch: u64,
+    /// Replica: refused by fencing, the sender is stale: this member's table moved the partition
+    /// to another term.
+    Fenced {
+        table: TableId,
+        term: Term,
     },
+    /// Replica: refused for now: the sender's term comes from a table this member does not hold
+    /// yet (it is fetching it); retry shortly.
+    NotYet {
+        table: TableId,
+    },
+    /// Replica: a full copy of the map partition is being received; the change is buffered and
+    /// applied when the copy completes, not yet.
+    Staging,
     Multi {
         done: Vec<(u32, u64)>,
         not_owner: Vec<u32>,
@@ -257,13 +300,24 @@ pub(crate) enum Reply {
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         next: Option<Vec<u8>>,
     },
-    Mismatch {
-        partitions: Vec<(u32, String)>,
+    /// Version check: the entries this member is behind on, those fencing refused, and whether
+    /// some were refused for now (table not yet seen).
+    Versions {
+        behind: Vec<(u32, String)>,
+        fenced: Vec<u32>,
+        not_yet: bool,
+        table: TableId,
+    },
+    /// Term start, per partition in the order asked: accepted (`None`) or refused.
+    Started {
+        refused: Vec<(u32, Box<Reply>)>,
     },
     Table(PartitionTable),
     TableAck {
-        epoch: u64,
+        table: TableId,
     },
-    MigrateReady,
+    MigrateReady {
+        id: MigrationId,
+    },
     Stats(LocalStats),
 }

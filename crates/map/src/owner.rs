@@ -1,25 +1,23 @@
-//! The owner's side of a partition: executing operations, replicating writes to backups in
-//! sequence, full copies for backups that fell behind, and handing a partition to other members.
+//! The owner's side of a partition: executing operations and replicating writes to backups in
+//! sequence, in the owner's term.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use grapevine_membership::MemberId;
 use grapevine_net::{ResponseFuture, codec};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::MapConfig;
 use crate::messages::{EntryEventKind, Msg, MultiOp, Op, OpResult, RawEntryEvent, Reply};
-use crate::node::{Freeze, MAP_SERVICE, Node, PartitionData};
+use crate::node::{MAP_SERVICE, Node, PartitionData};
 use crate::record::now_ms;
 use crate::store::Change;
-use crate::table::PartitionTable;
+use crate::table::{PartitionTable, Term};
 
-/// What a replicated write adds to its key and value: record metadata, message fields, framing.
-const ENTRY_OVERHEAD_BYTES: usize = 256;
-
-/// Largest full-copy chunk, in encoded bytes (approximately). Well under the frame limit.
-const INSTALL_CHUNK_BYTES: usize = 1 << 20;
+/// What a replicated write adds to its key and value at most: record metadata, message fields (the
+/// term names a member, whose node id may take up to 1 KiB), framing.
+pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 2048;
 
 /// An operation executed by the owner: answered at once, or waiting for backup acknowledgements.
 pub(crate) enum Executed {
@@ -31,7 +29,7 @@ pub(crate) enum Executed {
 pub(crate) struct PendingWrite {
     partition: u32,
     map: String,
-    term: u64,
+    term: Term,
     seq: u64,
     result: OpResult,
     acks: Vec<(MemberId, ResponseFuture)>,
@@ -63,26 +61,30 @@ impl Drop for InflightGuard {
     }
 }
 
-/// The backups of `p` for a map: synchronous ones (plus migration targets that need the map) and
-/// asynchronous ones.
+/// The members that get a change of `map` in partition `p`: the synchronous backups (plus copy
+/// targets whose copy is installed, so that they hold every acknowledged write when the master
+/// commits them), and the asynchronous ones (plus copy targets still receiving their copy).
 fn replica_targets(
     table: &PartitionTable,
     p: u32,
     config: &MapConfig,
-    migrating: &[(MemberId, usize)],
+    map: &str,
+    copy_targets: &[(MemberId, String, bool)],
 ) -> (Vec<MemberId>, Vec<MemberId>) {
     let row = table.row(p);
-    let sync_end = (1 + usize::from(config.backup_count)).min(row.len());
+    let sync_end = config.durable_replicas().min(row.len());
     let async_end = config.replicas().min(row.len());
     let mut sync: Vec<MemberId> = row.get(1..sync_end).unwrap_or_default().to_vec();
     let mut asynchronous: Vec<MemberId> = row.get(sync_end..async_end).unwrap_or_default().to_vec();
-    let highest_index = config.replicas() - 1;
-    for (member, index) in migrating {
-        // A migration target gets the map's writes if its new index uses the map; synchronously, so
-        // that it holds every acknowledged write by the time the new row is committed.
-        if *index <= highest_index && !sync.contains(member) {
+    for (member, name, synced) in copy_targets {
+        if name != map || sync.contains(member) {
+            continue;
+        }
+        if *synced {
             asynchronous.retain(|m| m != member);
             sync.push(member.clone());
+        } else if !asynchronous.contains(member) {
+            asynchronous.push(member.clone());
         }
     }
     (sync, asynchronous)
@@ -119,18 +121,15 @@ impl Node {
         let config = self.settings.map(map);
         let counters = self.counters(map);
         let op_name = op.name();
+        let is_read = op.is_read();
         let now = now_ms();
         let slot = self.slot(p);
         let mut data = slot.data.lock().unwrap();
-        // Reads are refused too: once the master commits the hand-over, the new owner accepts writes
-        // while this member may not have heard yet, and must not answer with older data meanwhile.
-        if data.frozen.is_some() {
-            return Executed::Now(Reply::Retry {
-                reason: format!("partition {p} is being handed over to another member"),
-            });
+        if let Some(reply) = refusal_while(&data, p, is_read) {
+            return Executed::Now(reply);
         }
-        let (term, idle_floor) = (data.term, data.owner_since_ms);
-        let mp = data.maps.entry(map.to_string()).or_insert_with(|| crate::store::MapPartition::new(term));
+        let (term, idle_floor) = (data.term.clone(), data.owner_since_ms);
+        let mp = data.maps.entry(map.to_string()).or_insert_with(|| crate::store::MapPartition::new(term.clone()));
         let (result, change) = mp.execute(op, now, idle_floor, &config);
         counters.count_owner_op(op_name, &result);
         let Some(change) = change else { return Executed::Now(Reply::Done(result)) };
@@ -152,20 +151,20 @@ impl Node {
         })
     }
 
-    /// `None` when this member may serve `p`; otherwise the reply telling the caller why not.
+    /// `None` when this member may serve `p` under `table`; otherwise the reply telling the caller
+    /// why not.
     fn check_owner(self: &Arc<Self>, table: &PartitionTable, p: u32, caller_epoch: u64) -> Option<Reply> {
         if table.epoch == 0 {
             return Some(Reply::Retry { reason: "this member has no partition table yet".into() });
         }
         if caller_epoch > table.epoch {
-            // The caller knows a newer table: catch up before answering for the partition.
-            self.spawn_table_refresh();
+            // The caller knows a newer table: catch up.
+            self.want_master_table();
         }
         if let Err(reason) = self.table_followed(table) {
-            // Members that acted as master apart for a moment (starting together, or a healed
-            // partition): a write accepted under this table could be dropped when the master's
-            // arrives.
-            self.spawn_table_refresh();
+            // Members that acted as master apart (starting together, or a healed split): a write
+            // accepted under this table could be dropped when the master's arrives.
+            self.want_master_table();
             return Some(Reply::Retry { reason });
         }
         if table.owner(p) != Some(&self.local) {
@@ -179,7 +178,7 @@ impl Node {
     /// awaits; then publishes `events`. Runs under the partition lock, which is what keeps backups'
     /// input, and listeners' events, in write order.
     #[allow(clippy::too_many_arguments)]
-    fn replicate_locked(
+    pub(crate) fn replicate_locked(
         self: &Arc<Self>,
         table: &PartitionTable,
         p: u32,
@@ -189,15 +188,14 @@ impl Node {
         change: Change,
         events: Vec<RawEntryEvent>,
     ) -> (u64, Vec<(MemberId, ResponseFuture)>, InflightGuard) {
-        let (sync, asynchronous) = replica_targets(table, p, config, &data.migrating);
+        let (sync, asynchronous) = replica_targets(table, p, config, map, &data.copy_targets);
         let mp = data.maps.get_mut(map).expect("the map partition was just written");
         mp.seq += 1;
-        let (term, seq) = (mp.term, mp.seq);
+        let seq = mp.seq;
         let msg = Node::encode(&Msg::Backup {
-            epoch: table.epoch,
             partition: p,
+            term: mp.term.clone(),
             map: map.to_string(),
-            term,
             seq,
             op: change.repl,
         });
@@ -224,22 +222,24 @@ impl Node {
         let PendingWrite { partition, map, term, seq, result, acks, _inflight } = pending;
         let mut failures = Vec::new();
         let asked: Vec<MemberId> = acks.iter().map(|(member, _)| member.clone()).collect();
+        let deadline = Instant::now() + self.settings.backup_ack_timeout;
         for (member, ack) in acks {
             let answer = ack.await.map_err(|e| e.to_string()).and_then(|bytes| {
                 codec::decode::<Reply>(&bytes).map_err(|e| format!("undecodable acknowledgement: {e}"))
             });
             let outcome = match answer {
                 Ok(Reply::Ack) => Ok(()),
-                Ok(Reply::NeedSync { .. }) => self.ensure_synced(&member, partition, &map, term, seq).await,
-                Ok(Reply::Stale { epoch }) => {
-                    self.spawn_table_refresh();
-                    Err(format!("it has a newer partition table (epoch {epoch}): the partition moved"))
+                Ok(Reply::NeedSync { .. } | Reply::Staging | Reply::NotYet { .. }) => {
+                    self.ensure_synced(&member, partition, &map, &term, seq, deadline).await
+                }
+                Ok(Reply::Fenced { table, .. }) => {
+                    self.fence_partition(partition, &table, &member);
+                    Err(format!("it holds partition table {table}, in which partition {partition} moved on"))
                 }
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(_) if self.membership.view().member(&member).is_none() => {
-                    self.cover_departed_backup(&member, &asked, partition, &map, term, seq).await
+                Err(error) => {
+                    self.await_unreachable_backup(&member, &asked, partition, &map, &term, seq, deadline, error).await
                 }
-                Err(error) => Err(error),
             };
             if let Err(error) = outcome {
                 failures.push(format!("{member}: {error}"));
@@ -259,22 +259,60 @@ impl Node {
         }
     }
 
+    /// A synchronous backup could not be reached for a write (its process died, or the network
+    /// broke): until `deadline`, wait for it to be back (then make sure it holds the write) or to
+    /// leave the view (then confirm the write with its replacement), whichever comes first.
+    #[allow(clippy::too_many_arguments)]
+    async fn await_unreachable_backup(
+        self: &Arc<Self>,
+        member: &MemberId,
+        asked: &[MemberId],
+        p: u32,
+        map: &str,
+        term: &Term,
+        seq: u64,
+        deadline: Instant,
+        first_error: String,
+    ) -> Result<(), String> {
+        const ATTEMPT: std::time::Duration = std::time::Duration::from_millis(500);
+        let mut views = self.membership.watch();
+        let mut last_error = first_error;
+        loop {
+            if !self.is_live(member) {
+                return self.cover_departed_backup(member, asked, p, map, term, seq, deadline).await;
+            }
+            if Instant::now() >= deadline {
+                return Err(last_error);
+            }
+            match self.ensure_synced(member, p, map, term, seq, deadline.min(Instant::now() + ATTEMPT)).await {
+                Ok(()) => return Ok(()),
+                Err(error) => last_error = error,
+            }
+            let pause = deadline.saturating_duration_since(Instant::now()).min(std::time::Duration::from_millis(50));
+            tokio::select! {
+                _ = views.changed() => {},
+                _ = tokio::time::sleep(pause) => {},
+            }
+        }
+    }
+
     /// A synchronous backup of a write left the cluster (it is no longer in the view) before it
-    /// confirmed the write: the master promotes it away. Waits, within `backup_ack_timeout`, for
-    /// the table without it, then makes sure the synchronous backups that table gives the
-    /// partition (other than those `asked` already) hold the write, so the write is acknowledged
-    /// as durable only once it really is.
+    /// confirmed the write: the master promotes it away. Waits, until `deadline`, for the table
+    /// without it, then makes sure the synchronous backups that table gives the partition (other
+    /// than those `asked` already) hold the write, so the write is acknowledged as durable only
+    /// once it really is.
+    #[allow(clippy::too_many_arguments)]
     async fn cover_departed_backup(
         self: &Arc<Self>,
         departed: &MemberId,
         asked: &[MemberId],
         p: u32,
         map: &str,
-        term: u64,
+        term: &Term,
         seq: u64,
+        deadline: Instant,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + self.settings.backup_ack_timeout;
-        let mut tables = self.table_tx.subscribe();
+        let mut tables = self.tables.tx.subscribe();
         let table = loop {
             let table = tables.borrow_and_update().clone();
             if !table.row(p).contains(departed) {
@@ -291,115 +329,17 @@ impl Node {
                 }
             }
         };
-        if table.owner(p) != Some(&self.local) {
+        if table.owner(p) != Some(&self.local) || table.term(p) != term {
             return Err(format!("it left the cluster and partition {p} moved to another owner meanwhile"));
         }
-        let (sync, _) = replica_targets(&table, p, &self.settings.map(map), &[]);
+        let (sync, _) = replica_targets(&table, p, &self.settings.map(map), map, &[]);
         for member in sync.iter().filter(|m| !asked.contains(m)) {
-            self.ensure_synced(member, p, map, term, seq)
+            self.ensure_synced(member, p, map, term, seq, deadline)
                 .await
                 .map_err(|e| format!("it left the cluster, and its replacement {member} did not confirm: {e}"))?;
         }
         debug!(partition = p, %departed, "a departed synchronous backup was replaced; the write is on its replacement");
         Ok(())
-    }
-
-    /// Makes sure `member` holds map partition `(p, map)` at least up to `(term, seq)`: sends a full
-    /// copy unless one covering it is already on its way, then asks the backup to confirm.
-    pub(crate) async fn ensure_synced(
-        self: &Arc<Self>,
-        member: &MemberId,
-        p: u32,
-        map: &str,
-        term: u64,
-        seq: u64,
-    ) -> Result<(), String> {
-        const ATTEMPTS: usize = 3;
-        for _ in 0..ATTEMPTS {
-            let check = {
-                let table = self.table();
-                if table.owner(p) != Some(&self.local) {
-                    return Err(format!("this member no longer owns partition {p}"));
-                }
-                let mut data = self.slot(p).data.lock().unwrap();
-                let key = (member.clone(), map.to_string());
-                let covered = data.synced.get(&key).is_some_and(|(t, s)| *t == term && *s >= seq);
-                let Some(mp) = data.maps.get(map) else { return Err(format!("map {map:?} vanished")) };
-                if mp.term != term {
-                    return Err(format!("partition {p} started a new term"));
-                }
-                let position = (mp.term, mp.seq);
-                if !covered {
-                    self.send_full_copy(member, p, map, mp, table.epoch);
-                    data.synced.insert(key, position);
-                }
-                let msg = Node::encode(&Msg::VersionCheck {
-                    epoch: table.epoch,
-                    versions: vec![(p, map.to_string(), term, seq)],
-                });
-                self.net.request(member, MAP_SERVICE, msg, self.settings.migration_timeout)
-            };
-            let bytes = check.await.map_err(|e| e.to_string())?;
-            match codec::decode::<Reply>(&bytes) {
-                Ok(Reply::Mismatch { partitions }) if partitions.is_empty() => return Ok(()),
-                Ok(Reply::Mismatch { .. }) => {
-                    self.slot(p).data.lock().unwrap().synced.remove(&(member.clone(), map.to_string()));
-                }
-                Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                Err(e) => return Err(format!("undecodable answer: {e}")),
-            }
-        }
-        Err(format!("the backup is still behind after {ATTEMPTS} full copies"))
-    }
-
-    /// Enqueues a full copy of a map partition to `member`, in chunks. Called under the partition
-    /// lock, so writes after it reach the backup after the copy.
-    fn send_full_copy(&self, member: &MemberId, p: u32, map: &str, mp: &crate::store::MapPartition, epoch: u64) {
-        let mut chunk = 0u32;
-        let mut entries = Vec::new();
-        let mut bytes = 0usize;
-        let mut iter = mp.entries.iter().peekable();
-        loop {
-            let next = iter.next();
-            if let Some((key, record)) = next {
-                bytes += key.len() + record.value.len() + 64;
-                entries.push((key.clone(), record.clone()));
-            }
-            let last = iter.peek().is_none();
-            if bytes >= INSTALL_CHUNK_BYTES || last {
-                let msg = Node::encode(&Msg::Install {
-                    epoch,
-                    partition: p,
-                    map: map.to_string(),
-                    term: mp.term,
-                    seq: mp.seq,
-                    chunk,
-                    last,
-                    entries: std::mem::take(&mut entries),
-                });
-                if let Err(error) = self.net.send(member, MAP_SERVICE, msg) {
-                    debug!(partition = p, %member, %error, "full copy not sent");
-                }
-                chunk += 1;
-                bytes = 0;
-            }
-            if last {
-                break;
-            }
-        }
-        debug!(partition = p, map, %member, chunks = chunk, entries = mp.len(), "full copy sent");
-    }
-
-    /// A backup asked for a full copy (it missed asynchronous writes).
-    pub(crate) async fn resync_backup(self: &Arc<Self>, member: &MemberId, p: u32, map: &str) {
-        let position = {
-            let data = self.slot(p).data.lock().unwrap();
-            data.maps.get(map).map(|mp| (mp.term, mp.seq))
-        };
-        let Some((term, seq)) = position else { return };
-        if let Err(error) = self.ensure_synced(member, p, map, term, seq).await {
-            debug!(partition = p, map, %member, %error, "resync of a backup failed; anti-entropy will retry");
-        }
     }
 
     /// Counts or clears a map over the partitions of `partitions` that this member owns.
@@ -422,16 +362,16 @@ impl Node {
                 continue;
             }
             let mut data = self.slot(p).data.lock().unwrap();
+            if refusal_while(&data, p, op == MultiOp::Count).is_some() {
+                not_owner.push(p);
+                continue;
+            }
             match op {
                 MultiOp::Count => {
                     let floor = data.owner_since_ms;
                     done.push((p, data.maps.get(map).map(|mp| mp.live_len(now, floor)).unwrap_or(0)));
                 }
                 MultiOp::Clear => {
-                    if data.frozen.is_some() {
-                        not_owner.push(p);
-                        continue;
-                    }
                     let Some(mp) = data.maps.get_mut(map) else {
                         done.push((p, 0));
                         continue;
@@ -441,7 +381,7 @@ impl Node {
                         done.push((p, 0));
                         continue;
                     }
-                    let listening = !self.listeners_of(map).is_empty();
+                    let listening = !self.listeners.of(map).is_empty();
                     let events: Vec<RawEntryEvent> = if listening {
                         mp.entries
                             .iter()
@@ -464,7 +404,7 @@ impl Node {
                         value: None,
                         old_value: None,
                     };
-                    let (term, _) = (mp.term, ());
+                    let term = mp.term.clone();
                     let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
                     pending.push((
                         PendingWrite {
@@ -508,8 +448,8 @@ impl Node {
             return reply;
         }
         let data = self.slot(p).data.lock().unwrap();
-        if data.frozen.is_some() {
-            return Reply::Retry { reason: format!("partition {p} is being handed over to another member") };
+        if let Some(reply) = refusal_while(&data, p, true) {
+            return reply;
         }
         let limit = limit.clamp(1, 10_000) as usize;
         let (entries, next) = match data.maps.get(map) {
@@ -518,165 +458,26 @@ impl Node {
         };
         Reply::Page { entries, next }
     }
+}
 
-    /// The master asks this owner to move partition `p` from `old_row` to `new_row`: copy every
-    /// map to the members that need it, keep them up to date, and if the owner changes, freeze
-    /// writes and wait for the writes in flight; then report ready. The master commits the new
-    /// row; the freeze ends when this member applies a table where the row changed, or on abort.
-    pub(crate) async fn migrate_out(
-        self: &Arc<Self>,
-        master: &MemberId,
-        p: u32,
-        old_row: Vec<MemberId>,
-        new_row: Vec<MemberId>,
-    ) -> Reply {
-        let started = Instant::now();
-        let table = self.table();
-        if p >= self.settings.partition_count || new_row.is_empty() {
-            return Reply::Failed { error: format!("invalid migration of partition {p} to {new_row:?}") };
-        }
-        if table.row(p) != old_row.as_slice() || old_row.first() != Some(&self.local) {
-            return Reply::Failed {
-                error: format!(
-                    "partition {p}'s row here is {:?} at epoch {}, not {old_row:?}",
-                    table.row(p),
-                    table.epoch
-                ),
-            };
-        }
-        let mut checks = Vec::new();
-        {
-            let mut data = self.slot(p).data.lock().unwrap();
-            if data.migration_target.as_ref() == Some(&new_row) && (data.frozen.is_some() || new_row[0] == self.local) {
-                return Reply::MigrateReady;
-            }
-            data.migration_target = Some(new_row.clone());
-            data.migrating.clear();
-            for (new_index, member) in new_row.iter().enumerate() {
-                if *member == self.local {
-                    continue;
-                }
-                let old_index = old_row.iter().position(|m| m == member);
-                let names: Vec<String> = data.maps.keys().cloned().collect();
-                for name in names {
-                    let highest_index = self.settings.map(&name).replicas() - 1;
-                    let needs_copy = new_index <= highest_index && old_index.is_none_or(|i| i > highest_index);
-                    if !needs_copy {
-                        continue;
-                    }
-                    let mp = &data.maps[&name];
-                    let position = (mp.term, mp.seq);
-                    self.send_full_copy(member, p, &name, mp, table.epoch);
-                    let msg = Node::encode(&Msg::VersionCheck {
-                        epoch: table.epoch,
-                        versions: vec![(p, name.clone(), position.0, position.1)],
-                    });
-                    checks.push((
-                        member.clone(),
-                        self.net.request(member, MAP_SERVICE, msg, self.settings.migration_timeout),
-                    ));
-                    data.synced.insert((member.clone(), name), position);
-                }
-                data.migrating.push((member.clone(), new_index));
-            }
-        }
-        // Wait for the copies before freezing, so writes pause only for the short final step.
-        for (member, check) in checks {
-            let ok = match check.await {
-                Ok(bytes) => {
-                    matches!(codec::decode::<Reply>(&bytes), Ok(Reply::Mismatch { partitions }) if partitions.is_empty())
-                }
-                Err(_) => false,
-            };
-            if !ok {
-                self.abort_migration(p, &new_row);
-                return Reply::Failed { error: format!("copying partition {p} to {member} failed") };
-            }
-        }
-        if new_row[0] != self.local {
-            {
-                let mut data = self.slot(p).data.lock().unwrap();
-                data.frozen = Some(Freeze { master: Some(master.clone()), since_ms: now_ms() });
-            }
-            if !self.wait_drained(p, self.settings.backup_ack_timeout * 2).await {
-                self.abort_migration(p, &new_row);
-                return Reply::Failed { error: format!("writes on partition {p} did not finish in time") };
-            }
-        }
-        // Final barrier: every member of the new row confirms it processed every write of every map
-        // it will hold. Asynchronous backups moving to a synchronous index (or to owner) may still
-        // have writes in flight; the check travels behind them on the same connection.
-        if let Err(error) = self.confirm_row(p, &new_row).await {
-            self.abort_migration(p, &new_row);
-            return Reply::Failed { error: format!("partition {p}: {error}") };
-        }
-        debug!(partition = p, to = ?new_row, took = ?started.elapsed(), "partition ready to move");
-        Reply::MigrateReady
+/// Why the owner of `p` cannot serve an operation right now, if it cannot: the partition is being
+/// handed over (reads are refused too: once the master commits the hand-over, the new owner takes
+/// writes while this member may not have heard yet, and must not answer with older data), a
+/// replica holds a newer table for it (reads too), or (writes only) the owner's term is still
+/// being announced to its backups.
+fn refusal_while(data: &PartitionData, p: u32, is_read: bool) -> Option<Reply> {
+    if let Some(freeze) = &data.frozen {
+        return Some(Reply::Retry {
+            reason: format!("partition {p} is being handed over to another member (migration {})", freeze.migration),
+        });
     }
-
-    /// Each member of `row` (but this one) confirms it holds every map it replicates at this
-    /// member's current position; one that does not gets a full copy.
-    pub(crate) async fn confirm_row(self: &Arc<Self>, p: u32, row: &[MemberId]) -> Result<(), String> {
-        let mut checks = Vec::new();
-        {
-            let epoch = self.table().epoch;
-            let data = self.slot(p).data.lock().unwrap();
-            for (index, member) in row.iter().enumerate() {
-                if *member == self.local {
-                    continue;
-                }
-                for (name, mp) in &data.maps {
-                    if index > self.settings.map(name).replicas() - 1 {
-                        continue;
-                    }
-                    let msg =
-                        Node::encode(&Msg::VersionCheck { epoch, versions: vec![(p, name.clone(), mp.term, mp.seq)] });
-                    let check = self.net.request(member, MAP_SERVICE, msg, self.settings.migration_timeout);
-                    checks.push((member.clone(), name.clone(), mp.term, mp.seq, check));
-                }
-            }
-        }
-        for (member, map, term, seq, check) in checks {
-            let bytes = check.await.map_err(|e| format!("{member} did not confirm: {e}"))?;
-            match codec::decode::<Reply>(&bytes) {
-                Ok(Reply::Mismatch { partitions }) if partitions.is_empty() => {}
-                Ok(Reply::Mismatch { .. }) => self.ensure_synced(&member, p, &map, term, seq).await?,
-                other => return Err(format!("{member} answered {other:?}")),
-            }
-        }
-        Ok(())
+    if let Some(newer) = &data.fenced {
+        return Some(Reply::Retry {
+            reason: format!("partition {p} moved on in partition table {newer}, which this member is fetching"),
+        });
     }
-
-    async fn wait_drained(&self, p: u32, timeout: Duration) -> bool {
-        let slot = self.slot(p);
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = slot.drained.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if slot.data.lock().unwrap().inflight == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return slot.data.lock().unwrap().inflight == 0;
-            }
-        }
+    if data.starting && !is_read {
+        return Some(Reply::Retry { reason: format!("partition {p} has a new owner that is starting its term") });
     }
-
-    fn abort_migration(&self, p: u32, new_row: &[MemberId]) {
-        let mut data = self.slot(p).data.lock().unwrap();
-        if data.migration_target.as_deref() == Some(new_row) {
-            data.frozen = None;
-            data.migrating.clear();
-            data.migration_target = None;
-        }
-    }
-
-    /// The master will not commit the migration to `new_row`.
-    pub(crate) fn on_migrate_abort(&self, p: u32, new_row: &[MemberId]) {
-        if p < self.settings.partition_count {
-            self.abort_migration(p, new_row);
-            info!(partition = p, "migration aborted by the master");
-        }
-    }
+    None
 }

@@ -1,48 +1,58 @@
-//! The backup's side of a partition: apply the owner's changes strictly in sequence, and ask for
-//! a full copy whenever the sequence cannot continue (a gap, a new owner's term that does not
-//! start where this backup stands, or a map partition this member never had).
+//! The replica's side of a partition: apply the owner's changes strictly in sequence, and only
+//! from the owner this member's table names, in its term ([`crate::fence`]); ask for a full copy
+//! whenever the sequence cannot continue (a gap, a new owner's term that does not start where
+//! this replica stands, or a map partition this member never had).
 
 use grapevine_membership::MemberId;
 use tracing::debug;
 
-use crate::messages::{Msg, ReplOp, Reply};
+use crate::fence::{self, Fence};
+use crate::messages::{Msg, ReplOp, Reply, TermStart};
 use crate::node::{MAP_SERVICE, Node};
-use crate::record::{Record, now_ms};
 use crate::store::MapPartition;
+use crate::table::{TableId, Term};
 
 impl Node {
-    /// A replicated change from `from`, the owner of `p` (as far as it knows).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn on_backup(
-        &self,
-        from: &MemberId,
-        epoch: u64,
-        p: u32,
-        map: &str,
-        term: u64,
-        seq: u64,
-        op: &ReplOp,
-    ) -> Reply {
+    /// The fencing verdict for a change of `p` from `sender` in `term`, as a refusal to send back
+    /// (`None`: apply it). A sender this member is behind on makes it fetch the sender's table.
+    pub(crate) fn fence_refusal(&self, p: u32, sender: &MemberId, term: &Term) -> Option<Reply> {
+        let table = self.table();
+        match fence::check(&table, p, sender, term) {
+            Fence::Accept => None,
+            Fence::Stale { table, term } => Some(Reply::Fenced { table, term }),
+            Fence::Ahead => {
+                self.want_table(sender);
+                Some(Reply::NotYet { table: table.id() })
+            }
+        }
+    }
+
+    /// A replicated change from `from`, the owner of `p` in `term` (as far as it knows).
+    pub(crate) fn on_backup(&self, from: &MemberId, p: u32, term: &Term, map: &str, seq: u64, op: &ReplOp) -> Reply {
         if p >= self.settings.partition_count {
             return Reply::Failed { error: format!("partition {p} does not exist") };
         }
-        let table = self.table();
-        if table.epoch > epoch && table.owner(p) != Some(from) {
-            // A newer table moved the partition away from the sender: refuse, so it learns.
-            return Reply::Stale { epoch: table.epoch };
+        if let Some(refusal) = self.fence_refusal(p, from, term) {
+            return refusal;
         }
         let mut data = self.slot(p).data.lock().unwrap();
-        let mp = data.maps.entry(map.to_string()).or_insert_with(|| MapPartition::new(term));
-        if mp.term == term && seq == mp.seq + 1 {
+        let mp = data.maps.entry(map.to_string()).or_insert_with(|| MapPartition::new(term.clone()));
+        if let Some(staging) = mp.staging.as_mut()
+            && staging.term == *term
+        {
+            // A full copy is arriving: keep the change for when it is installed.
+            return if staging.buffer(seq, op) { Reply::Staging } else { abort_staging(mp, p, map) };
+        }
+        if mp.term == *term && seq == mp.seq + 1 {
             mp.apply_repl(op);
             mp.seq = seq;
             Reply::Ack
-        } else if mp.term == term && seq <= mp.seq {
+        } else if mp.term == *term && seq <= mp.seq {
             // Already applied (a full copy overtook it).
             Reply::Ack
         } else {
-            debug!(partition = p, map, have = ?(mp.term, mp.seq), got = ?(term, seq), "backup out of sequence");
-            Reply::NeedSync { term: mp.term, seq: mp.seq }
+            debug!(partition = p, map, have = ?(&mp.term, mp.seq), got = ?(term, seq), "backup out of sequence");
+            Reply::NeedSync { term: mp.term.clone(), seq: mp.seq }
         }
     }
 
@@ -61,79 +71,69 @@ impl Node {
         }
     }
 
-    /// A new owner's term starts: a map partition exactly at the old position continues in the
-    /// new term; any other will fail the sequence check on the next change and be copied in full.
-    pub(crate) fn on_term_start(&self, p: u32, term: u64, bases: Vec<(String, u64, u64)>) {
-        if p >= self.settings.partition_count {
-            return;
-        }
-        let mut data = self.slot(p).data.lock().unwrap();
-        for (map, base_term, base_seq) in bases {
-            if let Some(mp) = data.maps.get_mut(&map) {
-                if mp.term == base_term && mp.seq == base_seq {
-                    mp.term = term;
-                } else {
-                    debug!(partition = p, map, have = ?(mp.term, mp.seq), base = ?(base_term, base_seq), "diverged from the new owner");
+    /// A new owner's terms start: a map partition exactly at the old position continues in the
+    /// new term; any other fails the sequence check on the next change and is copied in full.
+    /// Answers which partitions fencing refused (the others are accepted).
+    pub(crate) fn on_term_start(&self, from: &MemberId, _table: &TableId, starts: Vec<TermStart>) -> Reply {
+        let mut refused = Vec::new();
+        for TermStart { partition: p, term, bases } in starts {
+            if p >= self.settings.partition_count {
+                refused.push((p, Box::new(Reply::Failed { error: format!("partition {p} does not exist") })));
+                continue;
+            }
+            if let Some(refusal) = self.fence_refusal(p, from, &term) {
+                refused.push((p, Box::new(refusal)));
+                continue;
+            }
+            let mut data = self.slot(p).data.lock().unwrap();
+            for (map, base_term, base_seq) in bases {
+                if let Some(mp) = data.maps.get_mut(&map) {
+                    if mp.term == base_term && mp.seq == base_seq {
+                        mp.term = term.clone();
+                    } else if mp.term != term {
+                        debug!(partition = p, map, have = ?(&mp.term, mp.seq), base = ?(&base_term, base_seq), "diverged from the new owner");
+                    }
                 }
             }
         }
+        Reply::Started { refused }
     }
 
-    /// One chunk of a full copy.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn on_install(
-        &self,
-        p: u32,
-        map: &str,
-        term: u64,
-        seq: u64,
-        chunk: u32,
-        last: bool,
-        entries: Vec<(Vec<u8>, Record)>,
-    ) -> Reply {
-        if p >= self.settings.partition_count {
-            return Reply::Failed { error: format!("partition {p} does not exist") };
-        }
-        let mut data = self.slot(p).data.lock().unwrap();
-        data.last_install_ms = now_ms();
-        let mp = data.maps.entry(map.to_string()).or_default();
-        if chunk == 0 {
-            mp.staging = Some((0, Vec::new()));
-        }
-        match mp.staging.as_mut() {
-            Some((next, staged)) if *next == chunk => {
-                staged.extend(entries);
-                *next += 1;
-            }
-            _ => {
-                // A chunk of a copy whose start was lost: drop it; the owner's check that follows
-                // every copy will report the mismatch and send a new one.
-                mp.staging = None;
-                return Reply::Ack;
-            }
-        }
-        if last {
-            debug!(local = %self.local, partition = p, map, term, seq, "full copy installed");
-            let (_, staged) = mp.staging.take().unwrap_or_default();
-            mp.install(term, seq, staged);
-        }
-        Reply::Ack
-    }
-
-    /// The owner's positions; answers those where this member is behind or in another term.
-    pub(crate) fn on_version_check(&self, versions: Vec<(u32, String, u64, u64)>) -> Reply {
-        let mut mismatched = Vec::new();
-        for (p, map, term, seq) in versions {
+    /// The owner's positions; answers those where this member is behind or in another term, and
+    /// those fencing refuses.
+    pub(crate) fn on_version_check(&self, from: &MemberId, versions: Vec<(u32, Term, String, u64)>) -> Reply {
+        let mut behind = Vec::new();
+        let mut fenced = Vec::new();
+        let mut not_yet = false;
+        for (p, term, map, seq) in versions {
             if p >= self.settings.partition_count {
                 continue;
+            }
+            match self.fence_refusal(p, from, &term) {
+                None => {}
+                Some(Reply::NotYet { .. }) => {
+                    not_yet = true;
+                    continue;
+                }
+                Some(_) => {
+                    fenced.push(p);
+                    continue;
+                }
             }
             let data = self.slot(p).data.lock().unwrap();
             let in_step =
                 data.maps.get(&map).is_some_and(|mp| mp.term == term && mp.seq >= seq && mp.staging.is_none());
             if !in_step {
-                mismatched.push((p, map));
+                behind.push((p, map));
             }
         }
-        Reply::Mismatch { partitions: mismatched }
+        Reply::Versions { behind, fenced, not_yet, table: self.table().id() }
     }
+}
+
+/// A copy's buffer of changes overflowed: drop the copy (the owner starts another later).
+fn abort_staging(mp: &mut MapPartition, p: u32, map: &str) -> Reply {
+    mp.staging = None;
+    debug!(partition = p, map, "too many changes arrived during a full copy; dropping the copy");
+    Reply::NeedSync { term: mp.term.clone(), seq: mp.seq }
 }

@@ -133,6 +133,7 @@ impl Node {
             epoch: table.epoch,
             owned_partitions,
             backup_partitions,
+            partitions_lost: self.partitions_lost.load(Ordering::Relaxed),
             maps,
         }
     }

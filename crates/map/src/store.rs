@@ -7,23 +7,21 @@ use std::time::Duration;
 use crate::config::MapConfig;
 use crate::messages::{EntryEventKind, Op, OpResult, PutMode, ReplOp};
 use crate::record::{Expiry, Record};
-
-/// An entry as stored and copied: encoded key and record.
-pub(crate) type StoredEntry = (Vec<u8>, Record);
+use crate::table::Term;
 
 /// A page of live entries (encoded key and value) and the key to continue after, if any.
 pub(crate) type Page = (Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>);
 
-/// A map partition: entries plus the replication position `(term, seq)`: the term is the table
-/// epoch in which the current owner took the partition over, `seq` the last change applied in it.
+/// A map partition: entries plus the replication position `(term, seq)`: the term is the owner
+/// term (see [`crate::table`]) the changes came in, `seq` the last change applied in it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MapPartition {
     pub(crate) entries: BTreeMap<Vec<u8>, Record>,
-    pub(crate) term: u64,
+    pub(crate) term: Term,
     pub(crate) seq: u64,
     memory: u64,
-    /// A full copy arriving in chunks: the next chunk number expected and the entries so far.
-    pub(crate) staging: Option<(u32, Vec<StoredEntry>)>,
+    /// A full copy arriving in chunks (see [`crate::copy`]).
+    pub(crate) staging: Option<Box<crate::copy::Staging>>,
     /// A backup asked the owner for a full copy and has not received it yet.
     pub(crate) sync_requested: bool,
 }
@@ -39,7 +37,7 @@ pub(crate) struct Change {
 }
 
 impl MapPartition {
-    pub(crate) fn new(term: u64) -> Self {
+    pub(crate) fn new(term: Term) -> Self {
         MapPartition { term, ..Default::default() }
     }
 
@@ -75,7 +73,7 @@ impl MapPartition {
     }
 
     /// Replaces everything with a full copy at `(term, seq)`.
-    pub(crate) fn install(&mut self, term: u64, seq: u64, entries: Vec<(Vec<u8>, Record)>) {
+    pub(crate) fn install(&mut self, term: Term, seq: u64, entries: Vec<(Vec<u8>, Record)>) {
         self.clear();
         for (key, record) in entries {
             self.insert(key, record);
@@ -262,7 +260,7 @@ mod tests {
 
     #[test]
     fn put_get_remove_report_previous_values_and_changes() {
-        let mut mp = MapPartition::new(1);
+        let mut mp = MapPartition::default();
         let (r, c) = exec(&mut mp, put("k", "a", PutMode::Always), 10);
         assert_eq!(r, OpResult::Value(None));
         assert_eq!(c.unwrap().kind, EntryEventKind::Added);
@@ -280,7 +278,7 @@ mod tests {
 
     #[test]
     fn conditional_writes_only_change_when_the_condition_holds() {
-        let mut mp = MapPartition::new(1);
+        let mut mp = MapPartition::default();
         assert!(exec(&mut mp, put("k", "a", PutMode::IfPresent), 1).1.is_none());
         assert!(exec(&mut mp, put("k", "a", PutMode::IfAbsent), 2).1.is_some());
         let (r, c) = exec(&mut mp, put("k", "b", PutMode::IfAbsent), 3);
@@ -299,7 +297,7 @@ mod tests {
 
     #[test]
     fn expired_entries_are_invisible_at_once_and_can_be_rewritten() {
-        let mut mp = MapPartition::new(1);
+        let mut mp = MapPartition::default();
         let op = Op::Put {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
@@ -329,7 +327,7 @@ mod tests {
 
     #[test]
     fn pages_walk_every_live_entry_once_in_key_order() {
-        let mut mp = MapPartition::new(1);
+        let mut mp = MapPartition::default();
         for i in 0..25u8 {
             mp.insert(vec![i], Record::written(vec![i], 1, Expiry::default(), None));
         }

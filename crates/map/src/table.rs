@@ -1,20 +1,92 @@
-//! The partition table: for each partition, its replicas (owner first, then backups in order),
-//! stamped with an epoch that only grows. Only the master writes it; every member holds a copy.
+//! The partition table: for each partition, its replicas (owner first, then backups in order) and
+//! the owner's replication *term*; the table's id; and its lineage. Only the master writes it;
+//! every member holds a copy.
+//!
+//! **Ids.** A table is identified by its epoch and the master that published it ([`TableId`]).
+//! Masters publish epochs above every epoch they have seen, but two members that act as master at
+//! the same moment (started together, or the two sides of a network split) can publish the same
+//! epoch: the publisher makes the id unique.
+//!
+//! **Terms.** `terms[p]` is the id of the table in which `rows[p][0]` became the owner of `p`.
+//! It changes exactly when the owner does, so it is unique to one ownership of one partition:
+//! every message that changes a replica carries it, and a replica applies it only from the owner
+//! its own table names, in that term (see [`crate::fence`]).
+//!
+//! **Lineage.** A master derives each table from the one it holds. `history` lists the runs of
+//! tables this one descends from, oldest first: a run is a contiguous sequence of tables one
+//! master published, each derived from the previous, so `(publisher, first..=last)` covers every
+//! table of that run. A table descends from another exactly when one of its runs covers the
+//! other's id (see [`crate::lineage`]). A master's epochs only grow, so its runs never overlap.
 
 use grapevine_membership::MemberId;
 use serde::{Deserialize, Serialize};
 
 use crate::assign::Row;
 
+/// How many runs a table's history keeps (the most recent ones). Older ancestors are then no
+/// longer recognised as ancestors, which only matters for a table that has not been updated for
+/// that many changes of master.
+pub const HISTORY_RUNS_MAX: usize = 32;
+
+/// Identifies one table: its epoch and the master that published it. Ordered by epoch, then
+/// publisher; the order says nothing about lineage (see [`crate::lineage`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TableId {
+    /// The epoch.
+    pub epoch: u64,
+    /// The publishing master; `None` only for the empty table every member starts with.
+    pub publisher: Option<MemberId>,
+}
+
+impl TableId {
+    /// The id of the empty table (epoch 0).
+    pub fn empty() -> Self {
+        TableId { epoch: 0, publisher: None }
+    }
+}
+
+impl Default for TableId {
+    fn default() -> Self {
+        TableId::empty()
+    }
+}
+
+impl std::fmt::Display for TableId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.publisher {
+            Some(p) => write!(f, "{}/{p}", self.epoch),
+            None => write!(f, "{}/-", self.epoch),
+        }
+    }
+}
+
+/// The replication term of a partition's owner: the id of the table that made it the owner.
+pub type Term = TableId;
+
+/// Tables `first..=last` published by `publisher`, each derived from the previous one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// The master that published the run.
+    pub publisher: MemberId,
+    /// Its first epoch.
+    pub first: u64,
+    /// Its last epoch.
+    pub last: u64,
+}
+
 /// A version of the partition table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionTable {
-    /// Grows by at least one on every change. Operations carry the caller's epoch.
+    /// Grows on every change. Operations carry the caller's epoch.
     pub epoch: u64,
     /// The master that published this table.
     pub master: Option<MemberId>,
     /// `rows[p]`: the replicas of partition `p`, owner first.
     pub rows: Vec<Row>,
+    /// `terms[p]`: the id of the table in which `rows[p][0]` became the owner of `p`.
+    pub terms: Vec<Term>,
+    /// The runs of tables this one descends from, oldest first; the last one ends with this table.
+    pub history: Vec<Run>,
 }
 
 /// A member's role for one partition.
@@ -31,7 +103,19 @@ pub enum Role {
 impl PartitionTable {
     /// The table before any master published one: epoch 0, no owners.
     pub fn empty(partition_count: u32) -> Self {
-        PartitionTable { epoch: 0, master: None, rows: vec![Vec::new(); partition_count as usize] }
+        let count = partition_count as usize;
+        PartitionTable {
+            epoch: 0,
+            master: None,
+            rows: vec![Vec::new(); count],
+            terms: vec![TableId::empty(); count],
+            history: Vec::new(),
+        }
+    }
+
+    /// This table's id.
+    pub fn id(&self) -> TableId {
+        TableId { epoch: self.epoch, publisher: self.master.clone() }
     }
 
     /// The number of partitions.
@@ -42,6 +126,12 @@ impl PartitionTable {
     /// The owner of partition `p`, if any.
     pub fn owner(&self, p: u32) -> Option<&MemberId> {
         self.rows.get(p as usize).and_then(|row| row.first())
+    }
+
+    /// The term of partition `p`'s owner.
+    pub fn term(&self, p: u32) -> &Term {
+        static EMPTY: std::sync::OnceLock<TableId> = std::sync::OnceLock::new();
+        self.terms.get(p as usize).unwrap_or_else(|| EMPTY.get_or_init(TableId::empty))
     }
 
     /// The replicas of partition `p`, owner first.
@@ -73,12 +163,192 @@ impl PartitionTable {
         self.rows.iter().any(|row| row.contains(member))
     }
 
-    /// Checks the invariants a table must keep. Cheap; runs in release builds.
-    pub fn assert_valid(&self) {
-        for (p, row) in self.rows.iter().enumerate() {
-            for (i, m) in row.iter().enumerate() {
-                assert!(!row[..i].contains(m), "partition {p}: member {m} appears twice in {row:?}");
+    /// True when this table is `id` or descends from it (the empty table is everyone's ancestor).
+    pub fn descends_from(&self, id: &TableId) -> bool {
+        let Some(publisher) = &id.publisher else { return true };
+        if id.epoch == 0 {
+            return true;
+        }
+        self.history.iter().any(|run| run.publisher == *publisher && run.first <= id.epoch && id.epoch <= run.last)
+    }
+
+    /// The table `publisher` derives from this one as epoch `epoch` with `rows`: owners that stay
+    /// keep their term, new owners get the new table's id as theirs; the history gains the new
+    /// table (extending the publisher's run if this table ends it).
+    pub fn successor(&self, publisher: &MemberId, epoch: u64, rows: Vec<Row>) -> PartitionTable {
+        assert!(epoch > self.epoch, "epoch {epoch} does not follow {}", self.epoch);
+        assert_eq!(rows.len(), self.rows.len(), "a successor keeps the partition count");
+        let id = TableId { epoch, publisher: Some(publisher.clone()) };
+        let terms = rows
+            .iter()
+            .enumerate()
+            .map(|(p, row)| match (row.first(), self.rows[p].first()) {
+                (Some(new), Some(old)) if new == old => self.terms[p].clone(),
+                _ => id.clone(),
+            })
+            .collect();
+        let mut history = self.history.clone();
+        match history.last_mut() {
+            Some(run) if run.publisher == *publisher && run.last == self.epoch => run.last = epoch,
+            _ => history.push(Run { publisher: publisher.clone(), first: epoch, last: epoch }),
+        }
+        if history.len() > HISTORY_RUNS_MAX {
+            history.drain(..history.len() - HISTORY_RUNS_MAX);
+        }
+        PartitionTable { epoch, master: Some(publisher.clone()), rows, terms, history }
+    }
+
+    /// Like [`PartitionTable::successor`], for a master that decided that `superseded` (tables
+    /// other members hold, on other lineages) lose to this one: the new table counts them as
+    /// ancestors, so the members holding them apply it as newer history (see [`crate::lineage`]).
+    pub fn successor_superseding(
+        &self,
+        publisher: &MemberId,
+        epoch: u64,
+        rows: Vec<Row>,
+        superseded: &[&PartitionTable],
+    ) -> PartitionTable {
+        let mut next = self.successor(publisher, epoch, rows);
+        let own = next.history.pop().expect("a successor's history ends with its own run");
+        for table in superseded {
+            if next.descends_from(&table.id()) {
+                continue;
+            }
+            if let Some(run) = table.history.last() {
+                next.history.push(run.clone());
             }
         }
+        next.history.push(own);
+        if next.history.len() > HISTORY_RUNS_MAX {
+            next.history.drain(..next.history.len() - HISTORY_RUNS_MAX);
+        }
+        next
+    }
+
+    /// Checks what a table received from another member must satisfy before it is used: the
+    /// partition count, one term per partition, no member twice in a row, terms no newer than
+    /// the table, and a history that ends with the table itself. Cheap; never panics.
+    pub fn validate(&self, partition_count: u32) -> Result<(), String> {
+        if self.rows.len() != partition_count as usize {
+            return Err(format!(
+                "it has {} partitions and this member {partition_count}; `partitions.count` must be the same on \
+                 every member",
+                self.rows.len()
+            ));
+        }
+        if self.terms.len() != self.rows.len() {
+            return Err(format!("it has {} terms for {} partitions", self.terms.len(), self.rows.len()));
+        }
+        for (p, row) in self.rows.iter().enumerate() {
+            if row.len() > crate::assign::REPLICAS_MAX {
+                return Err(format!(
+                    "partition {p} has {} replicas, more than {}",
+                    row.len(),
+                    crate::assign::REPLICAS_MAX
+                ));
+            }
+            for (i, m) in row.iter().enumerate() {
+                if row[..i].contains(m) {
+                    return Err(format!("partition {p}: member {m} appears twice in {row:?}"));
+                }
+            }
+            if self.terms[p].epoch > self.epoch {
+                return Err(format!(
+                    "partition {p} has term {} from after the table's epoch {}",
+                    self.terms[p], self.epoch
+                ));
+            }
+        }
+        if self.epoch > 0 {
+            let own = self.history.last().is_some_and(|run| {
+                Some(&run.publisher) == self.master.as_ref() && run.last == self.epoch && run.first <= run.last
+            });
+            if !own || self.history.len() > HISTORY_RUNS_MAX {
+                return Err(format!("its history does not end with the table itself ({})", self.id()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(name: &str) -> MemberId {
+        MemberId::new(name, 1)
+    }
+
+    fn rows(owners: &[&str]) -> Vec<Row> {
+        owners.iter().map(|o| vec![id(o)]).collect()
+    }
+
+    #[test]
+    fn successors_keep_the_terms_of_owners_that_stay_and_start_terms_for_new_ones() {
+        let t0 = PartitionTable::empty(3);
+        let t1 = t0.successor(&id("a"), 1, rows(&["a", "a", "b"]));
+        assert!(t1.terms.iter().all(|t| *t == t1.id()), "every owner is new in the first table");
+        let t2 = t1.successor(&id("a"), 2, rows(&["a", "c", "b"]));
+        assert_eq!(t2.terms[0], t1.id());
+        assert_eq!(t2.terms[1], t2.id(), "partition 1 changed owner");
+        assert_eq!(t2.terms[2], t1.id());
+        assert_eq!(t2.history, vec![Run { publisher: id("a"), first: 1, last: 2 }]);
+        assert!(t2.validate(3).is_ok());
+    }
+
+    #[test]
+    fn a_new_publisher_starts_a_run_and_descent_follows_the_runs() {
+        let t1 = PartitionTable::empty(2).successor(&id("a"), 1, rows(&["a", "b"]));
+        let t2 = t1.successor(&id("a"), 2, rows(&["a", "b"]));
+        let t5 = t2.successor(&id("b"), 5, rows(&["b", "b"]));
+        assert_eq!(t5.history.len(), 2);
+        for ancestor in [&t1, &t2, &t5] {
+            assert!(t5.descends_from(&ancestor.id()));
+        }
+        assert!(t5.descends_from(&TableId::empty()));
+        // a's table 3, published on a fork after t2, is not an ancestor of t5.
+        let fork = t2.successor(&id("a"), 3, rows(&["a", "a"]));
+        assert!(!t5.descends_from(&fork.id()));
+        assert!(!fork.descends_from(&t5.id()));
+    }
+
+    #[test]
+    fn superseded_tables_become_ancestors_without_changing_the_rows_or_terms() {
+        let base = PartitionTable::empty(2).successor(&id("a"), 1, rows(&["a", "b"]));
+        let other = base.successor(&id("b"), 4, rows(&["b", "b"]));
+        let next = base.successor_superseding(&id("a"), 5, rows(&["a", "b"]), &[&other, &base]);
+        assert!(next.descends_from(&other.id()) && next.descends_from(&base.id()));
+        assert_eq!(next.terms, base.terms);
+        assert!(next.validate(2).is_ok());
+        assert_eq!(next.history.last().unwrap().publisher, id("a"));
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut t = PartitionTable::empty(1);
+        for e in 1..=(HISTORY_RUNS_MAX as u64 + 10) {
+            let publisher = if e % 2 == 0 { "a" } else { "b" };
+            t = t.successor(&id(publisher), e, rows(&[publisher]));
+        }
+        assert_eq!(t.history.len(), HISTORY_RUNS_MAX);
+        assert!(t.validate(1).is_ok());
+    }
+
+    #[test]
+    fn invalid_tables_are_refused_with_a_reason() {
+        let good = PartitionTable::empty(2).successor(&id("a"), 1, rows(&["a", "b"]));
+        assert!(good.validate(3).unwrap_err().contains("partitions.count"));
+        let mut twice = good.clone();
+        twice.rows[0] = vec![id("a"), id("a")];
+        assert!(twice.validate(2).unwrap_err().contains("twice"));
+        let mut no_terms = good.clone();
+        no_terms.terms.pop();
+        assert!(no_terms.validate(2).is_err());
+        let mut future_term = good.clone();
+        future_term.terms[0].epoch = 9;
+        assert!(future_term.validate(2).is_err());
+        let mut no_history = good;
+        no_history.history.clear();
+        assert!(no_history.validate(2).unwrap_err().contains("history"));
     }
 }

@@ -11,31 +11,18 @@ use grapevine_net::codec;
 use tracing::{debug, info, warn};
 
 use crate::messages::{Msg, Reply};
-use crate::node::{EPOCH_KEY, MAP_SERVICE, Node};
+use crate::node::{MAP_SERVICE, Node};
 use crate::record::now_ms;
-use crate::table::Role;
+use crate::table::{Role, Term};
+use crate::tables::EPOCH_KEY;
 
 /// Expired entries removed per partition per sweep, to bound the work under the lock.
 const SWEEP_BATCH: usize = 1_000;
 
-impl Node {
-    /// Fetches the master's table in the background (rate-limited by the follow-up loop).
-    pub(crate) fn spawn_table_refresh(self: &Arc<Self>) {
-        self.master_wakeup.notify_one();
-        let node = self.clone();
-        let master = self.membership.view().master.clone();
-        if let Some(master) = master.filter(|m| *m != self.local) {
-            self.tasks.spawn(async move {
-                node.fetch_table(&master).await;
-            });
-        }
-    }
-}
-
 /// Publishes this member's table epoch in gossip and fetches the master's table when gossip
 /// shows a newer one (a missed push). Also keeps the listener registry current.
 pub(crate) async fn follow_loop(node: Arc<Node>) {
-    let mut tables = node.table_tx.subscribe();
+    let mut tables = node.tables.tx.subscribe();
     let mut views = node.membership.watch();
     let mut published = String::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -48,17 +35,21 @@ pub(crate) async fn follow_loop(node: Arc<Node>) {
             _ = node.cancel.cancelled() => return,
         }
         let table = node.table();
-        let epoch = table.epoch;
-        let value = crate::node::table_gossip_value(&table);
+        let value = crate::tables::table_gossip_value(&table);
         if value != published {
             node.membership.set_ext_key(EPOCH_KEY, &value).await;
             published = value;
         }
         let view = views.borrow().clone();
         if let Some(master) = view.master.as_ref().filter(|m| **m != node.local) {
-            let master_epoch = node.gossip_tables().into_iter().find(|t| t.member == *master).map(|t| t.epoch);
-            if master_epoch.is_some_and(|e| e > epoch) {
-                node.fetch_table(master).await;
+            // The master holds another table than ours, and ours is not newer: ask for it (the
+            // verdict decides whether to apply it). Rate-limited by the refresh loop.
+            let theirs = node.gossip_tables().into_iter().find(|t| t.member == *master).map(|t| t.table);
+            if let Some(theirs) = theirs
+                && theirs != table.id()
+                && !table.descends_from(&theirs)
+            {
+                node.want_table(master);
             }
         }
     }
@@ -89,12 +80,14 @@ impl Node {
         let now = now_ms();
         for (p, slot) in self.slots.iter().enumerate() {
             let mut data = slot.data.lock().unwrap();
-            let Some(freeze) = &data.frozen else { continue };
-            if freeze.master != master || now.saturating_sub(freeze.since_ms) > stale_after {
-                warn!(partition = p, "unfreezing a partition whose migration the master abandoned");
+            let Some(migration) = &data.migration else { continue };
+            if Some(&migration.id.master) != master.as_ref() || now.saturating_sub(migration.started_ms) > stale_after {
+                if data.frozen.is_some() {
+                    warn!(partition = p, id = %migration.id, "unfreezing a partition whose migration the master abandoned");
+                }
                 data.frozen = None;
-                data.migrating.clear();
-                data.migration_target = None;
+                data.migration = None;
+                data.copy_targets.clear();
             }
         }
     }
@@ -121,24 +114,29 @@ impl Node {
     /// Compares, for every owned partition, each map's position with each backup's.
     pub(crate) async fn check_backups(self: &Arc<Self>) {
         let table = self.table();
-        let mut per_member: HashMap<MemberId, Vec<(u32, String, u64, u64)>> = HashMap::new();
+        let mut per_member: HashMap<MemberId, Vec<(u32, Term, String, u64)>> = HashMap::new();
         for p in table.owned_by(&self.local) {
             let data = self.slot(p).data.lock().unwrap();
-            if data.frozen.is_some() {
+            if data.frozen.is_some() || data.fenced.is_some() || data.starting {
                 continue;
             }
             for (name, mp) in &data.maps {
                 let highest = self.settings.map(name).replicas() - 1;
                 for backup in table.row(p).iter().skip(1).take(highest) {
-                    per_member.entry(backup.clone()).or_default().push((p, name.clone(), mp.term, mp.seq));
+                    per_member.entry(backup.clone()).or_default().push((p, mp.term.clone(), name.clone(), mp.seq));
                 }
             }
         }
         for (member, versions) in per_member {
-            let msg = Node::encode(&Msg::VersionCheck { epoch: table.epoch, versions });
+            let msg = Node::encode(&Msg::VersionCheck { versions });
             let reply = self.net.request(&member, MAP_SERVICE, msg, Duration::from_secs(10)).await;
             let mismatched = match reply.map(|b| codec::decode::<Reply>(&b)) {
-                Ok(Ok(Reply::Mismatch { partitions })) => partitions,
+                Ok(Ok(Reply::Versions { behind, fenced, table: theirs, .. })) => {
+                    for p in fenced {
+                        self.fence_partition(p, &theirs, &member);
+                    }
+                    behind
+                }
                 Ok(other) => {
                     debug!(%member, reply = ?other, "unexpected anti-entropy reply");
                     continue;
@@ -183,6 +181,9 @@ impl Node {
             if data.maps.is_empty() || data.frozen.is_some() {
                 continue;
             }
+            if owner_not_serving(&data) && role == Role::Owner {
+                continue;
+            }
             let floor = data.owner_since_ms;
             let names: Vec<String> = data.maps.keys().cloned().collect();
             for name in names {
@@ -214,21 +215,25 @@ impl Node {
     ) {
         let config = self.settings.map(map);
         let backups: Vec<MemberId> = table.row(p).iter().skip(1).take(config.replicas() - 1).cloned().collect();
-        let migrating: Vec<MemberId> = data.migrating.iter().map(|(m, _)| m.clone()).collect();
+        let targets: Vec<MemberId> = data
+            .copy_targets
+            .iter()
+            .filter(|(m, n, _)| n == map && !backups.contains(m))
+            .map(|(m, _, _)| m.clone())
+            .collect();
         let mut events = Vec::new();
         for key in keys {
             let mp = data.maps.get_mut(map).expect("map partition exists");
             let Some(change) = mp.expire(key) else { continue };
             mp.seq += 1;
             let msg = Node::encode(&Msg::Backup {
-                epoch: table.epoch,
                 partition: p,
+                term: mp.term.clone(),
                 map: map.to_string(),
-                term: mp.term,
                 seq: mp.seq,
                 op: change.repl.clone(),
             });
-            for member in backups.iter().chain(migrating.iter().filter(|m| !backups.contains(m))) {
+            for member in backups.iter().chain(targets.iter()) {
                 let _ = self.net.send(member, MAP_SERVICE, msg.clone());
             }
             events.push(crate::messages::RawEntryEvent {
@@ -261,7 +266,7 @@ pub(crate) async fn confirm_loop(node: Arc<Node>) {
             .owned_by(&node.local)
             .filter(|p| {
                 let data = node.slot(*p).data.lock().unwrap();
-                data.unconfirmed && data.frozen.is_none()
+                data.unconfirmed && !owner_not_serving(&data)
             })
             .collect();
         for batch in pending.chunks(PARALLEL) {
@@ -275,7 +280,8 @@ pub(crate) async fn confirm_loop(node: Arc<Node>) {
                 let Ok((p, outcome)) = joined else { continue };
                 match outcome {
                     Ok(()) => {
-                        let still_same = node.table().row(p) == table.row(p);
+                        let now = node.table();
+                        let still_same = now.row(p) == table.row(p) && now.term(p) == table.term(p);
                         if still_same {
                             node.slot(p).data.lock().unwrap().unconfirmed = false;
                         }
@@ -285,4 +291,10 @@ pub(crate) async fn confirm_loop(node: Arc<Node>) {
             }
         }
     }
+}
+
+/// True while an owner does not serve a partition: frozen for a hand-over, fenced by a newer
+/// table, or starting its term.
+fn owner_not_serving(data: &crate::node::PartitionData) -> bool {
+    data.frozen.is_some() || data.fenced.is_some() || data.starting
 }

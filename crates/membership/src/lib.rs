@@ -26,11 +26,11 @@ mod member;
 mod transport;
 mod view;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chitchat::transport::Transport;
 use chitchat::{Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
@@ -42,9 +42,11 @@ pub use member::{Member, MemberId, MemberParseError, MemberState, PROTOCOL_VERSI
 pub use transport::GossipSocket;
 pub use view::{ClusterView, MemberEvent};
 
+pub use view::excluded_members;
+
 use member::{
-    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_HANDOVER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE, PREFIX_ATTR, PREFIX_EXT,
-    format_handover, member_from_node_state,
+    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_GONE, KEY_HANDOVER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE, KEY_UNREACHABLE,
+    PREFIX_ATTR, PREFIX_EXT, format_handover, format_ids, member_from_node_state,
 };
 use transport::{PreboundTransport, TransportShared};
 
@@ -111,6 +113,13 @@ impl MembershipConfig {
     pub fn failure_detection_time(&self) -> Duration {
         self.gossip_interval.mul_f64(self.phi_threshold) + self.gossip_interval
     }
+}
+
+/// How long a member whose data port refuses connections must also be silent in gossip before it
+/// is declared dead: one and a half gossip intervals (a live member's heartbeat arrives about once
+/// per interval).
+pub fn gone_silence(gossip_interval: Duration) -> Duration {
+    gossip_interval.mul_f64(1.5)
 }
 
 /// Errors of the membership layer.
@@ -205,6 +214,12 @@ struct Inner {
     duplicate_ids_logged: Mutex<HashSet<ChitchatId>>,
     handovers_done: Mutex<HashSet<String>>,
     nonce: AtomicU64,
+    /// Per node: its last heartbeat and when it changed, to tell a silent member.
+    heartbeats: Mutex<HashMap<ChitchatId, (u64, Instant)>>,
+    /// The data-plane reports this member published last: (unreachable, gone).
+    reported: tokio::sync::Mutex<(Vec<MemberId>, Vec<MemberId>)>,
+    /// Members declared dead because their port refuses and they fell silent, logged once.
+    gone_logged: Mutex<HashSet<MemberId>>,
 }
 
 impl Membership {
@@ -278,6 +293,9 @@ impl Membership {
             duplicate_ids_logged: Mutex::new(HashSet::new()),
             handovers_done: Mutex::new(HashSet::new()),
             nonce: AtomicU64::new(0),
+            heartbeats: Mutex::new(HashMap::new()),
+            reported: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
+            gone_logged: Mutex::new(HashSet::new()),
         });
         inner.rebuild_view().await;
         let view_task = tokio::spawn(view_loop(inner.clone(), live_watch));
@@ -389,6 +407,41 @@ impl Membership {
 
     async fn set_key(&self, key: &str, value: &str) {
         self.inner.chitchat.lock().await.self_node_state().set(key, value);
+        self.inner.rebuild_view().await;
+    }
+
+    /// Publishes what this member's data plane knows of its peers: those it cannot reach although
+    /// gossip says they are alive (`unreachable`, which excludes them from ownership when the
+    /// reports say so, see [`excluded_members`]), and those whose data port refuses its
+    /// connections (`gone`: their process is gone; with their heartbeat silent too, they are
+    /// declared dead without waiting for the gossip failure detector). Publishes only changes.
+    pub async fn report_data_plane(&self, mut unreachable: Vec<MemberId>, mut gone: Vec<MemberId>) {
+        unreachable.sort();
+        gone.sort();
+        let mut reported = self.inner.reported.lock().await;
+        if reported.0 == unreachable && reported.1 == gone {
+            return;
+        }
+        if reported.0 != unreachable {
+            if !unreachable.is_empty() {
+                warn!(members = %format_ids(&unreachable), "cannot reach these members over the data plane");
+            } else {
+                info!("every member is reachable over the data plane again");
+            }
+        }
+        {
+            let mut chitchat = self.inner.chitchat.lock().await;
+            let state = chitchat.self_node_state();
+            for (key, ids) in [(KEY_UNREACHABLE, &unreachable), (KEY_GONE, &gone)] {
+                if ids.is_empty() {
+                    state.delete(key);
+                } else {
+                    state.set(key, format_ids(ids.iter()));
+                }
+            }
+        }
+        *reported = (unreachable, gone);
+        drop(reported);
         self.inner.rebuild_view().await;
     }
 
@@ -516,14 +569,24 @@ impl Membership {
 impl Inner {
     /// Rebuilds the view from chitchat's state, publishes it if it changed, and emits events.
     async fn rebuild_view(&self) {
-        let (candidates, announced_left, claims_to_fix) = {
+        let (candidates, announced_left, claims_to_fix, silent) = {
             let mut chitchat = self.chitchat.lock().await;
             let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
             let mut candidates = Vec::with_capacity(live.len());
+            let mut silent = HashMap::new();
+            let now = Instant::now();
+            let mut heartbeats = self.heartbeats.lock().unwrap();
+            heartbeats.retain(|id, _| live.contains(id));
             for id in &live {
                 let Some(state) = chitchat.node_state(id) else {
                     continue;
                 };
+                let beat = u64::from(state.heartbeat());
+                let entry = heartbeats.entry(id.clone()).or_insert((beat, now));
+                if entry.0 != beat {
+                    *entry = (beat, now);
+                }
+                silent.insert(MemberId::new(id.node_id.clone(), id.generation_id), now.duration_since(entry.1));
                 match member_from_node_state(id, state) {
                     Ok(member) => candidates.push(member),
                     Err(error) => {
@@ -537,14 +600,16 @@ impl Inner {
                 .filter(|(_, state)| state.get(KEY_STATE) == Some(MemberState::Left.as_str()))
                 .map(|(id, _)| MemberId::new(id.node_id.clone(), id.generation_id))
                 .collect();
+            drop(heartbeats);
             let claims_to_fix = self.handle_master_claims(&mut chitchat, &candidates);
-            (candidates, announced_left, claims_to_fix)
+            (candidates, announced_left, claims_to_fix, silent)
         };
         if claims_to_fix {
             self.poke.notify_one();
         }
         let compatible: Vec<Member> = candidates.into_iter().filter(|m| self.admit(m)).collect();
         let present: Vec<Member> = compatible.into_iter().filter(|m| m.state != MemberState::Left).collect();
+        let present = self.drop_gone(present, &silent);
         let (members, replaced) = view::dedupe_node_ids(present, &self.local);
         for old in replaced {
             let id = ChitchatId::new(old.id.node_id.clone(), old.id.generation, old.gossip_addr);
@@ -561,12 +626,25 @@ impl Inner {
                 );
             }
         }
-        let master = view::compute_master(&members);
+        let excluded = view::excluded_members(&members);
+        let master = view::compute_master(&members, &excluded);
         let old = self.view_tx.borrow().clone();
-        if old.members == members && old.master == master {
+        if old.members == members && old.master == master && old.excluded == excluded {
             return;
         }
-        let new = Arc::new(ClusterView { version: old.version + 1, local: self.local.clone(), members, master });
+        if old.excluded != excluded {
+            if excluded.is_empty() {
+                info!(local = %self.local, "no member is excluded from ownership any more");
+            } else {
+                warn!(
+                    local = %self.local,
+                    excluded = %format_ids(&excluded),
+                    "members that others cannot reach over the data plane are excluded from ownership until they can"
+                );
+            }
+        }
+        let new =
+            Arc::new(ClusterView { version: old.version + 1, local: self.local.clone(), members, master, excluded });
         let events = view::diff(&old, &new, &announced_left);
         for event in &events {
             log_event(&self.local, event);
@@ -577,6 +655,35 @@ impl Inner {
             // No receiver is fine: events are for whoever listens.
             let _ = self.events_tx.send(event);
         }
+    }
+
+    /// Drops members whose data port refuses connections (some member reports them `gone`) and
+    /// whose heartbeat has been silent for [`gone_silence`]: their process is gone, and waiting
+    /// for the gossip failure detector (which cannot tell a dead process from a slow network)
+    /// would only leave their partitions without an owner for longer. A member that turns out
+    /// alive (its heartbeat moves again) is back in the next view.
+    fn drop_gone(&self, members: Vec<Member>, silent: &HashMap<MemberId, Duration>) -> Vec<Member> {
+        let reported: BTreeSet<MemberId> = members.iter().flat_map(|m| m.gone.iter().cloned()).collect();
+        if reported.is_empty() {
+            return members;
+        }
+        let threshold = gone_silence(self.config.gossip_interval);
+        let (gone, kept): (Vec<Member>, Vec<Member>) = members.into_iter().partition(|m| {
+            m.id != self.local && reported.contains(&m.id) && silent.get(&m.id).is_some_and(|s| *s >= threshold)
+        });
+        let mut logged = self.gone_logged.lock().unwrap();
+        logged.retain(|id| gone.iter().any(|m| m.id == *id));
+        for member in &gone {
+            if logged.insert(member.id.clone()) {
+                warn!(
+                    local = %self.local,
+                    node = %member.id,
+                    addr = %member.data_addr,
+                    "member's data port refuses connections and its heartbeat stopped: its process is gone"
+                );
+            }
+        }
+        kept
     }
 
     /// Returns whether the member may be in the view; logs an incompatible version once per member.
@@ -665,8 +772,9 @@ fn log_event(local: &MemberId, event: &MemberEvent) {
 async fn view_loop(inner: Arc<Inner>, mut live_watch: watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>) {
     let mut stop = inner.stop_tx.subscribe();
     // The watch fires on liveness and key changes; the tick is a safety net (and picks up
-    // hand-over requests) in case a change slipped between two notifications.
-    let mut tick = tokio::time::interval(inner.config.gossip_interval);
+    // hand-over requests) in case a change slipped between two notifications, and notices silent
+    // heartbeats of members reported gone.
+    let mut tick = tokio::time::interval(inner.config.gossip_interval / 2);
     loop {
         tokio::select! {
             changed = live_watch.changed() => if changed.is_err() { return },

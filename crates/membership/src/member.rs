@@ -22,6 +22,15 @@ pub(crate) const KEY_STATE: &str = "state";
 pub(crate) const KEY_MASTER_CLAIM: &str = "claim";
 /// Gossip key: a request that another member become master: `node_id/generation/nonce`.
 pub(crate) const KEY_HANDOVER: &str = "handover";
+/// Gossip key: the members this member cannot reach over the data plane although gossip says they
+/// are alive (comma-separated member ids). Used to exclude members from ownership (see
+/// [`crate::view::excluded_members`]).
+pub(crate) const KEY_UNREACHABLE: &str = "unreach";
+/// Gossip key: the members whose data port refuses this member's connections (comma-separated):
+/// their process is gone. With their heartbeat silent too, they are declared dead at once.
+pub(crate) const KEY_GONE: &str = "gone";
+/// Most member ids a report key may list; longer lists are cut (a cluster has far fewer members).
+pub(crate) const REPORT_IDS_MAX: usize = 256;
 /// Prefix of user attributes (`attr:zone = eu-1`).
 pub(crate) const PREFIX_ATTR: &str = "attr:";
 /// Prefix of keys published by upper layers (map, topic): `x:<name>`.
@@ -85,6 +94,31 @@ impl fmt::Display for MemberId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.node_id, self.generation)
     }
+}
+
+impl FromStr for MemberId {
+    type Err = String;
+
+    /// Parses what `Display` writes: `<node id>@<generation>` (the node id may contain `@`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("member id {s:?} is not `<node id>@<generation>`");
+        let (node_id, generation) = s.rsplit_once('@').ok_or_else(bad)?;
+        if node_id.is_empty() || node_id.len() > 1024 {
+            return Err(bad());
+        }
+        Ok(MemberId::new(node_id, generation.parse::<u64>().map_err(|_| bad())?))
+    }
+}
+
+/// Formats a list of member ids for a report key.
+pub(crate) fn format_ids<'a>(ids: impl IntoIterator<Item = &'a MemberId>) -> String {
+    ids.into_iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Parses a report key's list; entries that do not parse are skipped, at most
+/// [`REPORT_IDS_MAX`] are kept.
+fn parse_ids(value: &str) -> Vec<MemberId> {
+    value.split(',').filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).take(REPORT_IDS_MAX).collect()
 }
 
 /// Where a member is in its life cycle.
@@ -153,6 +187,10 @@ pub struct Member {
     pub attributes: BTreeMap<String, String>,
     /// Keys published by upper layers (`x:` keys, prefix stripped).
     pub ext: BTreeMap<String, String>,
+    /// Members it cannot reach over the data plane although gossip says they are alive.
+    pub unreachable: Vec<MemberId>,
+    /// Members whose data port refuses its connections (their process is gone).
+    pub gone: Vec<MemberId>,
     /// A pending request that another member become master: `(target node id, nonce)`.
     #[serde(skip)]
     pub(crate) handover: Option<(String, u64, String)>,
@@ -208,6 +246,8 @@ pub(crate) fn member_from_node_state(id: &ChitchatId, state: &NodeState) -> Resu
         None => 0,
     };
     let handover = state.get(KEY_HANDOVER).and_then(parse_handover);
+    let unreachable = state.get(KEY_UNREACHABLE).map(parse_ids).unwrap_or_default();
+    let gone = state.get(KEY_GONE).map(parse_ids).unwrap_or_default();
     let mut attributes = BTreeMap::new();
     let mut ext = BTreeMap::new();
     for (key, value) in state.key_values() {
@@ -227,6 +267,8 @@ pub(crate) fn member_from_node_state(id: &ChitchatId, state: &NodeState) -> Resu
         master_claim,
         attributes,
         ext,
+        unreachable,
+        gone,
         handover,
     })
 }
@@ -263,6 +305,16 @@ mod tests {
         assert!(!ProtocolVersion { major: 2, minor: 0 }.is_compatible_with(&PROTOCOL_VERSION));
         assert!("1".parse::<ProtocolVersion>().is_err());
         assert!("1.x".parse::<ProtocolVersion>().is_err());
+    }
+
+    #[test]
+    fn member_ids_and_report_lists_round_trip_and_garbage_is_skipped() {
+        let ids = vec![MemberId::new("a@b", 5), MemberId::new("c", 7)];
+        assert_eq!(parse_ids(&format_ids(&ids)), ids);
+        assert_eq!(parse_ids("x,@5,a@,a@-1,,d@9"), vec![MemberId::new("d", 9)]);
+        let many = (0..1000).map(|i| format!("n{i}@1")).collect::<Vec<_>>().join(",");
+        assert_eq!(parse_ids(&many).len(), REPORT_IDS_MAX);
+        assert!("".parse::<MemberId>().is_err());
     }
 
     #[test]

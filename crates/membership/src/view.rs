@@ -1,7 +1,7 @@
 //! The cluster view and the pure rules over it: who is master, and what changed between two views.
 //! No I/O here, so every rule is unit-tested with plain values.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::Serialize;
 
@@ -17,13 +17,17 @@ pub struct ClusterView {
     /// Live members, this one included, oldest first (ordered by [`MemberId`]).
     pub members: Vec<Member>,
     /// The master: the active member with the highest forced-master claim, or else the oldest
-    /// active member. `None` while no member is active (e.g. this member is still joining alone).
+    /// active member, among those not excluded. `None` while no member is active (e.g. this
+    /// member is still joining alone).
     pub master: Option<MemberId>,
+    /// Active members that others cannot reach over the data plane although gossip says they are
+    /// alive ([`excluded_members`]): not eligible as master or partition owner until reachable.
+    pub excluded: BTreeSet<MemberId>,
 }
 
 impl ClusterView {
     pub(crate) fn empty(local: MemberId) -> Self {
-        ClusterView { version: 0, local, members: Vec::new(), master: None }
+        ClusterView { version: 0, local, members: Vec::new(), master: None, excluded: BTreeSet::new() }
     }
 
     /// The member with this id, if it is in the view.
@@ -49,6 +53,16 @@ impl ClusterView {
     /// The active members, oldest first.
     pub fn active_members(&self) -> impl Iterator<Item = &Member> {
         self.members.iter().filter(|m| m.state == MemberState::Active)
+    }
+
+    /// The active members that are not excluded: those that may own partitions, oldest first.
+    pub fn eligible_members(&self) -> impl Iterator<Item = &Member> {
+        self.active_members().filter(|m| !self.excluded.contains(&m.id))
+    }
+
+    /// True when `member` is excluded (see [`ClusterView::excluded`]).
+    pub fn is_excluded(&self, member: &MemberId) -> bool {
+        self.excluded.contains(member)
     }
 
     /// Number of members in the view.
@@ -98,16 +112,53 @@ pub enum MemberEvent {
     },
 }
 
-/// The master rule: among active members, the highest forced-master claim wins (ties: the older);
-/// without claims, the oldest active member. Every member computes the same answer from the same
-/// gossip, so no election round is needed.
-pub(crate) fn compute_master(members: &[Member]) -> Option<MemberId> {
-    let active = members.iter().filter(|m| m.state == MemberState::Active);
+/// The master rule: among active members that are not `excluded`, the highest forced-master claim
+/// wins (ties: the older); without claims, the oldest such member. Every member computes the same
+/// answer from the same gossip, so no election round is needed.
+pub(crate) fn compute_master(members: &[Member], excluded: &BTreeSet<MemberId>) -> Option<MemberId> {
+    let active = members.iter().filter(|m| m.state == MemberState::Active && !excluded.contains(&m.id));
     let claimed = active.clone().filter(|m| m.master_claim > 0).max_by(|a, b| {
         // Highest claim first; among equal claims, the smaller (older) id wins, so reverse it.
         a.master_claim.cmp(&b.master_claim).then_with(|| b.id.cmp(&a.id))
     });
     claimed.or_else(|| active.min_by(|a, b| a.id.cmp(&b.id))).map(|m| m.id.clone())
+}
+
+/// Which active members to exclude from ownership because other members cannot reach them over
+/// the data plane, from the members' `unreachable` reports: every report of an active member about
+/// another active member is an edge between the two; while edges remain, the member with the most
+/// edges is excluded (ties: the youngest, so the oldest, usually the master, stays) and its edges
+/// go with it. A member everyone reports is excluded, one that reports everyone is excluded (its
+/// own link is the broken one), and two members that cannot reach each other lose one of them, so
+/// that the members left can all reach each other. Pure: every member computes the same set from
+/// the same gossip.
+pub fn excluded_members(members: &[Member]) -> BTreeSet<MemberId> {
+    let active: BTreeSet<&MemberId> =
+        members.iter().filter(|m| m.state == MemberState::Active).map(|m| &m.id).collect();
+    let mut edges: BTreeSet<(MemberId, MemberId)> = BTreeSet::new();
+    for member in members.iter().filter(|m| active.contains(&m.id)) {
+        for target in member.unreachable.iter().filter(|t| active.contains(t) && **t != member.id) {
+            let (a, b) = if member.id < *target { (&member.id, target) } else { (target, &member.id) };
+            edges.insert((a.clone(), b.clone()));
+        }
+    }
+    let mut excluded = BTreeSet::new();
+    // Bounded: every pass removes at least one edge.
+    while !edges.is_empty() {
+        let mut degree: BTreeMap<&MemberId, usize> = BTreeMap::new();
+        for (a, b) in &edges {
+            *degree.entry(a).or_default() += 1;
+            *degree.entry(b).or_default() += 1;
+        }
+        let worst = degree
+            .into_iter()
+            .max_by(|(a, da), (b, db)| da.cmp(db).then_with(|| a.cmp(b)))
+            .map(|(m, _)| m.clone())
+            .expect("edges exist");
+        edges.retain(|(a, b)| *a != worst && *b != worst);
+        excluded.insert(worst);
+    }
+    excluded
 }
 
 /// Keeps one member per node id: the newest generation, except that this member (`local`) always
@@ -182,13 +233,61 @@ pub(crate) mod tests {
             master_claim: 0,
             attributes: Default::default(),
             ext: Default::default(),
+            unreachable: Vec::new(),
+            gone: Vec::new(),
             handover: None,
         }
     }
 
     fn view(members: Vec<Member>) -> ClusterView {
-        let master = compute_master(&members);
-        ClusterView { version: 1, local: MemberId::new("a", 1), members, master }
+        let master = compute_master(&members, &BTreeSet::new());
+        ClusterView { version: 1, local: MemberId::new("a", 1), members, master, excluded: BTreeSet::new() }
+    }
+
+    fn ids(names: &[(&str, u64)]) -> BTreeSet<MemberId> {
+        names.iter().map(|(n, g)| MemberId::new(*n, *g)).collect()
+    }
+
+    fn reporting(node_id: &str, generation: u64, unreachable: &[(&str, u64)]) -> Member {
+        let mut m = member(node_id, generation, MemberState::Active);
+        m.unreachable = unreachable.iter().map(|(n, g)| MemberId::new(*n, *g)).collect();
+        m
+    }
+
+    #[test]
+    fn a_member_nobody_can_reach_is_excluded_and_loses_the_mastership() {
+        // a (the master) cannot be reached by b and c; its own reports never arrive.
+        let members = vec![reporting("a", 1, &[]), reporting("b", 2, &[("a", 1)]), reporting("c", 3, &[("a", 1)])];
+        let excluded = excluded_members(&members);
+        assert_eq!(excluded, ids(&[("a", 1)]));
+        assert_eq!(compute_master(&members, &excluded), Some(MemberId::new("b", 2)));
+    }
+
+    #[test]
+    fn of_two_members_that_cannot_reach_each_other_the_younger_is_excluded() {
+        let members = vec![reporting("a", 1, &[]), reporting("b", 2, &[("c", 3)]), reporting("c", 3, &[("b", 2)])];
+        assert_eq!(excluded_members(&members), ids(&[("c", 3)]));
+        let members = vec![reporting("a", 1, &[("b", 2)]), reporting("b", 2, &[("a", 1)]), reporting("c", 3, &[])];
+        assert_eq!(excluded_members(&members), ids(&[("b", 2)]), "the master stays");
+    }
+
+    #[test]
+    fn a_member_that_reports_everyone_is_the_broken_one() {
+        let members = vec![
+            reporting("a", 1, &[]),
+            reporting("b", 2, &[]),
+            reporting("c", 3, &[("a", 1), ("b", 2)]),
+            reporting("d", 4, &[]),
+        ];
+        assert_eq!(excluded_members(&members), ids(&[("c", 3)]));
+    }
+
+    #[test]
+    fn reports_about_or_from_members_that_are_not_active_do_not_count() {
+        let mut leaving = reporting("b", 2, &[("a", 1)]);
+        leaving.state = MemberState::Leaving;
+        let members = vec![reporting("a", 1, &[("z", 9)]), leaving];
+        assert!(excluded_members(&members).is_empty());
     }
 
     #[test]
@@ -198,13 +297,13 @@ pub(crate) mod tests {
             member("b", 2, MemberState::Active),
             member("c", 3, MemberState::Active),
         ];
-        assert_eq!(compute_master(&members), Some(MemberId::new("b", 2)));
+        assert_eq!(compute_master(&members, &BTreeSet::new()), Some(MemberId::new("b", 2)));
     }
 
     #[test]
     fn equal_generations_break_ties_by_node_id() {
         let members = vec![member("b", 5, MemberState::Active), member("a", 5, MemberState::Active)];
-        assert_eq!(compute_master(&members), Some(MemberId::new("a", 5)));
+        assert_eq!(compute_master(&members, &BTreeSet::new()), Some(MemberId::new("a", 5)));
     }
 
     #[test]
@@ -216,15 +315,15 @@ pub(crate) mod tests {
         ];
         members[1].master_claim = 3;
         members[2].master_claim = 9;
-        assert_eq!(compute_master(&members), Some(MemberId::new("b", 2)));
+        assert_eq!(compute_master(&members, &BTreeSet::new()), Some(MemberId::new("b", 2)));
         members[1].state = MemberState::Leaving;
-        assert_eq!(compute_master(&members), Some(MemberId::new("a", 1)));
+        assert_eq!(compute_master(&members, &BTreeSet::new()), Some(MemberId::new("a", 1)));
     }
 
     #[test]
     fn no_active_member_means_no_master() {
-        assert_eq!(compute_master(&[member("a", 1, MemberState::Joining)]), None);
-        assert_eq!(compute_master(&[]), None);
+        assert_eq!(compute_master(&[member("a", 1, MemberState::Joining)], &BTreeSet::new()), None);
+        assert_eq!(compute_master(&[], &BTreeSet::new()), None);
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct NetConfig {
     /// Most accepted connections open at once (default 1024); further connections wait in the
     /// listen backlog.
     pub connections_max: usize,
+    /// A peer from which nothing arrived for this long is sent a liveness ping (answered by its
+    /// data plane), and a peer whose connection breaks is pinged at once, so that
+    /// [`crate::Net::reachability`] knows every peer's state even when idle (default `None`: no
+    /// pings; a cluster member sets its gossip interval).
+    pub ping_interval: Option<Duration>,
 }
 
 impl NetConfig {
@@ -53,6 +58,7 @@ impl NetConfig {
             inflight_handlers_max: 1024,
             reconnect_backoff_max: Duration::from_secs(2),
             connections_max: 1024,
+            ping_interval: None,
         }
     }
 }

@@ -71,6 +71,8 @@ pub(crate) fn install(
         Some(ConnSlot { id: ctx.id, token: ctx.token.clone(), wake: ctx.wake.clone(), dialed_by_us, suspect: false });
     st.backoff = Duration::ZERO;
     st.last_failure = None;
+    st.refused_since = None;
+    peer.heard();
     peer.connected.notify_waiters();
     ctx
 }
@@ -116,11 +118,22 @@ pub(crate) async fn run_connection(
             warn!(peer = %peer_id, %remote, reason = %e, "closing the connection: the peer sent a malformed frame");
         }
     }
-    {
+    let current = {
         let mut st = lock(&peer.state);
-        if st.close_conn(ctx.id, &peer.id) {
+        let current = st.close_conn(ctx.id, &peer.id);
+        if current {
             after_conn_lost(&inner, &peer, &mut st);
         }
+        current && st.closed.is_none()
+    };
+    // The peer closed or broke the connection: find out at once whether it is still there (a
+    // process that died leaves a port that refuses), rather than at the next ping round.
+    if current
+        && !matches!(closed, Closed::Cancelled)
+        && let Some(interval) = inner.config.ping_interval.filter(|i| !i.is_zero())
+        && !inner.shutdown.is_cancelled()
+    {
+        crate::net::ping(&inner, &peer, interval);
     }
     inner.stats.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     drop(permit);
@@ -134,6 +147,10 @@ async fn read_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx, mut rd: 
         loop {
             match frame::parse(&mut buf, max) {
                 Ok(Some(f)) => {
+                    if inner.faults.drops_inbound(&peer.id) {
+                        continue;
+                    }
+                    peer.heard();
                     bump(&inner.stats.frames_in, 1);
                     bump(&inner.stats.bytes_in, (frame::LEN_BYTES + frame::HEADER_BYTES + f.body.len()) as u64);
                     if let Err(closed) = dispatch(inner, peer, ctx, f).await {

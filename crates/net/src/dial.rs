@@ -53,7 +53,12 @@ enum Outcome {
     Connected(TcpStream, SocketAddr),
     Duplicate,
     Rejected(String),
-    Failed(String),
+    /// Could not connect or shake hands; `refused` when the peer's host refused the connection
+    /// (nothing listens on the port: the member's process is gone).
+    Failed {
+        reason: String,
+        refused: bool,
+    },
 }
 
 async fn dial(inner: Arc<Inner>, peer: Arc<Peer>, dial_id: u64, token: CancellationToken, delay: Duration) {
@@ -162,9 +167,12 @@ async fn dial_until_done(
                 }
                 return None;
             }
-            Outcome::Failed(reason) => {
+            Outcome::Failed { reason, refused } => {
                 info!(peer = %peer.id, %addr, %reason, "dial failed");
                 let mut st = lock(&peer.state);
+                if refused {
+                    st.refused_since.get_or_insert_with(Instant::now);
+                }
                 if st.is_current_dial(dial_id) {
                     st.record_dial_failure(config.reconnect_backoff_max);
                     st.fail_queue(&peer.id, &NetError::NotSent { peer: peer.id.clone(), reason });
@@ -179,8 +187,11 @@ async fn dial_until_done(
 async fn attempt(inner: &Inner, expected: &MemberId, addr: SocketAddr) -> Outcome {
     let config = &inner.config;
     let mut stream = match timeout(config.connect_timeout, connect(addr, config.outbound_ports.as_ref())).await {
-        Err(_) => return Outcome::Failed(format!("connecting to {addr} timed out after {:?}", config.connect_timeout)),
-        Ok(Err(reason)) => return Outcome::Failed(reason),
+        Err(_) => {
+            let reason = format!("connecting to {addr} timed out after {:?}", config.connect_timeout);
+            return Outcome::Failed { reason, refused: false };
+        }
+        Ok(Err((reason, refused))) => return Outcome::Failed { reason, refused },
         Ok(Ok(stream)) => stream,
     };
     configure(&stream);
@@ -197,12 +208,10 @@ async fn attempt(inner: &Inner, expected: &MemberId, addr: SocketAddr) -> Outcom
     };
     let welcome = match timeout(config.handshake_timeout, exchange).await {
         Err(_) => {
-            return Outcome::Failed(format!(
-                "the handshake with {addr} did not complete within {:?}",
-                config.handshake_timeout
-            ));
+            let reason = format!("the handshake with {addr} did not complete within {:?}", config.handshake_timeout);
+            return Outcome::Failed { reason, refused: false };
         }
-        Ok(Err(e)) => return Outcome::Failed(format!("handshake with {addr} failed: {e}")),
+        Ok(Err(e)) => return Outcome::Failed { reason: format!("handshake with {addr} failed: {e}"), refused: false },
         Ok(Ok(welcome)) => welcome,
     };
     let ours = Side {
@@ -231,12 +240,14 @@ async fn attempt(inner: &Inner, expected: &MemberId, addr: SocketAddr) -> Outcom
     }
 }
 
-/// Connects, binding to the first free port of `ports` if given.
-async fn connect(addr: SocketAddr, ports: Option<&RangeInclusive<u16>>) -> Result<TcpStream, String> {
+/// Connects, binding to the first free port of `ports` if given. The error says whether the
+/// connection was refused (nothing listens on the port).
+async fn connect(addr: SocketAddr, ports: Option<&RangeInclusive<u16>>) -> Result<TcpStream, (String, bool)> {
+    let refused = |e: &io::Error| e.kind() == io::ErrorKind::ConnectionRefused;
     let new_socket = || if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
     let Some(ports) = ports else {
-        let socket = new_socket().map_err(|e| format!("could not create a socket: {e}"))?;
-        return socket.connect(addr).await.map_err(|e| format!("connecting to {addr} failed: {e}"));
+        let socket = new_socket().map_err(|e| (format!("could not create a socket: {e}"), false))?;
+        return socket.connect(addr).await.map_err(|e| (format!("connecting to {addr} failed: {e}"), refused(&e)));
     };
     let unspecified = |port| match addr {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
@@ -244,7 +255,7 @@ async fn connect(addr: SocketAddr, ports: Option<&RangeInclusive<u16>>) -> Resul
     };
     // Bounded by the size of the range.
     for port in ports.clone() {
-        let socket = new_socket().map_err(|e| format!("could not create a socket: {e}"))?;
+        let socket = new_socket().map_err(|e| (format!("could not create a socket: {e}"), false))?;
         // Lets a port whose previous connection is in TIME_WAIT be reused, so a small range
         // survives reconnects. Ports with a listener or an identical live connection still fail.
         if let Err(e) = socket.set_reuseaddr(true) {
@@ -253,20 +264,25 @@ async fn connect(addr: SocketAddr, ports: Option<&RangeInclusive<u16>>) -> Resul
         match socket.bind(unspecified(port)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-            Err(e) => return Err(format!("binding local port {port} of net.outbound_ports failed: {e}")),
+            Err(e) => return Err((format!("binding local port {port} of net.outbound_ports failed: {e}"), false)),
         }
         match socket.connect(addr).await {
             Ok(stream) => return Ok(stream),
             // This port is free to bind but already connected to the same destination.
             Err(e) if matches!(e.kind(), io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable) => continue,
-            Err(e) => return Err(format!("connecting to {addr} from local port {port} failed: {e}")),
+            Err(e) => {
+                return Err((format!("connecting to {addr} from local port {port} failed: {e}"), refused(&e)));
+            }
         }
     }
-    Err(format!(
-        "no free local port in net.outbound_ports {}..={} ({} ports, all in use); widen the range or \
-         unset it to use ephemeral ports",
-        ports.start(),
-        ports.end(),
-        usize::from(*ports.end()).saturating_sub(usize::from(*ports.start())) + 1
+    Err((
+        format!(
+            "no free local port in net.outbound_ports {}..={} ({} ports, all in use); widen the range or \
+             unset it to use ephemeral ports",
+            ports.start(),
+            ports.end(),
+            usize::from(*ports.end()).saturating_sub(usize::from(*ports.start())) + 1
+        ),
+        false,
     ))
 }

@@ -15,7 +15,7 @@ use crate::connection::Closed;
 use crate::frame::{self, Frame, Kind};
 use crate::net::Inner;
 use crate::peer::{ConnCtx, Peer, lock};
-use crate::{NetError, Reply};
+use crate::{Incoming, NetError, Reply};
 
 /// Handles one frame. `Err` closes the connection.
 pub(crate) async fn dispatch(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
@@ -50,6 +50,13 @@ fn complete(peer: &Peer, f: Frame) {
 async fn handle(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
     let one_way = f.kind == Kind::OneWay;
     let (service, correlation) = (f.service, f.correlation);
+    if service == frame::PING_SERVICE {
+        // The data plane's own liveness probe: answered here, by no handler.
+        if !one_way {
+            inner.respond(peer, ctx.id, correlation, service, Ok(Bytes::new()));
+        }
+        return Ok(());
+    }
     let Some(handler) = inner.handler(service) else {
         if one_way {
             warn!(peer = %peer.id, service, "dropping a one-way message for a service without a handler");
@@ -66,7 +73,8 @@ async fn handle(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx, f: Frame) -
         if ctx.token.is_cancelled() {
             return Err(Closed::Cancelled);
         }
-        catch_unwind(AssertUnwindSafe(|| handler.handle(&peer.id, f.body, one_way)))
+        let incoming = Incoming::new(one_way, &ctx.inflight);
+        catch_unwind(AssertUnwindSafe(|| handler.handle(&peer.id, f.body, &incoming)))
     };
     let reply = match outcome {
         Ok(reply) => reply,
@@ -86,18 +94,12 @@ async fn handle(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx, f: Frame) -
     match reply {
         Reply::None => inner.respond(peer, ctx.id, correlation, service, Ok(Bytes::new())),
         Reply::Now(body) => inner.respond(peer, ctx.id, correlation, service, Ok(body)),
-        Reply::Later(future) => {
-            // Back-pressure: with inflight_handlers_max futures running, stop reading.
-            let permit = tokio::select! {
-                _ = ctx.token.cancelled() => return Err(Closed::Cancelled),
-                permit = ctx.inflight.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return Err(Closed::Cancelled),
-                },
-            };
+        Reply::Later(slot, future) => {
+            // The handler reserved a slot before doing the work, so nothing waits here: the
+            // reader goes on reading (responses to our own requests among them).
             let (task_inner, task_peer, conn_id) = (inner.clone(), peer.clone(), ctx.id);
             inner.spawn(async move {
-                let _permit = permit;
+                let _slot = slot;
                 let result = tokio::select! {
                     _ = task_inner.shutdown.cancelled() => return,
                     result = CatchUnwind(future) => result,

@@ -17,6 +17,10 @@ pub(crate) struct FaultState {
     any: AtomicBool,
     /// `(peer, None)` drops everything to the peer, `(peer, Some(s))` only service `s`.
     drops: Mutex<HashSet<(MemberId, Option<u8>)>>,
+    /// Fast path: no inbound rule is set.
+    any_inbound: AtomicBool,
+    /// Frames from these peers are discarded on arrival.
+    inbound: Mutex<HashSet<MemberId>>,
 }
 
 impl FaultState {
@@ -27,6 +31,11 @@ impl FaultState {
         }
         let drops = lock(&self.drops);
         drops.contains(&(peer.clone(), None)) || drops.contains(&(peer.clone(), Some(service)))
+    }
+
+    /// Whether a frame that arrived from `peer` must be discarded.
+    pub(crate) fn drops_inbound(&self, peer: &MemberId) -> bool {
+        self.any_inbound.load(Ordering::Relaxed) && lock(&self.inbound).contains(peer)
     }
 }
 
@@ -49,6 +58,21 @@ impl Faults {
             drops.remove(&rule);
         }
         state.any.store(!drops.is_empty(), Ordering::Relaxed);
+    }
+
+    /// While enabled, frames arriving from `peer` are silently discarded by the reader, as if the
+    /// network dropped them on the way in: its requests time out at the peer, its responses never
+    /// complete our requests. With [`Faults::drop_outbound`] on the other member this makes a
+    /// one-way cut.
+    pub fn drop_inbound(&self, peer: &MemberId, enabled: bool) {
+        let state = &self.inner.faults;
+        let mut inbound = lock(&state.inbound);
+        if enabled {
+            inbound.insert(peer.clone());
+        } else {
+            inbound.remove(peer);
+        }
+        state.any_inbound.store(!inbound.is_empty(), Ordering::Relaxed);
     }
 
     /// Closes the current connection to `peer` abruptly, as a network failure would: requests

@@ -9,6 +9,9 @@ pub(crate) const LEN_BYTES: usize = 4;
 /// Bytes after the length prefix and before the body: kind, correlation id, service.
 pub(crate) const HEADER_BYTES: usize = 1 + 8 + 1;
 
+/// The service id the data plane keeps for its own liveness probe (see `Net::reachability`).
+pub(crate) const PING_SERVICE: u8 = 0;
+
 /// Error-response codes (first body byte of a [`Kind::ErrorResponse`]); the rest is a UTF-8 message.
 pub(crate) const ERR_NO_HANDLER: u8 = 1;
 /// The handler ran but failed (panicked, or its response was too large to send).

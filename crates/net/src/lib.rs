@@ -67,8 +67,16 @@
 //! * The receiver calls [`Handler::handle`] on the connection's reader, in frame order, one frame
 //!   at a time per peer (also across a connection and its replacement). Synchronous work in
 //!   `handle` is therefore applied in send order. [`Reply::Later`] futures run concurrently
-//!   (at most `inflight_handlers_max` per connection; beyond that the connection stops reading),
-//!   so responses can arrive in any order; correlation ids match them up.
+//!   (at most `inflight_handlers_max` per connection: a handler reserves a [`Slot`] before doing
+//!   work that answers later, and answers at once when none is free), so responses can arrive in
+//!   any order; correlation ids match them up. The reader never waits: responses to this
+//!   member's own requests are read however many handler futures are running.
+//! * **Reachability.** Every peer with an address is pinged (an internal request answered by the
+//!   data plane itself, not a handler) when nothing was heard from it for `ping_interval`.
+//!   [`Net::reachability`] reports, per peer, how long nothing has been heard from it while
+//!   messages were due, and whether its host refused the connection (nothing listens on its port:
+//!   the process is gone). The membership layer turns this into "unreachable" reports and fast
+//!   failure detection.
 //! * One-way messages are at most once; requests resolve exactly once, by their timeout at the
 //!   latest. A panicking handler fails its request with [`NetError::Remote`] and affects nothing
 //!   else.
@@ -96,6 +104,7 @@ mod stats;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use grapevine_membership::MemberId;
@@ -104,7 +113,7 @@ pub use config::NetConfig;
 pub use error::NetError;
 #[doc(hidden)]
 pub use faults::Faults;
-pub use net::Net;
+pub use net::{Net, PeerReachability};
 pub use response::ResponseFuture;
 pub use stats::NetStats;
 
@@ -120,7 +129,43 @@ pub trait Handler: Send + Sync + 'static {
     ///
     /// For requests, the reply is the response ([`Reply::None`]: an empty body). For one-way
     /// messages the reply is ignored (a [`Reply::Later`] future is dropped unpolled).
-    fn handle(&self, from: &MemberId, body: Bytes, one_way: bool) -> Reply;
+    ///
+    /// Work that answers later needs a [`Slot`] from [`Incoming::reserve`], taken *before* doing
+    /// anything: when the connection's `inflight_handlers_max` slots are all taken, the handler
+    /// must answer at once (for example "busy, retry") without doing the work. The reader never
+    /// waits for a slot, so responses to this member's own requests keep being read however busy
+    /// it is.
+    fn handle(&self, from: &MemberId, body: Bytes, incoming: &Incoming<'_>) -> Reply;
+}
+
+/// What the data plane tells a [`Handler`] about the frame it hands over.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    one_way: bool,
+    slots: &'a Arc<tokio::sync::Semaphore>,
+}
+
+impl<'a> Incoming<'a> {
+    pub(crate) fn new(one_way: bool, slots: &'a Arc<tokio::sync::Semaphore>) -> Self {
+        Incoming { one_way, slots }
+    }
+
+    /// True for a one-way message (no response is expected).
+    pub fn one_way(&self) -> bool {
+        self.one_way
+    }
+
+    /// Reserves one of the connection's `inflight_handlers_max` slots for a [`Reply::Later`]
+    /// future; `None` when all are taken.
+    pub fn reserve(&self) -> Option<Slot> {
+        self.slots.clone().try_acquire_owned().ok().map(|permit| Slot { _permit: permit })
+    }
+}
+
+/// One of a connection's slots for a handler future, held until the future finishes.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A handler's answer to a request.
@@ -130,8 +175,9 @@ pub enum Reply {
     /// Respond with this body.
     Now(Bytes),
     /// Respond with the future's output. It runs as its own task, concurrently with the following
-    /// frames; a panic in it is reported to the requester as [`NetError::Remote`].
-    Later(Pin<Box<dyn Future<Output = Bytes> + Send>>),
+    /// frames, holding the slot; a panic in it is reported to the requester as
+    /// [`NetError::Remote`].
+    Later(Slot, Pin<Box<dyn Future<Output = Bytes> + Send>>),
 }
 
 impl fmt::Debug for Reply {
@@ -139,7 +185,7 @@ impl fmt::Debug for Reply {
         match self {
             Reply::None => f.write_str("Reply::None"),
             Reply::Now(body) => write!(f, "Reply::Now({} bytes)", body.len()),
-            Reply::Later(_) => f.write_str("Reply::Later(..)"),
+            Reply::Later(..) => f.write_str("Reply::Later(..)"),
         }
     }
 }

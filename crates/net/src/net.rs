@@ -95,7 +95,7 @@ impl Inner {
     }
 
     /// Queues a request or one-way message, synchronously, and makes sure a connection is coming.
-    fn enqueue(
+    pub(crate) fn enqueue(
         self: &Arc<Self>,
         to: &MemberId,
         out: Outgoing,
@@ -174,6 +174,64 @@ impl Inner {
     }
 }
 
+/// One peer's reachability over the data plane, see [`Net::reachability`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReachability {
+    /// The peer.
+    pub member: MemberId,
+    /// How long nothing (no frame, no handshake) has arrived from the peer; counted from when it
+    /// was added if nothing ever did. With pings on, a reachable peer is never silent for much
+    /// more than `ping_interval` plus a round trip.
+    pub silent_for: std::time::Duration,
+    /// How long dials to the peer have been refused by its host (nothing listens on its port),
+    /// if the last ones were; `None` once a connection succeeds.
+    pub refused_for: Option<std::time::Duration>,
+}
+
+/// Pings every peer with an address from which nothing arrived for `interval`, one ping at a
+/// time per peer, so that silence means "unreachable" and not "idle".
+async fn ping_loop(inner: Arc<Inner>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let peers: Vec<Arc<Peer>> = lock(&inner.peers).values().cloned().collect();
+        for peer in peers {
+            if peer.silent_for() >= interval {
+                ping(&inner, &peer, interval);
+            }
+        }
+    }
+}
+
+/// Sends one liveness ping to `peer` unless one is outstanding; it expires after a few
+/// `interval`s. Starts a dial when there is no connection, which is how a peer whose process is
+/// gone is found refusing.
+pub(crate) fn ping(inner: &Arc<Inner>, peer: &Arc<Peer>, interval: Duration) {
+    if peer.pinging.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let correlation = inner.next_id();
+    let (tx, rx) = oneshot::channel();
+    let out =
+        Outgoing { kind: Kind::Request, correlation, service: frame::PING_SERVICE, body: Bytes::new(), origin: None };
+    let pending = Pending { tx, service: frame::PING_SERVICE, written_on: None };
+    match inner.enqueue(&peer.id, out, Some(pending)) {
+        Ok(p) => {
+            let response = ResponseFuture::waiting(inner.clone(), p, correlation, rx, interval * 3);
+            let task_peer = peer.clone();
+            inner.spawn(async move {
+                let _ = response.await;
+                task_peer.pinging.store(false, Ordering::Relaxed);
+            });
+        }
+        Err(_) => peer.pinging.store(false, Ordering::Relaxed),
+    }
+}
+
 impl Net {
     /// Starts the accept loop on an already-bound listener (the caller picks the port).
     ///
@@ -196,6 +254,9 @@ impl Net {
             next_id: AtomicU64::new(1),
         });
         inner.spawn(crate::accept::accept_loop(inner.clone(), listener));
+        if let Some(interval) = inner.config.ping_interval.filter(|i| !i.is_zero()) {
+            inner.spawn(ping_loop(inner.clone(), interval));
+        }
         Net { inner, _cancel_on_drop: Arc::new(shutdown.drop_guard()) }
     }
 
@@ -216,6 +277,7 @@ impl Net {
 
     /// Registers (or replaces) the handler of a service.
     pub fn register(&self, service: ServiceId, handler: Arc<dyn Handler>) {
+        assert_ne!(service.0, frame::PING_SERVICE, "service id {} is the data plane's own", frame::PING_SERVICE);
         let mut handlers = self.inner.handlers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if handlers.insert(service.0, handler).is_some() {
             debug!(service = service.0, "replaced the handler of a service");
@@ -258,6 +320,20 @@ impl Net {
         }
     }
 
+    /// What this member knows of each peer's reachability over the data plane (see the crate
+    /// documentation). Peers are listed from [`Net::set_peer_address`] until
+    /// [`Net::forget_peer`].
+    pub fn reachability(&self) -> Vec<PeerReachability> {
+        let peers: Vec<Arc<Peer>> = lock(&self.inner.peers).values().cloned().collect();
+        peers
+            .into_iter()
+            .map(|p| {
+                let refused_for = lock(&p.state).refused_since.map(|at| at.elapsed());
+                PeerReachability { member: p.id.clone(), silent_for: p.silent_for(), refused_for }
+            })
+            .collect()
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> NetStats {
         self.inner.stats.snapshot()
@@ -267,11 +343,14 @@ impl Net {
     /// and waits (at most 5 s) for every task this crate spawned.
     pub async fn shutdown(&self) {
         let inner = &self.inner;
-        inner.shutdown.cancel();
+        // Fail what is pending with `Shutdown` before the connections are cancelled: a connection
+        // closing first would fail its requests with `ConnectionLost` ("may have been handled"),
+        // which is not what happened.
         let peers: Vec<Arc<Peer>> = lock(&inner.peers).values().cloned().collect();
         for p in peers {
             lock(&p.state).close_for_good(&p.id, NetError::Shutdown);
         }
+        inner.shutdown.cancel();
         inner.tracker.close();
         if tokio::time::timeout(SHUTDOWN_WAIT, inner.tracker.wait()).await.is_err() {
             warn!(

@@ -5,7 +5,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,6 +93,11 @@ pub(crate) struct DialSlot {
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) id: MemberId,
+    /// When anything (a frame, a completed handshake) was last received from the peer, in
+    /// [`mono_ms`]; when the peer was added, until then.
+    heard_ms: AtomicU64,
+    /// A liveness ping to the peer is outstanding.
+    pub(crate) pinging: AtomicBool,
     pub(crate) state: Mutex<PeerState>,
     /// Notified (all waiters) whenever a connection is installed; a dialer that was told
     /// "duplicate" waits on it for the other side's dial to arrive.
@@ -114,12 +120,38 @@ pub(crate) struct PeerState {
     /// Delay before the next dial; zero after a successful connection.
     pub(crate) backoff: Duration,
     pub(crate) last_failure: Option<Instant>,
+    /// Since when dials are refused by the peer's host (nothing listens on its port); cleared by
+    /// a successful connection.
+    pub(crate) refused_since: Option<Instant>,
 }
 
 impl Peer {
     pub(crate) fn new(id: MemberId) -> Peer {
-        Peer { id, state: Mutex::default(), connected: Notify::new(), dispatch: Mutex::new(()) }
+        Peer {
+            id,
+            heard_ms: AtomicU64::new(mono_ms()),
+            pinging: AtomicBool::new(false),
+            state: Mutex::default(),
+            connected: Notify::new(),
+            dispatch: Mutex::new(()),
+        }
     }
+
+    /// Something arrived from the peer.
+    pub(crate) fn heard(&self) {
+        self.heard_ms.store(mono_ms(), Ordering::Relaxed);
+    }
+
+    /// How long nothing has arrived from the peer.
+    pub(crate) fn silent_for(&self) -> Duration {
+        Duration::from_millis(mono_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Milliseconds on a monotonic clock shared by the process (for cheap atomic timestamps).
+pub(crate) fn mono_ms() -> u64 {
+    static BASE: OnceLock<std::time::Instant> = OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// First re-dial delay after a failure; it doubles up to `reconnect_backoff_max`.

@@ -35,14 +35,17 @@ async fn concurrent_responses_finishing_in_reverse_order_match_their_requests() 
     let registry = gates.clone();
     b.register(
         SLOW,
-        handler(move |_, body, _| {
+        handler(move |_, body, incoming| {
             let i = u64::from_be_bytes(body[..].try_into().unwrap());
             let (tx, rx) = oneshot::channel();
             registry.lock().unwrap().push((i, tx));
-            Reply::Later(Box::pin(async move {
-                let _ = rx.await;
-                body
-            }))
+            Reply::Later(
+                incoming.reserve().expect("a free handler slot"),
+                Box::pin(async move {
+                    let _ = rx.await;
+                    body
+                }),
+            )
         }),
     );
     let mut requests = JoinSet::new();
@@ -146,7 +149,12 @@ async fn panicking_handler_fails_only_its_request() {
     let (a, b) = (start("a", 1).await, start("b", 1).await);
     introduce(&a, &b);
     b.register(ServiceId(3), handler(|_, _, _| panic!("boom in handle")));
-    b.register(ServiceId(4), handler(|_, _, _| Reply::Later(Box::pin(async { panic!("boom in future") }))));
+    b.register(
+        ServiceId(4),
+        handler(|_, _, incoming| {
+            Reply::Later(incoming.reserve().unwrap(), Box::pin(async { panic!("boom in future") }))
+        }),
+    );
     for svc in [ServiceId(3), ServiceId(4)] {
         let err = within("request", a.request(b.local(), svc, Bytes::new(), LONG)).await.unwrap_err();
         assert!(matches!(&err, NetError::Remote { .. }) && err.to_string().contains("boom"), "{err}");
@@ -158,7 +166,7 @@ async fn panicking_handler_fails_only_its_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_in_flight_handlers_stop_the_connection_reading() {
+async fn with_every_handler_slot_taken_requests_are_answered_at_once_and_reading_goes_on() {
     let a = start("a", 1).await;
     let mut config = config("b", 1);
     config.inflight_handlers_max = 2;
@@ -167,18 +175,16 @@ async fn full_in_flight_handlers_stop_the_connection_reading() {
     introduce(&a, &b);
     let gate = Gate::default();
     b.register(SLOW, gate.handler());
-    let slow: Vec<_> = (0..3).map(|_| a.request(b.local(), SLOW, Bytes::new(), LONG)).collect();
-    // Two futures run; the third request is handled, then the reader waits for a free slot, so
-    // the echo behind it is not read.
-    let err =
-        within("blocked echo", a.request(b.local(), ECHO, Bytes::new(), Duration::from_millis(300))).await.unwrap_err();
-    assert!(matches!(err, NetError::Timeout { .. }), "{err}");
-    eventually("third slow request handled", || gate.received() == 3).await;
+    let slow: Vec<_> = (0..2).map(|_| a.request(b.local(), SLOW, Bytes::new(), LONG)).collect();
+    eventually("two slow requests hold both slots", || gate.received() == 2).await;
+    // A third gets the handler's "busy" answer at once, and frames behind it are still read.
+    let third = within("third slow request", a.request(b.local(), SLOW, Bytes::new(), LONG)).await.unwrap();
+    assert_eq!(third.as_ref(), b"busy");
+    within("echo", a.request(b.local(), ECHO, Bytes::new(), Duration::from_secs(2))).await.unwrap();
     gate.open();
     for r in slow {
-        within("slow request", r).await.unwrap();
+        assert_eq!(within("slow request", r).await.unwrap().as_ref(), b"");
     }
-    within("echo", a.request(b.local(), ECHO, Bytes::new(), LONG)).await.unwrap();
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -194,6 +200,51 @@ async fn accepted_connection_carries_requests_back_to_the_dialer() {
     assert_eq!((a.stats().connections_open, b.stats().connections_open), (1, 1));
     let err = a.send(a.local(), ECHO, Bytes::new()).unwrap_err();
     assert!(matches!(err, NetError::NotSent { .. }), "sending to oneself: {err}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// With every handler slot of a connection taken by futures that wait for responses from the
+/// requester, the reader must keep reading: those responses arrive on the same connection.
+/// (Blocking the reader on a free slot deadlocked two members that both wait for each other's
+/// acknowledgements until the requests timed out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_every_handler_slot_taken_still_reads_the_responses_they_wait_for() {
+    const SLOTS: usize = 4;
+    const REQUESTS: usize = 40;
+    let a = start("a", 1).await;
+    let mut config_b = config("b", 1);
+    config_b.inflight_handlers_max = SLOTS;
+    let b = start_with(config_b).await;
+    introduce(&a, &b);
+    let b_net = b.clone();
+    let a_id = a.local().clone();
+    // Each request to b's SLOW service holds a slot while b asks a for an echo.
+    b.register(
+        SLOW,
+        handler(move |_, body, incoming| {
+            let Some(slot) = incoming.reserve() else { return Reply::Now(Bytes::from_static(b"busy")) };
+            let echo = b_net.request(&a_id, ECHO, body, LONG);
+            Reply::Later(slot, Box::pin(async move { echo.await.unwrap_or_else(|_| Bytes::from_static(b"lost")) }))
+        }),
+    );
+    let mut requests = JoinSet::new();
+    for i in 0..REQUESTS {
+        let response = a.request(b.local(), SLOW, Bytes::copy_from_slice(&(i as u64).to_be_bytes()), LONG);
+        requests.spawn(response);
+    }
+    let (mut echoed, mut busy) = (0, 0);
+    while let Some(joined) = within("every request answered", requests.join_next()).await {
+        match joined.unwrap().expect("answered, not timed out") {
+            body if body.as_ref() == b"busy" => busy += 1,
+            body => {
+                assert_eq!(body.len(), 8, "an echo of the request: {body:?}");
+                echoed += 1;
+            }
+        }
+    }
+    assert_eq!(echoed + busy, REQUESTS);
+    assert!(echoed >= SLOTS, "at least the first {SLOTS} requests were served ({echoed} were)");
     a.shutdown().await;
     b.shutdown().await;
 }

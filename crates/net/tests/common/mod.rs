@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use grapevine_membership::{MemberId, ProtocolVersion};
-use grapevine_net::{Handler, Net, NetConfig, Reply, ServiceId};
+use grapevine_net::{Handler, Incoming, Net, NetConfig, Reply, ServiceId};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -61,16 +61,16 @@ pub struct FnHandler<F>(pub F);
 
 impl<F> Handler for FnHandler<F>
 where
-    F: Fn(&MemberId, Bytes, bool) -> Reply + Send + Sync + 'static,
+    F: Fn(&MemberId, Bytes, &Incoming<'_>) -> Reply + Send + Sync + 'static,
 {
-    fn handle(&self, from: &MemberId, body: Bytes, one_way: bool) -> Reply {
-        (self.0)(from, body, one_way)
+    fn handle(&self, from: &MemberId, body: Bytes, incoming: &Incoming<'_>) -> Reply {
+        (self.0)(from, body, incoming)
     }
 }
 
 pub fn handler<F>(f: F) -> Arc<dyn Handler>
 where
-    F: Fn(&MemberId, Bytes, bool) -> Reply + Send + Sync + 'static,
+    F: Fn(&MemberId, Bytes, &Incoming<'_>) -> Reply + Send + Sync + 'static,
 {
     Arc::new(FnHandler(f))
 }
@@ -90,18 +90,22 @@ pub struct Gate {
 impl Gate {
     pub fn handler(&self) -> Arc<dyn Handler> {
         let gate = self.clone();
-        handler(move |_, body, _| {
+        handler(move |_, body, incoming| {
             gate.received.fetch_add(1, Ordering::SeqCst);
             let gate = gate.clone();
-            Reply::Later(Box::pin(async move {
-                loop {
-                    let notified = gate.notify.notified();
-                    if *gate.opened.lock().unwrap() {
-                        return body;
+            let Some(slot) = incoming.reserve() else { return Reply::Now(Bytes::from_static(b"busy")) };
+            Reply::Later(
+                slot,
+                Box::pin(async move {
+                    loop {
+                        let notified = gate.notify.notified();
+                        if *gate.opened.lock().unwrap() {
+                            return body;
+                        }
+                        notified.await;
                     }
-                    notified.await;
-                }
-            }))
+                }),
+            )
         })
     }
 

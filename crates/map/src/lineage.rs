@@ -1,0 +1,299 @@
+//! Which partition table survives when members hold different ones: the pure rules.
+//!
+//! A member drops a partition's data when a table it applies removes it from the row, so the
+//! table members end up holding decides whose data survives.
+//!
+//! **Followers** apply a table from their master only when it is newer history: it descends from
+//! the one they hold ([`follower_applies`]). They never judge a fork themselves.
+//!
+//! **The master** decides forks, with the tables every eligible member holds right now (it asks
+//! each of them; gossip can be stale right after a heal), by grouping members into **sides**
+//! ([`sides`]): a member belongs with the newest table that descends from its own *and still gives
+//! it replicas*. A table that dropped a member from every row was made by a side that declared
+//! that member gone; a member that kept working under an older table on its own side is not a
+//! laggard of the newer one but the other side of a split. The **largest side wins** (ties: the
+//! side with the oldest member), and the master publishes a successor of the winner that lists
+//! the losing tables as ancestors ([`crate::table::PartitionTable::successor_superseding`]), so
+//! their holders apply it as newer history.
+//!
+//! Why sides and not the tables alone: a one-way cut looks the same in the tables whichever way it
+//! runs. Member `a` cut off from sending hears `b` and `c` (heartbeats travel in their requests),
+//! so its table still names them, while `b` and `c` declare `a` dead and publish tables without it:
+//! `a` alone is the side that lost. Member `c` cut off from receiving hears nobody and publishes a
+//! table with only itself, descending from the one `a` and `b` keep using, because they still hear
+//! `c`'s heartbeats and never publish: `c` alone is the side that lost, although its table is the
+//! newer one. Counting who holds what gets both right; "newer table wins" or "oldest member wins"
+//! gets one of them wrong. Who leads (the oldest member) never decides whose data is kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use grapevine_membership::MemberId;
+
+use crate::table::{PartitionTable, TableId};
+
+/// How `incoming` relates to `current`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Relation {
+    /// The same table.
+    Same,
+    /// `incoming` descends from `current`.
+    Newer,
+    /// `current` descends from `incoming`.
+    Older,
+    /// Neither descends from the other.
+    Forked,
+}
+
+/// How `incoming` relates to `current`.
+pub(crate) fn relation(current: &PartitionTable, incoming: &PartitionTable) -> Relation {
+    let (c, i) = (current.id(), incoming.id());
+    if c == i {
+        Relation::Same
+    } else if incoming.descends_from(&c) {
+        Relation::Newer
+    } else if current.descends_from(&i) {
+        Relation::Older
+    } else {
+        Relation::Forked
+    }
+}
+
+/// Whether a member holding `current` applies `incoming`, a table its master published: only
+/// newer history.
+pub(crate) fn follower_applies(current: &PartitionTable, incoming: &PartitionTable) -> bool {
+    relation(current, incoming) == Relation::Newer
+}
+
+/// The sides the master found: each table some member belongs with, its members, and the winner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sides {
+    /// Per table id: the members that belong with it.
+    pub(crate) sides: BTreeMap<TableId, BTreeSet<MemberId>>,
+    /// The winning table.
+    pub(crate) winner: TableId,
+}
+
+/// Groups `held` (each eligible member and the table it holds) into sides and picks the winner:
+/// see the [module documentation](self). `None` when nobody holds a table yet.
+pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
+    let mut tables: Vec<&PartitionTable> = Vec::new();
+    for (_, table) in held {
+        if table.epoch > 0 && !tables.iter().any(|t| t.id() == table.id()) {
+            tables.push(table);
+        }
+    }
+    let mut sides: BTreeMap<TableId, BTreeSet<MemberId>> = BTreeMap::new();
+    for (member, own) in held {
+        if own.epoch == 0 {
+            continue;
+        }
+        // The tables this member would follow as newer history: its own, and those that descend
+        // from it and still give it replicas.
+        let candidates: Vec<&PartitionTable> = tables
+            .iter()
+            .copied()
+            .filter(|t| t.id() == own.id() || (t.descends_from(&own.id()) && t.holds_any(member)))
+            .collect();
+        // The newest of them (several when it held the point two forks started from).
+        for newest in
+            candidates.iter().filter(|t| !candidates.iter().any(|o| o.id() != t.id() && o.descends_from(&t.id())))
+        {
+            sides.entry(newest.id()).or_default().insert(member.clone());
+        }
+    }
+    let winner = sides
+        .iter()
+        .max_by(|(a_id, a), (b_id, b)| {
+            // More members; then the side with the oldest member; then the older publisher.
+            a.len()
+                .cmp(&b.len())
+                .then_with(|| b.first().cmp(&a.first()))
+                .then_with(|| b_id.publisher.cmp(&a_id.publisher))
+                .then_with(|| a_id.epoch.cmp(&b_id.epoch))
+        })
+        .map(|(id, _)| id.clone())?;
+    Some(Sides { sides, winner })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assign::Row;
+    use proptest::prelude::*;
+
+    fn id(name: &str) -> MemberId {
+        MemberId::new(name, name.as_bytes()[0] as u64)
+    }
+
+    /// Rows cycling through `members`, two replicas each.
+    fn spread(members: &[&str]) -> Vec<Row> {
+        (0..12)
+            .map(|p| {
+                let first = p % members.len();
+                let mut row = vec![id(members[first])];
+                if members.len() > 1 {
+                    row.push(id(members[(first + 1) % members.len()]));
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// The table a, b, c agreed on before trouble started: published by `a` at epoch 5.
+    fn agreed() -> PartitionTable {
+        let mut t = PartitionTable::empty(12).successor(&id("a"), 1, spread(&["a", "b", "c"]));
+        for e in 2..=5 {
+            t = t.successor(&id("a"), e, spread(&["a", "b", "c"]));
+        }
+        t
+    }
+
+    fn winner(held: &[(&str, &PartitionTable)]) -> TableId {
+        let held: Vec<(MemberId, &PartitionTable)> = held.iter().map(|(m, t)| (id(m), *t)).collect();
+        sides(&held).expect("someone holds a table").winner
+    }
+
+    #[test]
+    fn a_master_that_could_not_send_adopts_what_the_others_did_without_it() {
+        // a (the master) stops being heard; b and c declare it dead, b leads, promotes a away and
+        // migrates. a hears them all along and publishes nothing, or (a migration it had started)
+        // one more table of its own.
+        let stale = agreed();
+        let moved_on = stale.successor(&id("b"), 6, spread(&["b", "c"])).successor(&id("b"), 9, spread(&["b", "c"]));
+        assert_eq!(winner(&[("a", &stale), ("b", &moved_on), ("c", &moved_on)]), moved_on.id());
+        let zombie = stale.successor(&id("a"), 6, spread(&["a", "b", "c"]));
+        assert_eq!(winner(&[("a", &zombie), ("b", &moved_on), ("c", &moved_on)]), moved_on.id());
+        assert!(follower_applies(&stale, &moved_on));
+        assert!(!follower_applies(&moved_on, &stale));
+    }
+
+    #[test]
+    fn a_member_that_could_not_receive_loses_although_its_table_is_newer() {
+        // c hears nobody, declares a and b dead and publishes a table of its own, descending from
+        // the one a and b keep using (they hear c's heartbeats, so nothing changed for them).
+        let kept = agreed();
+        let alone = kept.successor(&id("c"), 6, spread(&["c"]));
+        assert_eq!(relation(&kept, &alone), Relation::Newer);
+        assert_eq!(winner(&[("a", &kept), ("b", &kept), ("c", &alone)]), kept.id());
+        // The master then supersedes c's table; c applies the result as newer history.
+        let next = kept.successor_superseding(&id("a"), 7, kept.rows.clone(), &[&alone]);
+        assert!(follower_applies(&alone, &next));
+        assert!(follower_applies(&kept, &next));
+    }
+
+    #[test]
+    fn after_a_split_the_larger_side_wins_whichever_side_the_master_is_on() {
+        let base = agreed();
+        let alone = base.successor(&id("a"), 6, spread(&["a"]));
+        let pair = base.successor(&id("b"), 6, spread(&["b", "c"]));
+        assert_eq!(winner(&[("a", &alone), ("b", &pair), ("c", &pair)]), pair.id());
+        let pair = base.successor(&id("a"), 6, spread(&["a", "b"]));
+        let alone = base.successor(&id("c"), 6, spread(&["c"]));
+        assert_eq!(winner(&[("a", &pair), ("b", &pair), ("c", &alone)]), pair.id());
+    }
+
+    #[test]
+    fn laggards_belong_with_the_newer_table_that_still_names_them() {
+        // The old master committed a last table only b received before dying; a (new master) and
+        // c still hold the one before. They are laggards: one side, the newest table wins.
+        let before = agreed();
+        let last = before.successor(&id("a"), 6, spread(&["a", "b", "c"]));
+        let got = winner(&[("b", &last), ("c", &before), ("a", &before)]);
+        assert_eq!(got, last.id());
+        let s = sides(&[(id("b"), &last), (id("c"), &before), (id("a"), &before)]).unwrap();
+        assert_eq!(s.sides.len(), 1);
+    }
+
+    #[test]
+    fn ties_go_to_the_side_with_the_oldest_member() {
+        let empty = PartitionTable::empty(12);
+        let a = empty.successor(&id("a"), 1, spread(&["a"]));
+        let b = empty.successor(&id("b"), 1, spread(&["b"]));
+        assert_eq!(winner(&[("a", &a), ("b", &b)]), a.id());
+        assert_eq!(winner(&[("b", &b), ("a", &a)]), a.id(), "the order of the answers does not matter");
+        let none: Vec<(MemberId, &PartitionTable)> = vec![(id("a"), &empty)];
+        assert_eq!(sides(&none), None);
+    }
+
+    /// A random history: tables published by random masters, each derived from a random earlier
+    /// table (so forks happen), and a random assignment of members to the tables they hold.
+    fn scenario() -> impl Strategy<Value = (Vec<PartitionTable>, Vec<usize>)> {
+        let names = ["a", "b", "c", "d", "e"];
+        let steps = prop::collection::vec(
+            (0usize..5, any::<prop::sample::Index>(), prop::collection::vec(0usize..5, 1..4)),
+            1..16,
+        );
+        (steps, prop::collection::vec(any::<prop::sample::Index>(), 5)).prop_map(move |(steps, holds)| {
+            let mut tables = vec![PartitionTable::empty(12)];
+            let mut epoch = 0;
+            for (publisher, parent, members) in steps {
+                let parent = tables[parent.index(tables.len())].clone();
+                epoch = epoch.max(parent.epoch) + 1;
+                let mut members: Vec<&str> = members.iter().map(|m| names[*m]).collect();
+                members.sort();
+                members.dedup();
+                tables.push(parent.successor(&id(names[publisher]), epoch, spread(&members)));
+            }
+            let holds = holds.iter().map(|i| i.index(tables.len())).collect();
+            (tables, holds)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Exactly one table wins, it is one some member holds, every member belongs to at least
+        /// one side, and the answer does not depend on the order members answered in.
+        #[test]
+        fn exactly_one_table_wins_whatever_the_order_of_the_answers((tables, holds) in scenario(), rotate in 0usize..5) {
+            let names = ["a", "b", "c", "d", "e"];
+            let held: Vec<(MemberId, &PartitionTable)> = names.iter().zip(&holds).map(|(n, t)| (id(n), &tables[*t])).collect();
+            let mut rotated = held.clone();
+            rotated.rotate_left(rotate);
+            match (sides(&held), sides(&rotated)) {
+                (None, None) => prop_assert!(held.iter().all(|(_, t)| t.epoch == 0)),
+                (Some(s), Some(r)) => {
+                    prop_assert_eq!(&s, &r);
+                    prop_assert!(held.iter().any(|(_, t)| t.id() == s.winner));
+                    for (member, table) in &held {
+                        if table.epoch > 0 {
+                            prop_assert!(s.sides.values().any(|side| side.contains(member)));
+                        }
+                    }
+                    // The winner's side is at least as large as any other.
+                    let largest = s.sides.values().map(|m| m.len()).max().unwrap();
+                    prop_assert_eq!(s.sides[&s.winner].len(), largest);
+                }
+                _ => prop_assert!(false, "the order of answers changed the outcome"),
+            }
+        }
+
+        /// Descent is the ancestry of the history that built the tables, and superseding makes
+        /// the losers' holders follow the winner.
+        #[test]
+        fn descent_matches_how_the_tables_were_derived((tables, _) in scenario()) {
+            for t in &tables {
+                prop_assert!(t.validate(12).is_ok());
+                prop_assert!(t.descends_from(&t.id()));
+                prop_assert!(t.descends_from(&tables[0].id()));
+            }
+            for (k, t) in tables.iter().enumerate().skip(1) {
+                prop_assert!(tables[..k].iter().any(|p| t.descends_from(&p.id()) && p.id() != t.id()));
+                for older in &tables[..k] {
+                    if t.descends_from(&older.id()) && older.id() != t.id() {
+                        prop_assert!(!older.descends_from(&t.id()));
+                        prop_assert_eq!(relation(older, t), Relation::Newer);
+                    }
+                }
+            }
+            let last = tables.last().unwrap();
+            let others: Vec<&PartitionTable> = tables.iter().filter(|t| t.epoch > 0).collect();
+            let next = last.successor_superseding(&id("z"), last.epoch.max(tables.iter().map(|t| t.epoch).max().unwrap()) + 1, last.rows.clone(), &others);
+            for t in &others {
+                if next.history.len() < crate::table::HISTORY_RUNS_MAX {
+                    prop_assert!(follower_applies(t, &next), "{} does not follow {}", t.id(), next.id());
+                }
+            }
+        }
+    }
+}

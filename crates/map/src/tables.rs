@@ -1,0 +1,566 @@
+//! How a member holds, adopts and announces the partition table: applying a table (taking over,
+//! handing over or dropping partitions), deciding on tables from the master
+//! ([`crate::lineage::follower_applies`]), fetching tables in the background without flooding anyone,
+//! starting new owner terms with the backups, and the table's health for `/health`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use grapevine_membership::MemberId;
+use grapevine_net::codec;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::lineage;
+use crate::messages::{Msg, Reply, TermStart};
+use crate::node::{MAP_SERVICE, Node};
+use crate::record::now_ms;
+use crate::table::{PartitionTable, Role, TableId, Term};
+
+/// Gossip key (`x:` prefixed by membership) carrying a member's table id: `"<epoch> <publisher>"`,
+/// the publisher being the master that committed it (`-` for none).
+pub(crate) const EPOCH_KEY: &str = "epoch";
+
+/// How long a table request may take.
+const TABLE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gossip value describing a table.
+pub(crate) fn table_gossip_value(table: &PartitionTable) -> String {
+    let publisher = table.master.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".to_string());
+    format!("{} {publisher}", table.epoch)
+}
+
+/// Parses a member id as `MemberId`'s `Display` writes it: `<node id>@<generation>`.
+fn parse_member(text: &str) -> Option<MemberId> {
+    let (node_id, generation) = text.rsplit_once('@')?;
+    if node_id.is_empty() || node_id.len() > 1024 {
+        return None;
+    }
+    Some(MemberId::new(node_id, generation.parse().ok()?))
+}
+
+/// Parses a gossip value written by [`table_gossip_value`]; `None` for anything malformed.
+pub(crate) fn parse_gossip_value(value: &str) -> Option<TableId> {
+    let (epoch, publisher) = value.split_once(' ')?;
+    let epoch = epoch.parse().ok()?;
+    let publisher = if publisher == "-" { None } else { Some(parse_member(publisher)?) };
+    Some(TableId { epoch, publisher })
+}
+
+/// A member's table as advertised in gossip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AdvertisedTable {
+    pub(crate) member: MemberId,
+    pub(crate) table: TableId,
+}
+
+/// A cached plan: the table id and active members it was computed for, and the planned rows.
+type PlanCacheEntry = (TableId, Vec<MemberId>, Arc<Vec<crate::assign::Row>>);
+
+/// The table state of one member.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    pub(crate) tx: watch::Sender<Arc<PartitionTable>>,
+    /// Serializes table application (pushes, fetches and the master's commits can race).
+    apply_lock: Mutex<()>,
+    /// The last balanced plan computed: planning is the master's most expensive step and the plan
+    /// only changes when the table or the members do.
+    plan_cache: Mutex<Option<PlanCacheEntry>>,
+    /// Members to fetch the table from in the background, coalesced (see [`Node::want_table`]).
+    wanted: Mutex<HashSet<MemberId>>,
+    wanted_wakeup: Notify,
+    /// The last master's table this member kept its own over (logged once).
+    kept_own: Mutex<Option<TableId>>,
+    /// Since when this member, holding the table with this id, has been behind the master's.
+    lagging: Mutex<Option<(TableId, Instant)>>,
+    pub(crate) fetches: AtomicU64,
+}
+
+impl Tables {
+    pub(crate) fn new(partition_count: u32) -> Self {
+        Tables {
+            tx: watch::channel(Arc::new(PartitionTable::empty(partition_count))).0,
+            apply_lock: Mutex::new(()),
+            plan_cache: Mutex::new(None),
+            wanted: Mutex::new(HashSet::new()),
+            wanted_wakeup: Notify::new(),
+            kept_own: Mutex::new(None),
+            lagging: Mutex::new(None),
+            fetches: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Term starts to announce after a table was applied: per backup, the partitions it must hear
+/// about; and per partition this member took over, the backups that must confirm before writes.
+#[derive(Debug, Default)]
+struct Announcements {
+    per_backup: HashMap<MemberId, Vec<TermStart>>,
+    waiting: Vec<(u32, Term, Vec<MemberId>)>,
+}
+
+impl Node {
+    pub(crate) fn table(&self) -> Arc<PartitionTable> {
+        self.tables.tx.borrow().clone()
+    }
+
+    /// Installs `table`, which the caller decided to adopt (a newer table, a fork's winner, or the
+    /// master's own commit). Returns false (and changes nothing) for the table already held or an
+    /// invalid one. Adjusts every partition whose row changed for this member: takes over (new
+    /// term, announced to the backups), hands over, or drops data it no longer replicates.
+    pub(crate) fn apply_table(self: &Arc<Self>, table: PartitionTable) -> bool {
+        if let Err(reason) = table.validate(self.settings.partition_count) {
+            error!(table = %table.id(), %reason, "refusing an invalid partition table");
+            return false;
+        }
+        let _serial = self.tables.apply_lock.lock().unwrap();
+        let old = self.table();
+        if table.id() == old.id() {
+            return false;
+        }
+        let now = now_ms();
+        let migration_window_ms = self.settings.migration_timeout.as_millis() as u64;
+        let mut announcements = Announcements::default();
+        for p in 0..table.partition_count() {
+            let (old_row, new_row) = (old.row(p), table.row(p));
+            let mut data = self.slot(p).data.lock().unwrap();
+            if data.fenced.as_ref().is_some_and(|fence| table.descends_from(fence) || old_row != new_row) {
+                data.fenced = None;
+            }
+            if old_row == new_row && old.term(p) == table.term(p) {
+                continue;
+            }
+            // The row changed: a migration of this partition is over (committed or superseded).
+            data.frozen = None;
+            data.migration = None;
+            data.copy_targets.clear();
+            data.unconfirmed = table.role(p, &self.local) == Role::Owner && new_row.len() > 1;
+            let copying = now.saturating_sub(data.last_install_ms) < migration_window_ms;
+            if let Role::Backup(index) = table.role(p, &self.local)
+                && !copying
+            {
+                // Maps that use fewer replicas than this index get no writes here any more: their
+                // copies would go stale (and count as backups in statistics). A later move to a
+                // lower index brings a full copy.
+                data.maps.retain(|name, _| self.settings.map(name).replicas() > index);
+            }
+            let was_owner_in_term = old.role(p, &self.local) == Role::Owner && old.term(p) == table.term(p);
+            match table.role(p, &self.local) {
+                Role::Owner if was_owner_in_term => {}
+                Role::Owner => self.take_over(p, &mut data, &table, now, &mut announcements),
+                Role::None if old_row.contains(&self.local) => {
+                    // A migration may be copying the partition to this member while it catches up
+                    // on tables (it can apply a table that predates the migration after the copy
+                    // arrived): keep recent copies; `drop_stray_data` removes them if the migration
+                    // is abandoned.
+                    if copying {
+                        debug!(partition = p, table = %table.id(), "not a replica, but a copy just arrived: keeping it");
+                    } else {
+                        if !data.maps.is_empty() {
+                            debug!(partition = p, table = %table.id(), "no longer a replica: dropping data");
+                        }
+                        data.maps.clear();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let id = table.id();
+        self.tables.tx.send_replace(Arc::new(table));
+        drop(_serial);
+        self.slots.iter().for_each(|s| s.drained.notify_waiters());
+        self.master_wakeup.notify_one();
+        self.confirm_wakeup.notify_one();
+        if !announcements.per_backup.is_empty() || !announcements.waiting.is_empty() {
+            let node = self.clone();
+            let table = id.clone();
+            self.tasks.spawn(async move { node.announce_terms(table, announcements).await });
+        }
+        debug!(table = %id, "partition table applied");
+        true
+    }
+
+    /// This member became the owner of `p` under `table`: it starts the term `table` gives it and
+    /// tells the backups where each map continues, so a backup that diverged (it applied a write
+    /// the old owner never got acknowledged) is recognised and copied in full. Writes wait until
+    /// the synchronous backups confirmed the term (they refuse changes of a term they do not know).
+    fn take_over(
+        &self,
+        p: u32,
+        data: &mut crate::node::PartitionData,
+        table: &PartitionTable,
+        now: u64,
+        out: &mut Announcements,
+    ) {
+        let term = table.term(p).clone();
+        data.term = term.clone();
+        data.owner_since_ms = now;
+        let mut bases = Vec::with_capacity(data.maps.len());
+        for (name, mp) in &mut data.maps {
+            bases.push((name.clone(), mp.term.clone(), mp.seq));
+            mp.term = term.clone();
+        }
+        let sync_end = data
+            .maps
+            .keys()
+            .map(|name| self.settings.map(name).durable_replicas())
+            .max()
+            .unwrap_or(1)
+            .min(table.row(p).len());
+        let backups = table.row(p).get(1..).unwrap_or_default();
+        for backup in backups {
+            let start = TermStart { partition: p, term: term.clone(), bases: bases.clone() };
+            out.per_backup.entry(backup.clone()).or_default().push(start);
+        }
+        let must_confirm: Vec<MemberId> = table.row(p).get(1..sync_end).unwrap_or_default().to_vec();
+        data.starting = !must_confirm.is_empty();
+        if data.starting {
+            out.waiting.push((p, term, must_confirm));
+        }
+    }
+
+    /// Announces new terms to the backups, retrying those that have not seen the table yet, until
+    /// every synchronous backup of each partition confirmed or `backup_ack_timeout` passed; then
+    /// the partitions take writes.
+    async fn announce_terms(self: Arc<Self>, table: TableId, announcements: Announcements) {
+        let Announcements { mut per_backup, waiting } = announcements;
+        let deadline = Instant::now() + self.settings.backup_ack_timeout;
+        let mut confirmed: HashSet<(MemberId, u32)> = HashSet::new();
+        let mut done: HashSet<u32> = HashSet::new();
+        loop {
+            let mut calls = tokio::task::JoinSet::new();
+            for (member, starts) in per_backup.drain() {
+                let msg = Node::encode(&Msg::TermStart { table: table.clone(), starts: starts.clone() });
+                let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                let reply = self.net.request(&member, MAP_SERVICE, msg, remaining);
+                calls.spawn(async move { (member, starts, reply.await) });
+            }
+            while let Some(joined) = calls.join_next().await {
+                let Ok((member, starts, reply)) = joined else { continue };
+                let refused = match reply.map(|b| codec::decode::<Reply>(&b)) {
+                    Ok(Ok(Reply::Started { refused })) => refused,
+                    Ok(other) => {
+                        debug!(%member, reply = ?other, "unexpected answer to a term start");
+                        continue;
+                    }
+                    Err(error) => {
+                        if self.is_live(&member) && Instant::now() < deadline {
+                            debug!(%member, %error, "term start not answered; retrying");
+                            per_backup.insert(member, starts);
+                        }
+                        continue;
+                    }
+                };
+                let mut retry = Vec::new();
+                for start in starts {
+                    match refused.iter().find(|(p, _)| *p == start.partition).map(|(_, r)| &**r) {
+                        None => {
+                            confirmed.insert((member.clone(), start.partition));
+                        }
+                        Some(Reply::NotYet { .. }) => retry.push(start),
+                        Some(Reply::Fenced { table: theirs, .. }) => {
+                            self.fence_partition(start.partition, theirs, &member);
+                        }
+                        Some(other) => {
+                            debug!(%member, partition = start.partition, reply = ?other, "term start refused")
+                        }
+                    }
+                }
+                if !retry.is_empty() {
+                    per_backup.insert(member, retry);
+                }
+            }
+            let expired = Instant::now() >= deadline;
+            for (p, term, backups) in &waiting {
+                if done.contains(p) {
+                    continue;
+                }
+                let all = backups.iter().all(|b| confirmed.contains(&(b.clone(), *p)) || !self.is_live(b));
+                if all || expired {
+                    if !all {
+                        warn!(partition = p, term = %term, "not every synchronous backup confirmed the new term in time; taking writes anyway");
+                    }
+                    let mut data = self.slot(*p).data.lock().unwrap();
+                    if data.term == *term {
+                        data.starting = false;
+                    }
+                    done.insert(*p);
+                }
+            }
+            if per_backup.is_empty() || expired || self.cancel.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (p, term, _) in waiting {
+            let mut data = self.slot(p).data.lock().unwrap();
+            if data.term == term {
+                data.starting = false;
+            }
+        }
+    }
+
+    /// A replica's table moved partition `p` past this member's term (it answered `Fenced`): stop
+    /// serving it until this member holds a table at least that new, and fetch it.
+    pub(crate) fn fence_partition(&self, p: u32, theirs: &TableId, from: &MemberId) {
+        let ours = self.table();
+        if ours.descends_from(theirs) {
+            return;
+        }
+        let mut data = self.slot(p).data.lock().unwrap();
+        if data.fenced.is_none() {
+            info!(partition = p, ours = %ours.id(), theirs = %theirs, %from, "a replica's table moved the partition on: not serving it until this member catches up");
+        }
+        data.fenced = Some(theirs.clone());
+        drop(data);
+        self.want_table(from);
+    }
+
+    /// A table pushed by `from`. Only the master this member follows may change its table.
+    pub(crate) fn on_table_push(self: &Arc<Self>, from: &MemberId, table: PartitionTable) -> Reply {
+        let master = self.membership.view().master.clone();
+        if master.as_ref() != Some(from) || table.master.as_ref() != Some(from) {
+            debug!(%from, ?master, table = %table.id(), "ignored a table pushed by a member that is not our master");
+        } else {
+            self.offer_table(from, table);
+        }
+        Reply::TableAck { table: self.table().id() }
+    }
+
+    /// Decides on a table published by the master this member follows, and applies it if it is
+    /// newer history (see [`lineage::follower_applies`]). Returns whether it was applied.
+    pub(crate) fn offer_table(self: &Arc<Self>, from: &MemberId, table: PartitionTable) -> bool {
+        if let Err(reason) = table.validate(self.settings.partition_count) {
+            warn!(%from, table = %table.id(), %reason, "refusing an invalid partition table");
+            return false;
+        }
+        let view = self.membership.view();
+        if table.master.is_none() || table.master != view.master {
+            debug!(%from, table = %table.id(), master = ?view.master, "not adopting a table our master did not publish");
+            return false;
+        }
+        let current = self.table();
+        if lineage::follower_applies(&current, &table) {
+            return self.apply_table(table);
+        }
+        match lineage::relation(&current, &table) {
+            lineage::Relation::Newer | lineage::Relation::Same | lineage::Relation::Older => false,
+            lineage::Relation::Forked => {
+                let mut logged = self.tables.kept_own.lock().unwrap();
+                if logged.as_ref() != Some(&table.id()) {
+                    warn!(
+                        theirs = %table.id(),
+                        ours = %current.id(),
+                        "the master's table is not newer history than this member's (members acted as master \
+                         apart: a healed network split, or members started together): keeping this one until the \
+                         master has compared both"
+                    );
+                    *logged = Some(table.id());
+                }
+                false
+            }
+        }
+    }
+
+    /// Asks `from` for its table and offers it (see [`Node::offer_table`]).
+    pub(crate) async fn fetch_table(self: &Arc<Self>, from: &MemberId) -> bool {
+        match self.request_table(from).await {
+            Some(table) => self.offer_table(from, table),
+            None => false,
+        }
+    }
+
+    /// Asks `from` for the table it holds, without applying it; `None` when it does not answer or
+    /// answers with an invalid table.
+    pub(crate) async fn request_table(&self, from: &MemberId) -> Option<PartitionTable> {
+        if *from == self.local {
+            return None;
+        }
+        self.tables.fetches.fetch_add(1, Ordering::Relaxed);
+        let reply = self.net.request(from, MAP_SERVICE, Self::encode(&Msg::TableGet), TABLE_REQUEST_TIMEOUT).await;
+        match reply.map(|bytes| codec::decode::<Reply>(&bytes)) {
+            Ok(Ok(Reply::Table(table))) => match table.validate(self.settings.partition_count) {
+                Ok(()) => Some(table),
+                Err(reason) => {
+                    warn!(%from, table = %table.id(), %reason, "a member sent an invalid partition table");
+                    None
+                }
+            },
+            Ok(Ok(other)) => {
+                warn!(%from, reply = ?other, "unexpected reply to a table request");
+                None
+            }
+            Ok(Err(error)) => {
+                warn!(%from, %error, "undecodable table reply");
+                None
+            }
+            Err(error) => {
+                debug!(%from, %error, "table request failed");
+                None
+            }
+        }
+    }
+
+    /// Asks for the table of `from` in the background. Requests are coalesced: however many
+    /// operations are refused at once (a heal, a fail-over), each member is asked at most once per
+    /// round of [`refresh_loop`].
+    pub(crate) fn want_table(&self, from: &MemberId) {
+        if *from == self.local {
+            return;
+        }
+        if self.tables.wanted.lock().unwrap().insert(from.clone()) {
+            self.tables.wanted_wakeup.notify_one();
+        }
+    }
+
+    /// Fetches the master's table in the background (see [`Node::want_table`]).
+    pub(crate) fn want_master_table(&self) {
+        self.master_wakeup.notify_one();
+        if let Some(master) = self.membership.view().master.clone() {
+            self.want_table(&master);
+        }
+    }
+
+    /// Whether `table` is one this member may serve under: published by the master it follows,
+    /// or by a member that is no longer an active member (the previous master died or is leaving;
+    /// the new one republishes soon). A table published by another active member comes from
+    /// members that acted as master apart (starting together, or a healed network split) and may
+    /// be replaced by one that moves the partition, dropping what was written under it.
+    pub(crate) fn table_followed(&self, table: &PartitionTable) -> Result<(), String> {
+        let view = self.membership.view();
+        let active =
+            |m: &MemberId| view.member(m).is_some_and(|m| m.state == grapevine_membership::MemberState::Active);
+        match (&table.master, &view.master) {
+            (Some(publisher), Some(master)) if publisher != master && active(publisher) => Err(format!(
+                "partition table {} was published by {publisher}, not by the master {master}: waiting for the \
+                 master's",
+                table.id()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the member's table is current (for `/health`): it has one, and it is the master's
+    /// table: it follows the master, no member advertises a newer epoch, and the master holds the
+    /// same one (members that acted as master at the same moment can hold different tables of one
+    /// epoch until the master republishes). Tables reach members a few milliseconds apart while
+    /// partitions migrate, and a member a moment behind still serves (callers retry), so a
+    /// difference counts only once it lasted two gossip intervals.
+    pub(crate) fn table_status(&self) -> Result<(), String> {
+        let table = self.table();
+        if table.epoch == 0 {
+            return Err("no partition table yet".into());
+        }
+        let Some(reason) = self.table_lag(&table) else {
+            *self.tables.lagging.lock().unwrap() = None;
+            return Ok(());
+        };
+        let grace = self.membership.config().gossip_interval * 2;
+        let mut lagging = self.tables.lagging.lock().unwrap();
+        let since = match &*lagging {
+            Some((id, since)) if *id == table.id() => *since,
+            _ => {
+                let now = Instant::now();
+                *lagging = Some((table.id(), now));
+                now
+            }
+        };
+        if since.elapsed() >= grace { Err(reason) } else { Ok(()) }
+    }
+
+    /// Why `table` is not the master's, if it is not.
+    fn table_lag(&self, table: &PartitionTable) -> Option<String> {
+        if let Err(reason) = self.table_followed(table) {
+            return Some(reason);
+        }
+        let advertised = self.gossip_tables();
+        let newest = advertised.iter().map(|t| t.table.epoch).max().unwrap_or(0);
+        if newest > table.epoch {
+            return Some(format!("partition table {} is behind the cluster's epoch {newest}", table.id()));
+        }
+        let master = self.membership.view().master.clone();
+        if let Some(theirs) = master.and_then(|m| advertised.into_iter().find(|t| t.member == m))
+            && theirs.table != table.id()
+        {
+            return Some(format!(
+                "this member holds partition table {}, the master holds {}: waiting for the master's",
+                table.id(),
+                theirs.table
+            ));
+        }
+        None
+    }
+
+    /// The tables members advertise in gossip.
+    pub(crate) fn gossip_tables(&self) -> Vec<AdvertisedTable> {
+        let view = self.membership.view();
+        view.members
+            .iter()
+            .filter_map(|m| {
+                let table = parse_gossip_value(m.ext.get(EPOCH_KEY)?)?;
+                Some(AdvertisedTable { member: m.id.clone(), table })
+            })
+            .collect()
+    }
+
+    /// The table epochs members advertise in gossip.
+    pub(crate) fn gossip_epochs(&self) -> Vec<(MemberId, u64)> {
+        self.gossip_tables().into_iter().map(|t| (t.member, t.table.epoch)).collect()
+    }
+
+    /// The balanced table the master migrates toward, for `table` and the `members` that may hold
+    /// replicas (sorted, as the view lists them).
+    pub(crate) fn target_rows(&self, table: &PartitionTable, members: &[MemberId]) -> Arc<Vec<crate::assign::Row>> {
+        let mut cache = self.tables.plan_cache.lock().unwrap();
+        if let Some((id, cached_members, rows)) = cache.as_ref()
+            && *id == table.id()
+            && cached_members == members
+        {
+            return rows.clone();
+        }
+        let replicas = members.len().min(crate::assign::REPLICAS_MAX);
+        let rows = Arc::new(crate::assign::plan(&table.rows, members, replicas));
+        *cache = Some((table.id(), members.to_vec(), rows.clone()));
+        rows
+    }
+}
+
+/// Fetches tables asked for with [`Node::want_table`], each member at most once per round and at
+/// most a few rounds a second, so that a burst of refusals (a heal) does not flood anyone.
+pub(crate) async fn refresh_loop(node: Arc<Node>) {
+    const ROUND: Duration = Duration::from_millis(50);
+    loop {
+        tokio::select! {
+            _ = node.tables.wanted_wakeup.notified() => {},
+            _ = node.cancel.cancelled() => return,
+        }
+        // Let a burst of wishes gather.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let wanted: Vec<MemberId> = node.tables.wanted.lock().unwrap().drain().collect();
+        let mut fetches = tokio::task::JoinSet::new();
+        for from in wanted {
+            let node = node.clone();
+            fetches.spawn(async move { node.fetch_table(&from).await });
+        }
+        while fetches.join_next().await.is_some() {}
+        tokio::time::sleep(ROUND).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gossip_values_round_trip_and_garbage_is_refused() {
+        let mut table = PartitionTable::empty(1);
+        assert_eq!(parse_gossip_value(&table_gossip_value(&table)), Some(TableId::empty()));
+        table = table.successor(&MemberId::new("host@x-5701", 17), 4, vec![vec![]]);
+        assert_eq!(parse_gossip_value(&table_gossip_value(&table)), Some(table.id()));
+        for garbage in ["", "4", "x y", "4 nobody", "4 @5", "-1 a@1", "4 a@b"] {
+            assert_eq!(parse_gossip_value(garbage), None, "{garbage:?}");
+        }
+    }
+}
