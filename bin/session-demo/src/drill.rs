@@ -30,8 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::app::{COOKIE_NAME, SERVED_BY};
-use crate::harness::{self, FAST_TIMERS, Haproxy, Instance, wait_for_members, wait_until};
+use crate::harness::{self, Answer, FAST_TIMERS, Haproxy, Instance, SessionClient, wait_for_members, wait_until};
 
 /// How long an instance may take to start and become healthy.
 const START_WAIT: Duration = Duration::from_secs(60);
@@ -320,41 +319,15 @@ impl Drop for Clients {
     }
 }
 
-/// One answer to a client request.
-struct Answer {
-    status: u16,
-    served_by: Option<String>,
-    body: serde_json::Value,
-    text: String,
-}
-
 struct Client {
     n: usize,
     user: String,
-    url: String,
-    agent: ureq::Agent,
-    cookie: Option<String>,
+    http: SessionClient,
 }
 
 impl Client {
     fn post(&mut self, path: &str) -> Result<Answer, String> {
-        let mut request = self.agent.post(format!("{}{path}", self.url));
-        if let Some(cookie) = &self.cookie {
-            request = request.header("cookie", format!("{COOKIE_NAME}={cookie}"));
-        }
-        let mut response = request.send_empty().map_err(|e| e.to_string())?;
-        for value in response.headers().get_all("set-cookie") {
-            let Ok(value) = value.to_str() else { continue };
-            if let Some(rest) = value.strip_prefix(&format!("{COOKIE_NAME}=")) {
-                let cookie = rest.split(';').next().unwrap_or("").to_string();
-                self.cookie = (!cookie.is_empty()).then_some(cookie);
-            }
-        }
-        let status = response.status().as_u16();
-        let served_by = response.headers().get(SERVED_BY).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let text = response.body_mut().read_to_string().map_err(|e| format!("HTTP {status}, body unreadable: {e}"))?;
-        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-        Ok(Answer { status, served_by, body, text })
+        self.http.post(path)
     }
 
     /// Logs in, retrying until it works or the drill stops.
@@ -364,7 +337,7 @@ impl Client {
         while !shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
             if let Ok(answer) = self.post(&path)
                 && answer.status == 200
-                && self.cookie.is_some()
+                && self.http.cookie.is_some()
             {
                 return true;
             }
@@ -681,9 +654,7 @@ pub fn run(options: DrillOptions) -> Report {
         let client = Client {
             n,
             user: format!("user{n}"),
-            url: format!("http://{frontend}"),
-            agent: harness::agent(REQUEST_TIMEOUT),
-            cookie: None,
+            http: SessionClient::new(&format!("http://{frontend}"), REQUEST_TIMEOUT),
         };
         let (shared, logged_in, pause) = (shared.clone(), logged_in.clone(), options.pause);
         clients.threads.push(std::thread::spawn(move || client.run(shared, pause, logged_in)));

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::app::{COOKIE_NAME, SERVED_BY};
+
 /// Short timers for drills and tests, as the `grapevine` process tests use: joins and leaves take
 /// a few hundred ms; a silent member is declared dead after about 1.2 s (phi 12 × 100 ms: lower
 /// thresholds made members of a busy 2-core machine declare live peers dead).
@@ -91,6 +93,63 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
     let status = response.status().as_u16();
     let body = response.body_mut().read_to_string().ok()?;
     Some((status, body))
+}
+
+/// An answer of the service (or of the balancer in front of it).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The `x-served-by` header: the instance that answered (`None`: not the service).
+    pub served_by: Option<String>,
+    /// The body as JSON (`Null` when it is not JSON).
+    pub body: serde_json::Value,
+    /// The body as text.
+    pub text: String,
+}
+
+/// An HTTP client that keeps the session cookie as a browser would: sends it, and takes the
+/// new value (or its removal) from `set-cookie`.
+#[derive(Debug)]
+pub struct SessionClient {
+    base: String,
+    agent: ureq::Agent,
+    /// The session cookie's value.
+    pub cookie: Option<String>,
+}
+
+impl SessionClient {
+    /// A client of `base` (`http://host:port`) whose requests time out after `timeout`.
+    pub fn new(base: &str, timeout: Duration) -> SessionClient {
+        SessionClient { base: base.to_string(), agent: agent(timeout), cookie: None }
+    }
+
+    /// The same client (and cookie) pointed at another base URL.
+    pub fn with_base(&mut self, base: &str) -> &mut SessionClient {
+        self.base = base.to_string();
+        self
+    }
+
+    /// `POST <base><path>` with the cookie; `Err` when no answer came.
+    pub fn post(&mut self, path: &str) -> Result<Answer, String> {
+        let mut request = self.agent.post(format!("{}{path}", self.base));
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", format!("{COOKIE_NAME}={cookie}"));
+        }
+        let mut response = request.send_empty().map_err(|e| e.to_string())?;
+        for value in response.headers().get_all("set-cookie") {
+            let Ok(value) = value.to_str() else { continue };
+            if let Some(rest) = value.strip_prefix(&format!("{COOKIE_NAME}=")) {
+                let cookie = rest.split(';').next().unwrap_or("").to_string();
+                self.cookie = (!cookie.is_empty()).then_some(cookie);
+            }
+        }
+        let status = response.status().as_u16();
+        let served_by = response.headers().get(SERVED_BY).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = response.body_mut().read_to_string().map_err(|e| format!("HTTP {status}, body unreadable: {e}"))?;
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        Ok(Answer { status, served_by, body, text })
+    }
 }
 
 /// A child process whose stderr and stdout go to a log file; killed when dropped.
