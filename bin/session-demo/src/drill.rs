@@ -121,8 +121,9 @@ pub struct Report {
     pub sessions_on_several_instances: usize,
     /// Steps and their timings, and every change of a server's state in the balancer.
     pub timeline: Vec<String>,
-    /// Servers the balancer took out while the drill was not stopping them (their `/health`
-    /// answered 503, or a check failed): not an expectation, but worth a look.
+    /// Health checks that failed while the drill was not stopping the server (its `/health`
+    /// answered 503, or did not answer): `UP -> UP 1/2` is one failed check, `-> DOWN` took it
+    /// out. Not an expectation, but worth a look.
     pub balancer_flaps: Vec<String>,
     /// Problems the drill's own steps saw (an instance that exited before the balancer took it
     /// out, a non-zero exit status).
@@ -198,7 +199,7 @@ impl fmt::Display for Report {
             }
         }
         if !self.balancer_flaps.is_empty() {
-            writeln!(f, "servers the balancer took out unasked:")?;
+            writeln!(f, "failed health checks the drill did not cause (-> UP 1/2: one check; -> DOWN: taken out):")?;
             for s in &self.balancer_flaps {
                 writeln!(f, "  {s}")?;
             }

@@ -451,9 +451,9 @@ backend {BACKEND}
     balance roundrobin
     option httpchk GET /health
     http-check expect status 200
-    # Check every 200 ms; one failed check takes a server out (a draining instance answers 503
-    # at once), two good ones in a row put it back.
-    default-server inter 200ms fastinter 200ms downinter 200ms fall 1 rise 2
+    # Check every 200 ms; two failed checks in a row take a server out (a draining instance
+    # answers 503 at once: out within about half a second), two good ones put it back.
+    default-server inter 200ms fastinter 200ms downinter 200ms fall 2 rise 2
 "
         );
         for (name, addr) in servers {
@@ -534,4 +534,27 @@ pub fn balancer_states(stats: SocketAddr) -> Option<BTreeMap<String, String>> {
         }
     }
     Some(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/sessions.md` shows the configuration the drill uses: keep them equal.
+    #[test]
+    fn the_guide_shows_the_drills_haproxy_configuration() {
+        let guide = include_str!("../../../docs/sessions.md");
+        let start = guide.find("```haproxy\n").expect("a haproxy block in docs/sessions.md") + "```haproxy\n".len();
+        let shown = &guide[start..start + guide[start..].find("```").unwrap()];
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let servers: Vec<(String, SocketAddr)> = (1..=3).map(|i| (format!("s{i}"), local(8080 + i))).collect();
+        assert_eq!(shown, Haproxy::config(local(8000), local(8404), &servers));
+    }
+
+    #[test]
+    fn loopback_prefixes_stay_clear_of_the_in_process_harness() {
+        let [a, b, c] = loopback_prefix();
+        assert_eq!(a, 127);
+        assert!((20..220).contains(&b) && c >= 200, "{b}.{c}");
+    }
 }
