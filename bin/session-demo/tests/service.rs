@@ -151,6 +151,36 @@ fn a_session_follows_its_user_across_instances_and_outlives_a_graceful_stop() {
 }
 
 #[test]
+fn an_unreadable_session_record_fails_its_requests_only_and_a_new_login_recovers() {
+    let mut a = instance("unreadable", "u1", ip(41), &cluster_name("unreadable"), &[], &[]);
+    a.start();
+    a.wait_healthy(WAIT);
+    let (mut broken, mut fine) = (client(&a), client(&a));
+    assert_eq!(broken.post("/login?user=dave").unwrap().status, 200);
+    assert_eq!(fine.post("/login?user=erin").unwrap().status, 200);
+
+    // Overwrite dave's record with something that is not a session, through the admin routes.
+    let id = broken.cookie.clone().unwrap();
+    let url = format!("http://{}/maps/sessions/entries/{id}", a.admin);
+    // (The answer is 422: the previous value, a record, is not a string. The write is done.)
+    harness::agent(Duration::from_secs(5)).put(&url).send("not a session record").unwrap();
+    assert_eq!(harness::http_get(&url), Some((200, "not a session record".to_string())));
+
+    for _ in 0..3 {
+        let answer = broken.post("/incr").unwrap();
+        assert_eq!(answer.status, 500, "{}", answer.text);
+        assert!(answer.body["error"].as_str().unwrap().contains("unreadable"), "{}", answer.text);
+    }
+    assert_eq!(fine.post("/incr").unwrap().body["counter"], 1, "other sessions are unaffected");
+    let answer = broken.post("/login?user=dave").unwrap();
+    assert_eq!((answer.status, answer.body["counter"].clone()), (200, 0.into()), "{}", answer.text);
+    assert_ne!(broken.cookie.as_deref(), Some(id.as_str()));
+    assert_eq!(broken.post("/incr").unwrap().body["counter"], 1);
+    assert!(a.process.is_running());
+    assert!(!a.process.log().contains("panicked"));
+}
+
+#[test]
 fn a_second_signal_stops_at_once() {
     let mut a = instance("twice", "t1", ip(31), &cluster_name("twice"), &[], &["--drain-ms", "60000"]);
     a.start();
