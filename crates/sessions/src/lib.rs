@@ -43,7 +43,10 @@
 //!
 //! * [`create`](SessionStore::create) never overwrites a session: it writes with put-if-absent
 //!   and, when the id is taken, draws a new id and tries again (at most
-//!   [`GrapevineStore::CREATE_ATTEMPTS`] times).
+//!   [`GrapevineStore::CREATE_ATTEMPTS`] times). Put-if-absent takes the map's default expiry;
+//!   a second write of the same record sets its time to live. If that second write fails, so does
+//!   the request (the client never learns the id), and the entry is left to the map's
+//!   `max_idle_seconds`.
 //! * **Last write wins.** [`save`](SessionStore::save) replaces the whole record in one write on
 //!   the partition's owner, which applies writes to a key one at a time. Two members saving one
 //!   session at once never produce a mixture of the two records: the one the owner applies last
