@@ -42,11 +42,8 @@
 //! # Rules
 //!
 //! * [`create`](SessionStore::create) never overwrites a session: it writes with put-if-absent
-//!   and, when the id is taken, draws a new id and tries again (at most
-//!   [`GrapevineStore::CREATE_ATTEMPTS`] times). Put-if-absent takes the map's default expiry;
-//!   a second write of the same record sets its time to live. If that second write fails, so does
-//!   the request (the client never learns the id), and the entry is left to the map's
-//!   `max_idle_seconds`.
+//!   (one write, with the record's time to live) and, when the id is taken, draws a new id and
+//!   tries again (at most [`GrapevineStore::CREATE_ATTEMPTS`] times).
 //! * **Last write wins.** [`save`](SessionStore::save) replaces the whole record in one write on
 //!   the partition's owner, which applies writes to a key one at a time. Two members saving one
 //!   session at once never produce a mixture of the two records: the one the owner applies last
@@ -232,13 +229,13 @@ impl SessionStore for GrapevineStore {
         for _ in 0..Self::CREATE_ATTEMPTS {
             let key = key_of(&record.id);
             let bytes = self.encode(record)?;
-            // Put-if-absent takes the map's default expiry; the record's own time to live is set
-            // by the second write. Nobody else knows the new id before this returns.
-            let existing = self.write(|| self.map.put_if_absent(&key, &bytes)).await?;
+            // A record created already expired is not stored at all.
+            let Some(ttl) = time_left(record.expiry_date) else { return Ok(()) };
+            let existing = self.write(|| self.map.put_if_absent_with(&key, &bytes, Expiry::ttl(ttl))).await?;
             match existing {
                 // Absent, or present with exactly our bytes: a repeated attempt found its own write.
-                None => return Ok(self.put_record(&key, record, &bytes).await?),
-                Some(existing) if existing == bytes => return Ok(self.put_record(&key, record, &bytes).await?),
+                None => return Ok(()),
+                Some(existing) if existing == bytes => return Ok(()),
                 Some(_) => {
                     warn!(map = self.map.name(), "a new session id is taken; drawing another");
                     record.id = Id::default();
