@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use grapevine::{Cluster, ClusterBuilder, Config};
 
+pub mod faults;
+
 /// The default deadline for conditions in tests. Generous: CI machines are shared and slow.
 pub const WAIT: Duration = Duration::from_secs(30);
 

@@ -605,6 +605,12 @@ impl Cluster {
     pub fn block_gossip_with(&self, addr: SocketAddr, blocked: bool) {
         self.inner.membership.block_gossip_with(addr, blocked);
     }
+
+    /// Test hook: drop gossip to `addr` (`outbound`) and/or from it (`inbound`).
+    #[doc(hidden)]
+    pub fn block_gossip(&self, addr: SocketAddr, outbound: bool, inbound: bool, blocked: bool) {
+        self.inner.membership.block_gossip(addr, outbound, inbound, blocked);
+    }
 }
 
 /// Keeps the data plane's directory of member addresses in step with the view, and drops

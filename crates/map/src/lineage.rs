@@ -4,7 +4,11 @@
 //! table members end up holding decides whose data survives.
 //!
 //! **Followers** apply a table from their master only when it is newer history: it descends from
-//! the one they hold ([`follower_applies`]). They never judge a fork themselves.
+//! the one they hold ([`follower_applies`]). They never judge a fork themselves. And a follower
+//! that is alive and eligible refuses a table that takes every replica away from it: its master
+//! then believes it dead (the master cannot hear it, or hears nobody), and applying the table
+//! would drop data that its own side keeps writing; the master settles it as two sides once it
+//! hears the follower again.
 //!
 //! **The master** decides forks, with the tables every eligible member holds right now (it asks
 //! each of them; gossip can be stale right after a heal), by grouping members into **sides**
@@ -58,10 +62,27 @@ pub(crate) fn relation(current: &PartitionTable, incoming: &PartitionTable) -> R
     }
 }
 
-/// Whether a member holding `current` applies `incoming`, a table its master published: only
-/// newer history.
-pub(crate) fn follower_applies(current: &PartitionTable, incoming: &PartitionTable) -> bool {
+/// Whether `member`, holding `current`, applies `incoming`, a table its master published: only
+/// newer history, and (while the member is `staying`, not leaving) not one that takes every
+/// replica away from it, unless the master explicitly decided against `current`.
+pub(crate) fn follower_applies(
+    current: &PartitionTable,
+    incoming: &PartitionTable,
+    member: &MemberId,
+    staying: bool,
+) -> bool {
     relation(current, incoming) == Relation::Newer
+        && (incoming.supersedes(&current.id())
+            || !(staying && current.epoch > 0 && current.holds_any(member) && !incoming.holds_any(member)))
+}
+
+/// Whether a member holding `theirs` is simply behind a master holding `ours` (it will apply
+/// ours): `theirs` is an ancestor of ours and ours still gives the member replicas (or never did).
+/// Otherwise the member is a side of its own, to settle with [`sides`].
+pub(crate) fn is_laggard(ours: &PartitionTable, theirs: &PartitionTable, member: &MemberId) -> bool {
+    theirs.id() == ours.id()
+        || (ours.descends_from(&theirs.id())
+            && (ours.supersedes(&theirs.id()) || ours.holds_any(member) || !theirs.holds_any(member)))
 }
 
 /// The sides the master found: each table some member belongs with, its members, and the winner.
@@ -163,8 +184,8 @@ mod tests {
         assert_eq!(winner(&[("a", &stale), ("b", &moved_on), ("c", &moved_on)]), moved_on.id());
         let zombie = stale.successor(&id("a"), 6, spread(&["a", "b", "c"]));
         assert_eq!(winner(&[("a", &zombie), ("b", &moved_on), ("c", &moved_on)]), moved_on.id());
-        assert!(follower_applies(&stale, &moved_on));
-        assert!(!follower_applies(&moved_on, &stale));
+        assert!(follower_applies(&stale, &moved_on, &id("c"), true));
+        assert!(!follower_applies(&moved_on, &stale, &id("c"), true));
     }
 
     #[test]
@@ -177,8 +198,32 @@ mod tests {
         assert_eq!(winner(&[("a", &kept), ("b", &kept), ("c", &alone)]), kept.id());
         // The master then supersedes c's table; c applies the result as newer history.
         let next = kept.successor_superseding(&id("a"), 7, kept.rows.clone(), &[&alone]);
-        assert!(follower_applies(&alone, &next));
-        assert!(follower_applies(&kept, &next));
+        assert!(follower_applies(&alone, &next, &id("c"), true));
+        assert!(follower_applies(&kept, &next, &id("a"), true));
+    }
+
+    #[test]
+    fn a_live_member_refuses_a_table_that_takes_everything_away_from_it() {
+        // The master a hears nobody (its messages still arrive): it declares b and c dead and
+        // publishes a table with only itself. b and c are alive and keep writing: they refuse.
+        let kept = agreed();
+        let deaf = kept.successor(&id("a"), 6, spread(&["a"]));
+        assert!(!follower_applies(&kept, &deaf, &id("b"), true));
+        // A leaving member accepts it; a member that never held anything too.
+        assert!(follower_applies(&kept, &deaf, &id("b"), false));
+        assert!(follower_applies(&PartitionTable::empty(12), &deaf, &id("b"), true));
+        // After the heal, b and c are a side of their own, not laggards, and win.
+        assert!(!is_laggard(&deaf, &kept, &id("b")));
+        assert!(is_laggard(&deaf, &kept, &id("a")));
+        assert_eq!(winner(&[("a", &deaf), ("b", &kept), ("c", &kept)]), kept.id());
+        // A member that is merely behind is a laggard.
+        let next = kept.successor(&id("a"), 6, spread(&["a", "b", "c"]));
+        assert!(is_laggard(&next, &kept, &id("b")));
+        // When a master decided against a member's table, the member follows even a table that
+        // gives it nothing, and it is no longer a side to settle.
+        let settled = deaf.successor_superseding(&id("a"), 7, spread(&["a"]), &[&kept]);
+        assert!(follower_applies(&kept, &settled, &id("b"), true));
+        assert!(is_laggard(&settled, &kept, &id("b")));
     }
 
     #[test]
@@ -291,7 +336,7 @@ mod tests {
             let next = last.successor_superseding(&id("z"), last.epoch.max(tables.iter().map(|t| t.epoch).max().unwrap()) + 1, last.rows.clone(), &others);
             for t in &others {
                 if next.history.len() < crate::table::HISTORY_RUNS_MAX {
-                    prop_assert!(follower_applies(t, &next), "{} does not follow {}", t.id(), next.id());
+                    prop_assert!(follower_applies(t, &next, &id("z"), true), "{} does not follow {}", t.id(), next.id());
                 }
             }
         }

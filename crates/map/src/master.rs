@@ -94,6 +94,7 @@ pub(crate) async fn master_loop(node: Arc<Node>) {
         }
         let recovered = node.master.lock().unwrap().recovered;
         if !recovered {
+            debug!(view = view.version, members = view.members.len(), excluded = ?view.excluded, "recovering as master");
             node.recover_as_master(&view).await;
         }
         node.master_step(&view).await;
@@ -153,6 +154,12 @@ impl Node {
     fn decide(self: &Arc<Self>, held: &[(MemberId, PartitionTable)]) -> Vec<PartitionTable> {
         let refs: Vec<(MemberId, &PartitionTable)> = held.iter().map(|(m, t)| (m.clone(), t)).collect();
         let Some(found) = lineage::sides(&refs) else { return Vec::new() };
+        debug!(
+            held = ?held.iter().map(|(m, t)| format!("{m}@{}", t.id())).collect::<Vec<_>>(),
+            sides = ?found.sides.iter().map(|(t, m)| format!("{t}: {m:?}")).collect::<Vec<_>>(),
+            winner = %found.winner,
+            "sides"
+        );
         let current = self.table();
         if found.winner != current.id()
             && let Some((_, winner)) = held.iter().find(|(_, t)| t.id() == found.winner)
@@ -177,9 +184,11 @@ impl Node {
             }
         }
         drop(logged);
+        // Every other table held is decided against: their holders follow the next table, also
+        // when it gives them nothing (the winner's side may have dropped them).
         let mut superseded: Vec<PartitionTable> = Vec::new();
         for (_, table) in held {
-            if !current.descends_from(&table.id()) && !superseded.iter().any(|t| t.id() == table.id()) {
+            if table.id() != current.id() && table.epoch > 0 && !superseded.iter().any(|t| t.id() == table.id()) {
                 superseded.push(table.clone());
             }
         }
@@ -323,16 +332,19 @@ impl Node {
     /// ([`Node::decide`]). Decides only when every one of them answered.
     async fn resolve_tables(self: &Arc<Self>, view: &ClusterView) -> Resolved {
         let ours = self.table();
+        // A member whose table is an ancestor of ours is behind, unless ours took its replicas
+        // away: then it may be a side that kept writing (see `lineage::is_laggard`). Gossip only
+        // gives ids; a member holding an ancestor we cannot judge from the id alone is examined.
         let differs = self.gossip_tables().into_iter().any(|advertised| {
             view.eligible_members().any(|m| m.id == advertised.member)
                 && advertised.table != ours.id()
-                && !ours.descends_from(&advertised.table)
+                && (!ours.descends_from(&advertised.table) || !ours.holds_any(&advertised.member))
         });
         if !differs {
             return Resolved::Settled;
         }
         let (held, complete) = self.collect_tables(view).await;
-        let outstanding = held.iter().any(|(_, t)| t.id() != ours.id() && !ours.descends_from(&t.id()));
+        let outstanding = held.iter().any(|(member, t)| !lineage::is_laggard(&ours, t, member));
         if !complete {
             debug!("not every member answered with its partition table; deciding later");
             return Resolved::Pending;

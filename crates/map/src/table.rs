@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::assign::Row;
 
+/// How many superseded table ids a table carries (the most recent ones).
+pub const SUPERSEDED_MAX: usize = 64;
+
 /// How many runs a table's history keeps (the most recent ones). Older ancestors are then no
 /// longer recognised as ancestors, which only matters for a table that has not been updated for
 /// that many changes of master.
@@ -87,6 +90,9 @@ pub struct PartitionTable {
     pub terms: Vec<Term>,
     /// The runs of tables this one descends from, oldest first; the last one ends with this table.
     pub history: Vec<Run>,
+    /// Tables other members held that a master compared with this lineage and decided against
+    /// (most recent last): their holders apply this table even if it gives them no replica.
+    pub superseded: Vec<TableId>,
 }
 
 /// A member's role for one partition.
@@ -110,6 +116,7 @@ impl PartitionTable {
             rows: vec![Vec::new(); count],
             terms: vec![TableId::empty(); count],
             history: Vec::new(),
+            superseded: Vec::new(),
         }
     }
 
@@ -195,7 +202,14 @@ impl PartitionTable {
         if history.len() > HISTORY_RUNS_MAX {
             history.drain(..history.len() - HISTORY_RUNS_MAX);
         }
-        PartitionTable { epoch, master: Some(publisher.clone()), rows, terms, history }
+        let superseded = self.superseded.clone();
+        PartitionTable { epoch, master: Some(publisher.clone()), rows, terms, history, superseded }
+    }
+
+    /// True when a master decided against table `id` in this table's lineage (see
+    /// [`PartitionTable::successor_superseding`]).
+    pub fn supersedes(&self, id: &TableId) -> bool {
+        self.superseded.contains(id)
     }
 
     /// Like [`PartitionTable::successor`], for a master that decided that `superseded` (tables
@@ -211,12 +225,18 @@ impl PartitionTable {
         let mut next = self.successor(publisher, epoch, rows);
         let own = next.history.pop().expect("a successor's history ends with its own run");
         for table in superseded {
+            if !next.superseded.contains(&table.id()) && table.id() != next.id() {
+                next.superseded.push(table.id());
+            }
             if next.descends_from(&table.id()) {
                 continue;
             }
             if let Some(run) = table.history.last() {
                 next.history.push(run.clone());
             }
+        }
+        if next.superseded.len() > SUPERSEDED_MAX {
+            next.superseded.drain(..next.superseded.len() - SUPERSEDED_MAX);
         }
         next.history.push(own);
         if next.history.len() > HISTORY_RUNS_MAX {
@@ -265,6 +285,12 @@ impl PartitionTable {
             });
             if !own || self.history.len() > HISTORY_RUNS_MAX {
                 return Err(format!("its history does not end with the table itself ({})", self.id()));
+            }
+            if self.superseded.len() > SUPERSEDED_MAX {
+                return Err(format!(
+                    "it lists {} superseded tables, more than {SUPERSEDED_MAX}",
+                    self.superseded.len()
+                ));
             }
         }
         Ok(())
@@ -318,6 +344,8 @@ mod tests {
         let other = base.successor(&id("b"), 4, rows(&["b", "b"]));
         let next = base.successor_superseding(&id("a"), 5, rows(&["a", "b"]), &[&other, &base]);
         assert!(next.descends_from(&other.id()) && next.descends_from(&base.id()));
+        assert!(next.supersedes(&other.id()) && next.supersedes(&base.id()));
+        assert!(next.successor(&id("a"), 6, rows(&["a", "b"])).supersedes(&other.id()), "carried on");
         assert_eq!(next.terms, base.terms);
         assert!(next.validate(2).is_ok());
         assert_eq!(next.history.last().unwrap().publisher, id("a"));

@@ -318,11 +318,18 @@ impl Node {
         self.want_table(from);
     }
 
-    /// A table pushed by `from`. Only the master this member follows may change its table.
+    /// A table pushed by `from`. Only the master this member follows may change its table, and
+    /// only while it answers this member: a master that cannot hear the others (its messages
+    /// still arrive) believes them dead and pushes tables that would drop their data. Without a
+    /// working round trip the push is ignored; the follow-up loop fetches the master's table
+    /// later, which takes a round trip.
     pub(crate) fn on_table_push(self: &Arc<Self>, from: &MemberId, table: PartitionTable) -> Reply {
         let master = self.membership.view().master.clone();
+        let answers_within = self.membership.config().gossip_interval * 3;
         if master.as_ref() != Some(from) || table.master.as_ref() != Some(from) {
             debug!(%from, ?master, table = %table.id(), "ignored a table pushed by a member that is not our master");
+        } else if self.net.silent_for(from).is_some_and(|silent| silent > answers_within) {
+            debug!(%from, table = %table.id(), "ignored a table pushed by a master that does not answer this member");
         } else {
             self.offer_table(from, table);
         }
@@ -342,15 +349,33 @@ impl Node {
             return false;
         }
         let current = self.table();
-        if lineage::follower_applies(&current, &table) {
+        // Only a member that is leaving gives its replicas up to a table without it; an excluded
+        // one waits for the master to settle it (exclusion can flap while reports spread).
+        let staying = view.local_member().is_some_and(|m| m.state == grapevine_membership::MemberState::Active);
+        if lineage::follower_applies(&current, &table, &self.local, staying) {
             return self.apply_table(table);
         }
         match lineage::relation(&current, &table) {
-            lineage::Relation::Newer | lineage::Relation::Same | lineage::Relation::Older => false,
+            lineage::Relation::Newer => {
+                let mut logged = self.tables.kept_own.lock().unwrap();
+                if logged.as_ref() != Some(&table.id()) {
+                    warn!(
+                        local = %self.local,
+                        theirs = %table.id(),
+                        ours = %current.id(),
+                        "the master's table takes every partition away from this member, which is alive: the master \
+                         cannot hear it (or hears nobody); keeping this table until the master has compared both"
+                    );
+                    *logged = Some(table.id());
+                }
+                false
+            }
+            lineage::Relation::Same | lineage::Relation::Older => false,
             lineage::Relation::Forked => {
                 let mut logged = self.tables.kept_own.lock().unwrap();
                 if logged.as_ref() != Some(&table.id()) {
                     warn!(
+                        local = %self.local,
                         theirs = %table.id(),
                         ours = %current.id(),
                         "the master's table is not newer history than this member's (members acted as master \

@@ -518,11 +518,23 @@ impl Membership {
     /// Test hook: drop gossip to and from `addr` (a one-member view of a network partition).
     #[doc(hidden)]
     pub fn block_gossip_with(&self, addr: SocketAddr, blocked: bool) {
-        let mut set = self.inner.transport.blocked.lock().unwrap();
-        if blocked {
-            set.insert(addr);
-        } else {
-            set.remove(&addr);
+        self.block_gossip(addr, true, true, blocked);
+    }
+
+    /// Test hook: drop gossip datagrams to `addr` (`outbound`) and/or from it (`inbound`).
+    #[doc(hidden)]
+    pub fn block_gossip(&self, addr: SocketAddr, outbound: bool, inbound: bool, blocked: bool) {
+        let t = &self.inner.transport;
+        for (set, applies) in [(&t.blocked_out, outbound), (&t.blocked_in, inbound)] {
+            if !applies {
+                continue;
+            }
+            let mut set = set.lock().unwrap();
+            if blocked {
+                set.insert(addr);
+            } else {
+                set.remove(&addr);
+            }
         }
     }
 

@@ -51,13 +51,15 @@ pub(crate) struct TransportShared {
     pub(crate) datagrams_out: AtomicU64,
     /// Peers of another cluster name that contacted us or rejected us: logged once each.
     pub(crate) foreign_peers: Mutex<HashSet<SocketAddr>>,
-    /// Test hook: datagrams to or from these addresses are dropped.
-    pub(crate) blocked: Mutex<HashSet<SocketAddr>>,
+    /// Test hook: datagrams to these addresses are dropped.
+    pub(crate) blocked_out: Mutex<HashSet<SocketAddr>>,
+    /// Test hook: datagrams from these addresses are dropped.
+    pub(crate) blocked_in: Mutex<HashSet<SocketAddr>>,
 }
 
 impl TransportShared {
-    fn is_blocked(&self, addr: &SocketAddr) -> bool {
-        let blocked = self.blocked.lock().unwrap();
+    fn is_blocked(set: &Mutex<HashSet<SocketAddr>>, addr: &SocketAddr) -> bool {
+        let blocked = set.lock().unwrap();
         !blocked.is_empty() && blocked.contains(addr)
     }
 
@@ -99,7 +101,7 @@ impl Socket for ObservedSocket {
     }
 
     async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
-        if self.shared.is_blocked(&to) {
+        if TransportShared::is_blocked(&self.shared.blocked_out, &to) {
             return Ok(SendOutcome { num_bytes_sent: 0 });
         }
         if matches!(envelope.message, ChitchatMessage::Syn { .. }) {
@@ -112,7 +114,7 @@ impl Socket for ObservedSocket {
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
         loop {
             let outcome = self.inner.recv().await?;
-            if self.shared.is_blocked(&outcome.from_addr) {
+            if TransportShared::is_blocked(&self.shared.blocked_in, &outcome.from_addr) {
                 continue;
             }
             self.shared.datagrams_in.fetch_add(1, Ordering::Relaxed);

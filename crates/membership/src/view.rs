@@ -125,34 +125,36 @@ pub(crate) fn compute_master(members: &[Member], excluded: &BTreeSet<MemberId>) 
 }
 
 /// Which active members to exclude from ownership because other members cannot reach them over
-/// the data plane, from the members' `unreachable` reports: every report of an active member about
-/// another active member is an edge between the two; while edges remain, the member with the most
-/// edges is excluded (ties: the youngest, so the oldest, usually the master, stays) and its edges
-/// go with it. A member everyone reports is excluded, one that reports everyone is excluded (its
-/// own link is the broken one), and two members that cannot reach each other lose one of them, so
-/// that the members left can all reach each other. Pure: every member computes the same set from
-/// the same gossip.
+/// the data plane, from the members' `unreachable` reports. Each report of an active member about
+/// another is a directed edge, reporter to target. While edges remain, the member with the most
+/// edges (in and out) is excluded, and its edges go with it; ties go to the member reported by
+/// more members, then to the youngest. So a member everyone reports is excluded, one that reports
+/// everyone is excluded (its own link is the broken one), a single report (the target's own has
+/// not arrived yet) excludes its target and never the reporter, and of two members that report
+/// each other the younger goes: the members left can all reach each other. Pure: every member
+/// computes the same set from the same gossip.
 pub fn excluded_members(members: &[Member]) -> BTreeSet<MemberId> {
     let active: BTreeSet<&MemberId> =
         members.iter().filter(|m| m.state == MemberState::Active).map(|m| &m.id).collect();
     let mut edges: BTreeSet<(MemberId, MemberId)> = BTreeSet::new();
     for member in members.iter().filter(|m| active.contains(&m.id)) {
         for target in member.unreachable.iter().filter(|t| active.contains(t) && **t != member.id) {
-            let (a, b) = if member.id < *target { (&member.id, target) } else { (target, &member.id) };
-            edges.insert((a.clone(), b.clone()));
+            edges.insert((member.id.clone(), target.clone()));
         }
     }
     let mut excluded = BTreeSet::new();
     // Bounded: every pass removes at least one edge.
     while !edges.is_empty() {
-        let mut degree: BTreeMap<&MemberId, usize> = BTreeMap::new();
-        for (a, b) in &edges {
-            *degree.entry(a).or_default() += 1;
-            *degree.entry(b).or_default() += 1;
+        let mut score: BTreeMap<&MemberId, (usize, usize)> = BTreeMap::new();
+        for (reporter, target) in &edges {
+            score.entry(reporter).or_default().0 += 1;
+            let t = score.entry(target).or_default();
+            t.0 += 1;
+            t.1 += 1;
         }
-        let worst = degree
+        let worst = score
             .into_iter()
-            .max_by(|(a, da), (b, db)| da.cmp(db).then_with(|| a.cmp(b)))
+            .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then_with(|| a.cmp(b)))
             .map(|(m, _)| m.clone())
             .expect("edges exist");
         edges.retain(|(a, b)| *a != worst && *b != worst);
@@ -280,6 +282,20 @@ pub(crate) mod tests {
             reporting("d", 4, &[]),
         ];
         assert_eq!(excluded_members(&members), ids(&[("c", 3)]));
+    }
+
+    #[test]
+    fn a_single_report_excludes_its_target_never_the_reporter() {
+        // c (young) reports b (old); b's own reports have not arrived yet.
+        let members = vec![reporting("a", 1, &[]), reporting("b", 2, &[]), reporting("c", 3, &[("b", 2)])];
+        assert_eq!(excluded_members(&members), ids(&[("b", 2)]));
+        // b cannot send: it reports everyone, everyone reports it.
+        let members = vec![
+            reporting("a", 1, &[("b", 2)]),
+            reporting("b", 2, &[("a", 1), ("c", 3)]),
+            reporting("c", 3, &[("b", 2)]),
+        ];
+        assert_eq!(excluded_members(&members), ids(&[("b", 2)]));
     }
 
     #[test]

@@ -150,7 +150,6 @@ async fn read_loop(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx, mut rd: 
                     if inner.faults.drops_inbound(&peer.id) {
                         continue;
                     }
-                    peer.heard();
                     bump(&inner.stats.frames_in, 1);
                     bump(&inner.stats.bytes_in, (frame::LEN_BYTES + frame::HEADER_BYTES + f.body.len()) as u64);
                     if let Err(closed) = dispatch(inner, peer, ctx, f).await {

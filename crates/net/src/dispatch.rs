@@ -29,6 +29,8 @@ pub(crate) async fn dispatch(inner: &Arc<Inner>, peer: &Arc<Peer>, ctx: &ConnCtx
 }
 
 fn complete(peer: &Peer, f: Frame) {
+    // A round trip completed: the peer hears us and we hear it.
+    peer.heard();
     let Some(pending) = lock(&peer.state).pending.remove(&f.correlation) else {
         // Normal after a timeout; harmless otherwise, so not a reason to drop the connection.
         debug!(peer = %peer.id, correlation = f.correlation, "response to an unknown or expired request, ignored");

@@ -72,11 +72,11 @@
 //!   any order; correlation ids match them up. The reader never waits: responses to this
 //!   member's own requests are read however many handler futures are running.
 //! * **Reachability.** Every peer with an address is pinged (an internal request answered by the
-//!   data plane itself, not a handler) when nothing was heard from it for `ping_interval`.
-//!   [`Net::reachability`] reports, per peer, how long nothing has been heard from it while
-//!   messages were due, and whether its host refused the connection (nothing listens on its port:
-//!   the process is gone). The membership layer turns this into "unreachable" reports and fast
-//!   failure detection.
+//!   data plane itself, not a handler) when it has not answered anything for `ping_interval`.
+//!   [`Net::reachability`] reports, per peer, how long no round trip with it has worked (its own
+//!   messages do not count: a peer that cannot hear us still sends), and whether its host refused
+//!   the connection (nothing listens on its port: the process is gone). The membership layer turns
+//!   this into "unreachable" reports and fast failure detection.
 //! * One-way messages are at most once; requests resolve exactly once, by their timeout at the
 //!   latest. A panicking handler fails its request with [`NetError::Remote`] and affects nothing
 //!   else.

@@ -179,9 +179,11 @@ impl Inner {
 pub struct PeerReachability {
     /// The peer.
     pub member: MemberId,
-    /// How long nothing (no frame, no handshake) has arrived from the peer; counted from when it
-    /// was added if nothing ever did. With pings on, a reachable peer is never silent for much
-    /// more than `ping_interval` plus a round trip.
+    /// How long the peer has not answered one of our requests (or completed a handshake): a round
+    /// trip with it has not worked for that long. Counted from when it was added if it never
+    /// answered. With pings on, a reachable peer is never silent for much more than
+    /// `ping_interval` plus a round trip; a peer that cannot hear us is silent even though its own
+    /// messages still arrive.
     pub silent_for: std::time::Duration,
     /// How long dials to the peer have been refused by its host (nothing listens on its port),
     /// if the last ones were; `None` once a connection succeeds.
@@ -332,6 +334,12 @@ impl Net {
                 PeerReachability { member: p.id.clone(), silent_for: p.silent_for(), refused_for }
             })
             .collect()
+    }
+
+    /// How long `peer` has not answered (see [`PeerReachability::silent_for`]); `None` for a peer
+    /// without an address.
+    pub fn silent_for(&self, peer: &MemberId) -> Option<std::time::Duration> {
+        self.inner.peer(peer).map(|p| p.silent_for())
     }
 
     /// A snapshot of the counters.

@@ -93,8 +93,9 @@ pub(crate) struct DialSlot {
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) id: MemberId,
-    /// When anything (a frame, a completed handshake) was last received from the peer, in
-    /// [`mono_ms`]; when the peer was added, until then.
+    /// When the peer last answered one of our requests (or completed a handshake with us), in
+    /// [`mono_ms`]; when the peer was added, until then. Frames it sends on its own do not count:
+    /// a peer that cannot hear us still sends.
     heard_ms: AtomicU64,
     /// A liveness ping to the peer is outstanding.
     pub(crate) pinging: AtomicBool,
@@ -137,12 +138,12 @@ impl Peer {
         }
     }
 
-    /// Something arrived from the peer.
+    /// The peer answered: a round trip with it works.
     pub(crate) fn heard(&self) {
         self.heard_ms.store(mono_ms(), Ordering::Relaxed);
     }
 
-    /// How long nothing has arrived from the peer.
+    /// How long the peer has not answered.
     pub(crate) fn silent_for(&self) -> Duration {
         Duration::from_millis(mono_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)))
     }

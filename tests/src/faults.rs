@@ -1,0 +1,856 @@
+//! A seeded fault-injection harness in the style of Jepsen, on in-process members.
+//!
+//! A [`Schedule`] is drawn from a seed: a 3- or 5-member cluster, and a sequence of single faults,
+//! each held for a while under load and then healed: two-way cuts, one-way cuts in both
+//! directions, cuts of the data plane or of gossip only, stalls, SIGKILL-like kills followed by a
+//! restart with the same node id, graceful leaves followed by a join, and plain joins. Concurrent
+//! clients put, overwrite and remove shared and distinct keys through every member meanwhile and
+//! record what each operation returned and when. After the last heal the cluster must settle
+//! (one view, one master, one table, replication confirmed), and [`check`] compares what every
+//! member holds with the whole history: every acknowledged change is the final state of its key
+//! unless a later change (acknowledged, or of unknown outcome) may have replaced it; every member
+//! agrees; nothing panicked.
+//!
+//! **Members** run on runtimes of their own with one worker thread, so that a stall really
+//! freezes one (its timers, sockets and the clients that use it stop, as under SIGSTOP) and a
+//! kill really stops it. **Faults** use the test hooks of the data plane (frames dropped on the
+//! way out or in, per peer) and of gossip (datagrams dropped per address and direction).
+//!
+//! **Minority sides.** A member that ends up alone or with a minority of the cluster (a two-way
+//! cut, a member that hears nobody, a member whose gossip is cut, or one that just woke up from a
+//! stall) is a side of its own and keeps serving: what it acknowledges while apart is resolved by
+//! the merge policies (not built yet; today discarded when the sides meet). Operations completed
+//! through a member whose view held at most half the cluster are marked as such; the checker
+//! allows them to be lost (and reports how many were), never the others.
+//!
+//! A failing schedule prints its seed and steps; `GRAPEVINE_HARNESS_SEED=<seed>` replays it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use grapevine::{Cluster, Config, MapError};
+
+use crate::next_loopback_ip;
+
+/// A small deterministic generator (SplitMix64): the same seed gives the same schedule anywhere.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+/// One fault, applied to member indices of the cluster as it is when the fault starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// `side` cannot talk to the others at all (both planes, both directions).
+    Split { side: Vec<usize> },
+    /// `member`'s traffic to everyone else is dropped (both planes); it still hears them.
+    Mute { member: usize },
+    /// Traffic to `member` from everyone else is dropped (both planes); it still sends.
+    Deaf { member: usize },
+    /// The data plane between `a` and `b` is cut both ways; gossip flows.
+    DataCut { a: usize, b: usize },
+    /// `member`'s data-plane traffic to everyone else is dropped; gossip flows.
+    DataMute { member: usize },
+    /// `member`'s gossip is cut both ways; the data plane works.
+    GossipCut { member: usize },
+    /// `member` freezes (as under SIGSTOP).
+    Stall { member: usize },
+    /// `member` is killed; at the heal a new process with the same node id starts.
+    Kill { member: usize },
+    /// `member` leaves gracefully; at the heal a new member joins.
+    Leave { member: usize },
+    /// A new member joins.
+    Join,
+}
+
+/// One step: a fault held for `hold`, then healed, then `rest` before the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// The fault.
+    pub fault: Fault,
+    /// How long it lasts.
+    pub hold: Duration,
+    /// The pause after its heal.
+    pub rest: Duration,
+}
+
+/// A schedule drawn from a seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// The seed it was drawn from.
+    pub seed: u64,
+    /// Members at the start.
+    pub members: usize,
+    /// Synchronous backups of the map.
+    pub backup_count: u8,
+    /// The faults, one at a time.
+    pub steps: Vec<Step>,
+}
+
+impl Schedule {
+    /// The schedule of `seed`: 3 or 5 members, one to three faults.
+    pub fn from_seed(seed: u64) -> Schedule {
+        let mut rng = Rng::new(seed);
+        let members = if rng.below(4) == 0 { 5 } else { 3 };
+        let backup_count = if members == 5 && rng.below(2) == 0 { 2 } else { 1 };
+        let faults = rng.between(1, 3) as usize;
+        let mut size = members;
+        let mut steps = Vec::new();
+        for _ in 0..faults {
+            let pick = |rng: &mut Rng| rng.below(size as u64) as usize;
+            let fault = match rng.below(12) {
+                0 | 1 => {
+                    // A minority side, never more than half.
+                    let count = rng.between(1, (size as u64 - 1) / 2) as usize;
+                    let mut side: Vec<usize> = Vec::new();
+                    while side.len() < count {
+                        let m = pick(&mut rng);
+                        if !side.contains(&m) {
+                            side.push(m);
+                        }
+                    }
+                    side.sort();
+                    Fault::Split { side }
+                }
+                2 | 3 => Fault::Mute { member: pick(&mut rng) },
+                4 => Fault::Deaf { member: pick(&mut rng) },
+                5 => {
+                    let a = pick(&mut rng);
+                    let b = (a + 1 + rng.below(size as u64 - 1) as usize) % size;
+                    Fault::DataCut { a, b }
+                }
+                6 => Fault::DataMute { member: pick(&mut rng) },
+                7 => Fault::GossipCut { member: pick(&mut rng) },
+                8 => Fault::Stall { member: pick(&mut rng) },
+                9 => Fault::Kill { member: pick(&mut rng) },
+                10 => Fault::Leave { member: pick(&mut rng) },
+                _ => Fault::Join,
+            };
+            // A leave is followed by a join and a join grows the cluster; keep it at most 6.
+            if matches!(fault, Fault::Join) {
+                if size >= 6 {
+                    continue;
+                }
+                size += 1;
+            }
+            let hold = Duration::from_millis(rng.between(300, 2_000));
+            let rest = Duration::from_millis(rng.between(100, 800));
+            steps.push(Step { fault, hold, rest });
+        }
+        Schedule { seed, members, backup_count, steps }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seed {}: {} members, backup_count {}", self.seed, self.members, self.backup_count)?;
+        for step in &self.steps {
+            write!(f, "; {:?} for {:?}, rest {:?}", step.fault, step.hold, step.rest)?;
+        }
+        Ok(())
+    }
+}
+
+/// The member configuration of the harness: short timers, so that failure detection and
+/// migrations happen within the schedule.
+pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
+    let mut config = crate::test_config(cluster_name);
+    config.gossip.interval_ms = 100;
+    config.gossip.phi_threshold = 8.0;
+    config.gossip.probe_interval_ms = 100;
+    config.gossip.join_timeout_ms = 1_000;
+    config.partitions.count = 61;
+    config.partitions.operation_timeout_ms = 4_000;
+    config.partitions.backup_ack_timeout_ms = 2_000;
+    config.partitions.anti_entropy_interval_ms = 300;
+    config.partitions.migration_timeout_ms = 5_000;
+    config.shutdown_timeout_seconds = 10;
+    let mut map = grapevine::MapConfig::default();
+    map.backup_count = backup_count;
+    config.maps.insert(MAP.to_string(), map);
+    config
+}
+
+/// The map the clients use.
+pub const MAP: &str = "faults";
+
+/// One member: its runtime (one worker thread) and handle.
+struct Node {
+    node_id: String,
+    cluster: Cluster,
+    runtime: Option<tokio::runtime::Runtime>,
+    stalled: Arc<AtomicBool>,
+    /// When its view held at most half the cluster: `(from, until)`, `until` open while it lasts.
+    minority: Arc<Mutex<Vec<(Instant, Option<Instant>)>>>,
+}
+
+impl Node {
+    async fn start(config: Config, node_id: String, seeds: Vec<SocketAddr>) -> Node {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("member-{node_id}"))
+            .enable_all()
+            .build()
+            .expect("a member runtime");
+        let ip = next_loopback_ip();
+        let id = node_id.clone();
+        let started = runtime.spawn(async move {
+            let mut builder = Cluster::builder().config(config).bind(ip).node_id(id);
+            if !seeds.is_empty() {
+                builder = builder.discovery(grapevine::Discovery::static_list(seeds.iter().map(|s| s.to_string())));
+            }
+            builder.start().await
+        });
+        let cluster = started.await.expect("member start task").expect("member starts");
+        Node {
+            node_id,
+            cluster,
+            runtime: Some(runtime),
+            stalled: Arc::new(AtomicBool::new(false)),
+            minority: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Whether the member's view was a minority at any moment of `from..=until` (with a little
+    /// slack: an owner applies a write a moment before its caller hears back).
+    fn minority_during(&self, from: Instant, until: Instant) -> bool {
+        let slack = Duration::from_millis(50);
+        let from = from.checked_sub(slack).unwrap_or(from);
+        self.minority.lock().unwrap().iter().any(|(start, end)| *start <= until && end.is_none_or(|e| e >= from))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime.as_ref().expect("a running member").handle().clone()
+    }
+
+    async fn kill(&mut self) {
+        let cluster = self.cluster.clone();
+        let _ = self.handle().spawn(async move { cluster.kill().await }).await;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    async fn leave(&mut self) {
+        let cluster = self.cluster.clone();
+        let _ = self.handle().spawn(async move { cluster.shutdown().await }).await;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Freezes the member's only worker thread for `hold`.
+    fn stall(&self, hold: Duration) {
+        let stalled = self.stalled.clone();
+        stalled.store(true, Ordering::SeqCst);
+        self.handle().spawn(async move {
+            std::thread::sleep(hold);
+            stalled.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// What an operation did, as far as its client knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acknowledged.
+    Ok,
+    /// Definitely not applied.
+    Failed,
+    /// May or may not have been applied.
+    Unknown,
+}
+
+/// One recorded operation.
+#[derive(Clone)]
+pub struct Op {
+    /// The key.
+    pub key: u32,
+    /// `Some(v)`: put `v`; `None`: remove.
+    pub value: Option<u64>,
+    /// When the client sent it.
+    pub invoked: Instant,
+    /// When the client got the answer.
+    pub completed: Instant,
+    /// The answer.
+    pub outcome: Outcome,
+    /// Completed through a member whose view held at most half the cluster.
+    pub minority: bool,
+    /// The member it went through.
+    pub via: String,
+}
+
+/// The instant runs count from in reports.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |t: Instant| t.saturating_duration_since(epoch()).as_millis();
+        let what = match self.value {
+            Some(v) => format!("put {v}"),
+            None => "remove".to_string(),
+        };
+        write!(
+            f,
+            "[{what} via {} at {}..{} ms: {:?}{}]",
+            self.via,
+            ms(self.invoked),
+            ms(self.completed),
+            self.outcome,
+            if self.minority { ", minority" } else { "" }
+        )
+    }
+}
+
+/// The recorded history of a run.
+#[derive(Debug, Default)]
+pub struct History {
+    ops: Mutex<Vec<Op>>,
+    /// Operations completed.
+    pub count: AtomicUsize,
+}
+
+/// How a map error counts: a timeout means every attempt was refused before it was applied
+/// (owners refuse, then the operation is retried; an attempt that may have been applied ends
+/// the operation with an unknown outcome at once); shutting down, likewise.
+fn classify(error: &MapError) -> Outcome {
+    match error {
+        MapError::Timeout { .. } | MapError::ShuttingDown { .. } | MapError::Codec { .. } | MapError::Invalid(_) => {
+            Outcome::Failed
+        }
+        MapError::Indeterminate { .. } | MapError::Failed { .. } => Outcome::Unknown,
+    }
+}
+
+/// Keys shared by every client, and keys per client after them.
+const SHARED_KEYS: u32 = 24;
+
+/// The members of one run (`None`: killed or gone), by index.
+struct Lab {
+    nodes: Mutex<Vec<Option<Arc<Node>>>>,
+    /// Set when the run is over (watchers stop).
+    stopped: AtomicBool,
+    /// Members alive (not killed or gone) right now: the cluster's size for the minority test.
+    alive: AtomicUsize,
+}
+
+impl Lab {
+    fn live(&self) -> Vec<(usize, Arc<Node>)> {
+        self.nodes.lock().unwrap().iter().enumerate().filter_map(|(i, n)| n.clone().map(|n| (i, n))).collect()
+    }
+
+    fn seeds(&self) -> Vec<SocketAddr> {
+        self.live().iter().map(|(_, n)| n.cluster.addresses().gossip).collect()
+    }
+}
+
+/// Records, on the test's runtime, when `node`'s view holds at most half of the members alive.
+fn watch_minority(lab: &Arc<Lab>, node: &Arc<Node>) {
+    let (lab, node) = (lab.clone(), node.clone());
+    let mut views = node.cluster.watch();
+    tokio::spawn(async move {
+        loop {
+            let len = views.borrow_and_update().len();
+            let minority = len * 2 <= lab.alive.load(Ordering::SeqCst);
+            {
+                let mut spans = node.minority.lock().unwrap();
+                let open = spans.last().is_some_and(|(_, end)| end.is_none());
+                if minority && !open {
+                    spans.push((Instant::now(), None));
+                } else if !minority && open {
+                    spans.last_mut().expect("open span").1 = Some(Instant::now());
+                }
+            }
+            // The alive count changes without a view change: look again now and then.
+            tokio::select! {
+                changed = views.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {},
+            }
+            if lab.stopped.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+    });
+}
+
+/// Runs one client until `stop`: a stream of puts and removes on shared and own keys through
+/// random live members, each recorded.
+async fn client(id: u32, cluster: Arc<Lab>, history: Arc<History>, stop: Arc<AtomicBool>, seed: u64) {
+    let mut rng = Rng::new(seed ^ (u64::from(id) << 32));
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let live = cluster.live();
+        if live.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let (_, node) = live[rng.below(live.len() as u64) as usize].clone();
+        if node.stalled.load(Ordering::SeqCst) && rng.below(4) != 0 {
+            // Mostly avoid waiting on a frozen member, but sometimes do.
+            continue;
+        }
+        let key = if rng.below(4) == 0 {
+            SHARED_KEYS + id * 1_000 + rng.below(8) as u32
+        } else {
+            rng.below(u64::from(SHARED_KEYS)) as u32
+        };
+        seq += 1;
+        let value = (rng.below(5) != 0).then_some((u64::from(id) << 40) | seq);
+        let map = match node.cluster.map::<u32, u64>(MAP) {
+            Ok(map) => map,
+            Err(_) => continue,
+        };
+        let member = node.cluster.clone();
+        let invoked = Instant::now();
+        let op = node.handle().spawn(async move {
+            let result = match value {
+                Some(v) => map.put(&key, &v).await.map(drop),
+                None => map.remove(&key).await.map(drop),
+            };
+            (result, member.view().len())
+        });
+        let _ = &cluster;
+        let outcome = match tokio::time::timeout(Duration::from_secs(20), op).await {
+            Ok(Ok((Ok(()), _))) => Outcome::Ok,
+            Ok(Ok((Err(e), _))) => classify(&e),
+            // The member was killed under it, or froze beyond reason.
+            Ok(Err(_)) | Err(_) => Outcome::Unknown,
+        };
+        let minority = node.minority_during(invoked, Instant::now());
+        let via = node.node_id.clone();
+        history.ops.lock().unwrap().push(Op { key, value, invoked, completed: Instant::now(), outcome, minority, via });
+        history.count.fetch_add(1, Ordering::Relaxed);
+        if outcome != Outcome::Ok {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Why the final state of a key contradicts the history, if it does. `last` is what the members
+/// hold. Minority operations may be lost; the returned flag says one was.
+pub fn check_key(ops: &[Op], last: Option<u64>) -> Result<bool, String> {
+    // The operation whose effect the final state is (None: the initial absence).
+    let writers: Vec<&Op> = ops.iter().filter(|o| o.value == last).collect();
+    let binding = |w: Option<&Op>| -> Result<bool, String> {
+        let after = w.map(|w| w.completed);
+        // Acknowledged changes that started after the writer finished were applied after it:
+        // the final state would show them (or something later), not the writer's.
+        let overtaken: Vec<&Op> =
+            ops.iter().filter(|o| o.outcome == Outcome::Ok && after.is_none_or(|t| o.invoked > t)).collect();
+        if overtaken.iter().all(|o| o.minority) {
+            Ok(!overtaken.is_empty())
+        } else {
+            let lost: Vec<&&Op> = overtaken.iter().filter(|o| !o.minority).take(3).collect();
+            Err(format!("acknowledged changes lost: {lost:?}"))
+        }
+    };
+    if last.is_none() {
+        // Absent: the initial state, or any remove that may have been applied.
+        let mut best = binding(None);
+        for w in writers.iter().filter(|w| w.outcome != Outcome::Failed) {
+            if let Ok(minority_lost) = binding(Some(w)) {
+                best = Ok(minority_lost);
+                break;
+            }
+        }
+        return best;
+    }
+    let Some(writer) = writers.first() else {
+        return Err(format!("holds {last:?}, which no operation wrote"));
+    };
+    if writer.outcome == Outcome::Failed {
+        return Err(format!("holds {last:?}, written by an operation that was reported as not applied: {writer:?}"));
+    }
+    binding(Some(writer))
+}
+
+/// The result of one run.
+#[derive(Debug)]
+pub struct Report {
+    /// The schedule.
+    pub schedule: Schedule,
+    /// Operations recorded.
+    pub ops: usize,
+    /// Acknowledged ones.
+    pub acknowledged: usize,
+    /// Keys whose final state shows that a minority-side acknowledgement was lost.
+    pub minority_losses: usize,
+}
+
+/// Runs `schedule` and checks the history. `Err` says what went wrong, with the schedule.
+pub async fn run(schedule: Schedule) -> Result<Report, String> {
+    epoch();
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let name = format!("faults-{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
+    let config = |_: usize| harness_config(&name, schedule.backup_count);
+    let cluster =
+        Arc::new(Lab { nodes: Mutex::new(Vec::new()), stopped: AtomicBool::new(false), alive: AtomicUsize::new(0) });
+    let fail =
+        |what: String| format!("{what}\nschedule: {schedule}\nreplay with GRAPEVINE_HARNESS_SEED={}", schedule.seed);
+    for i in 0..schedule.members {
+        let node = Arc::new(Node::start(config(i), format!("s{}n{i}", schedule.seed), cluster.seeds()).await);
+        cluster.nodes.lock().unwrap().push(Some(node.clone()));
+        cluster.alive.fetch_add(1, Ordering::SeqCst);
+        watch_minority(&cluster, &node);
+    }
+    settle(&cluster).await.map_err(|e| fail(format!("the cluster did not form: {e}")))?;
+
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|id| tokio::spawn(client(id, cluster.clone(), history.clone(), stop.clone(), schedule.seed)))
+        .collect();
+    wait_ops(&history, 50).await.map_err(|e| fail(e))?;
+    let mut next_id = schedule.members;
+    for step in &schedule.steps {
+        let at = epoch().elapsed().as_millis();
+        tracing::info!(seed = schedule.seed, fault = ?step.fault, hold = ?step.hold, at_ms = at, "harness: fault starts");
+        apply(&cluster, step, &mut next_id, schedule.seed, &config).await;
+        let at = epoch().elapsed().as_millis();
+        tracing::info!(seed = schedule.seed, fault = ?step.fault, at_ms = at, "harness: fault healed");
+        wait_ops(&history, 20).await.map_err(|e| fail(e))?;
+        tokio::time::sleep(step.rest).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    cluster.stopped.store(true, Ordering::Relaxed);
+    settle(&cluster).await.map_err(|e| fail(format!("the cluster did not settle after the faults: {e}")))?;
+    let ops = history.ops.lock().unwrap().clone();
+    let result = check(&cluster, &ops).await.map_err(fail);
+    for (_, node) in cluster.live() {
+        let cluster = node.cluster.clone();
+        let _ = node.handle().spawn(async move { cluster.kill().await }).await;
+    }
+    let minority_losses = result?;
+    Ok(Report {
+        acknowledged: ops.iter().filter(|o| o.outcome == Outcome::Ok).count(),
+        ops: ops.len(),
+        minority_losses,
+        schedule: schedule.clone(),
+    })
+}
+
+/// Waits until clients completed `n` more operations (they block while a fault holds some up).
+async fn wait_ops(history: &History, n: usize) -> Result<(), String> {
+    let target = history.count.load(Ordering::Relaxed) + n;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while history.count.load(Ordering::Relaxed) < target {
+        if Instant::now() > deadline {
+            return Err(format!("the clients made no progress for 60 s ({} operations)", target - n));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// The members of `cluster` see each other, agree on the master and the table, and replication
+/// has settled.
+async fn settle(cluster: &Lab) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let live = cluster.live();
+        let views: Vec<_> = live.iter().map(|(_, n)| n.cluster.view()).collect();
+        let tables: Vec<_> = live.iter().map(|(_, n)| n.cluster.map_service().table().id()).collect();
+        let agreed = views
+            .iter()
+            .all(|v| v.active_members().count() == live.len() && v.master == views[0].master && v.excluded.is_empty())
+            && tables.iter().all(|t| *t == tables[0])
+            && live.iter().all(|(_, n)| n.cluster.map_service().is_settled() && n.cluster.health().healthy);
+        if agreed {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = live
+                .iter()
+                .zip(&views)
+                .zip(&tables)
+                .map(|(((_, n), v), t)| {
+                    format!(
+                        "{}: sees {} active, master {:?}, excluded {:?}, table {t}, settled {}, health {:?}",
+                        n.node_id,
+                        v.active_members().count(),
+                        v.master.as_ref().map(|m| m.node_id.to_string()),
+                        v.excluded,
+                        n.cluster.map_service().is_settled(),
+                        n.cluster.health().reason
+                    )
+                })
+                .collect();
+            return Err(states.join("\n  "));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Applies one step's fault, holds it, heals it.
+async fn apply(
+    cluster: &Arc<Lab>,
+    step: &Step,
+    next_id: &mut usize,
+    seed: u64,
+    config: &(dyn Fn(usize) -> Config + Sync),
+) {
+    let live = cluster.live();
+    let n = live.len();
+    let node = |i: usize| live[i % n].1.clone();
+    let others = |i: usize| -> Vec<Arc<Node>> { (0..n).filter(|j| *j != i % n).map(node).collect() };
+    // Cuts between `a` and `b`: (data out, data in, gossip out, gossip in) at a, towards b.
+    let cut = |a: &Node, b: &Node, dir: (bool, bool, bool, bool), on: bool| {
+        let (data_out, data_in, gossip_out, gossip_in) = dir;
+        let faults = a.cluster.net().faults();
+        if data_out {
+            faults.drop_outbound(b.cluster.local(), None, on);
+        }
+        if data_in {
+            faults.drop_inbound(b.cluster.local(), on);
+        }
+        if gossip_out || gossip_in {
+            a.cluster.block_gossip(b.cluster.addresses().gossip, gossip_out, gossip_in, on);
+        }
+    };
+    match &step.fault {
+        Fault::Split { side } => {
+            let side: Vec<usize> = side.iter().map(|i| i % n).collect();
+            let pairs: Vec<(Arc<Node>, Arc<Node>)> = side
+                .iter()
+                .flat_map(|a| (0..n).filter(|b| !side.contains(b)).map(move |b| (node(*a), node(b))))
+                .collect();
+            for (a, b) in &pairs {
+                cut(a, b, (true, true, true, true), true);
+                cut(b, a, (true, true, true, true), true);
+            }
+            tokio::time::sleep(step.hold).await;
+            for (a, b) in &pairs {
+                cut(a, b, (true, true, true, true), false);
+                cut(b, a, (true, true, true, true), false);
+            }
+        }
+        Fault::Mute { member } | Fault::Deaf { member } | Fault::DataMute { member } | Fault::GossipCut { member } => {
+            let m = node(*member);
+            let dir = match &step.fault {
+                Fault::Mute { .. } => (true, false, true, false),
+                Fault::Deaf { .. } => (false, true, false, true),
+                Fault::DataMute { .. } => (true, false, false, false),
+                _ => (false, false, true, true),
+            };
+            for o in others(*member) {
+                cut(&m, &o, dir, true);
+            }
+            tokio::time::sleep(step.hold).await;
+            for o in others(*member) {
+                cut(&m, &o, dir, false);
+            }
+        }
+        Fault::DataCut { a, b } => {
+            let (a, b) = (node(*a), node(*b));
+            cut(&a, &b, (true, true, false, false), true);
+            tokio::time::sleep(step.hold).await;
+            cut(&a, &b, (true, true, false, false), false);
+        }
+        Fault::Stall { member } => {
+            node(*member).stall(step.hold);
+            tokio::time::sleep(step.hold).await;
+        }
+        Fault::Kill { member } => {
+            let index = live[*member % n].0;
+            let victim = cluster.nodes.lock().unwrap()[index].take().expect("a live member");
+            cluster.alive.fetch_sub(1, Ordering::SeqCst);
+            let node_id = victim.node_id.clone();
+            match Arc::try_unwrap(victim) {
+                Ok(mut victim) => victim.kill().await,
+                Err(shared) => {
+                    let cluster = shared.cluster.clone();
+                    let _ = shared.handle().spawn(async move { cluster.kill().await }).await;
+                }
+            }
+            tokio::time::sleep(step.hold).await;
+            let restarted = Arc::new(Node::start(config(index), node_id, cluster.seeds()).await);
+            cluster.nodes.lock().unwrap()[index] = Some(restarted.clone());
+            cluster.alive.fetch_add(1, Ordering::SeqCst);
+            watch_minority(cluster, &restarted);
+        }
+        Fault::Leave { member } => {
+            let index = live[*member % n].0;
+            let leaver = cluster.nodes.lock().unwrap()[index].take().expect("a live member");
+            cluster.alive.fetch_sub(1, Ordering::SeqCst);
+            match Arc::try_unwrap(leaver) {
+                Ok(mut leaver) => leaver.leave().await,
+                Err(shared) => {
+                    let cluster = shared.cluster.clone();
+                    let _ = shared.handle().spawn(async move { cluster.shutdown().await }).await;
+                }
+            }
+            tokio::time::sleep(step.hold).await;
+            join(cluster, next_id, seed, config).await;
+        }
+        Fault::Join => {
+            join(cluster, next_id, seed, config).await;
+            tokio::time::sleep(step.hold).await;
+        }
+    }
+}
+
+async fn join(cluster: &Arc<Lab>, next_id: &mut usize, seed: u64, config: &(dyn Fn(usize) -> Config + Sync)) {
+    let id = *next_id;
+    *next_id += 1;
+    let node = Arc::new(Node::start(config(id), format!("s{seed}n{id}"), cluster.seeds()).await);
+    cluster.nodes.lock().unwrap().push(Some(node.clone()));
+    cluster.alive.fetch_add(1, Ordering::SeqCst);
+    watch_minority(cluster, &node);
+}
+
+/// Reads every key the history touched through every member and checks it against the history;
+/// returns how many keys lost a minority-side acknowledgement.
+async fn check(cluster: &Lab, ops: &[Op]) -> Result<usize, String> {
+    let mut per_key: BTreeMap<u32, Vec<Op>> = BTreeMap::new();
+    for op in ops {
+        per_key.entry(op.key).or_default().push(op.clone());
+    }
+    let mut problems = Vec::new();
+    let mut minority_losses = 0;
+    let mut first: Option<BTreeMap<u32, Option<u64>>> = None;
+    for (_, node) in cluster.live() {
+        let map = node.cluster.map::<u32, u64>(MAP).map_err(|e| e.to_string())?;
+        let keys: Vec<u32> = per_key.keys().copied().collect();
+        let read = node.handle().spawn(async move {
+            let mut out = BTreeMap::new();
+            for key in keys {
+                out.insert(key, map.get(&key).await);
+            }
+            let len = map.len().await;
+            (out, len)
+        });
+        let (values, len) = read.await.map_err(|e| format!("reading through {}: {e}", node.node_id))?;
+        let mut state = BTreeMap::new();
+        for (key, value) in values {
+            let value = value.map_err(|e| format!("reading key {key} through {}: {e}", node.node_id))?;
+            state.insert(key, value);
+        }
+        let present = state.values().filter(|v| v.is_some()).count() as u64;
+        match len {
+            Ok(len) if len == present => {}
+            other => problems.push(format!("{}: len {other:?}, but {present} keys are present", node.node_id)),
+        }
+        match &first {
+            None => first = Some(state),
+            Some(reference) if *reference != state => {
+                let differ: Vec<u32> =
+                    reference.keys().filter(|k| reference.get(k) != state.get(k)).copied().take(5).collect();
+                problems.push(format!("{} disagrees with the first member on keys {differ:?}", node.node_id));
+            }
+            Some(_) => {}
+        }
+    }
+    let state = first.unwrap_or_default();
+    for (key, ops) in &per_key {
+        match check_key(ops, state.get(key).copied().flatten()) {
+            Ok(true) => minority_losses += 1,
+            Ok(false) => {}
+            Err(e) => problems.push(format!("key {key} = {:?}: {e}", state.get(key))),
+        }
+    }
+    if problems.is_empty() { Ok(minority_losses) } else { Err(problems.join("\n")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(value: Option<u64>, at: (u64, u64), outcome: Outcome) -> Op {
+        let base = Instant::now();
+        Op {
+            key: 1,
+            value,
+            invoked: base + Duration::from_millis(at.0),
+            completed: base + Duration::from_millis(at.1),
+            outcome,
+            minority: false,
+            via: "n0".into(),
+        }
+    }
+
+    #[test]
+    fn the_checker_accepts_the_last_acknowledged_write_and_concurrent_unknowns() {
+        let ops = vec![op(Some(1), (0, 10), Outcome::Ok), op(Some(2), (20, 30), Outcome::Ok)];
+        assert_eq!(check_key(&ops, Some(2)), Ok(false));
+        assert!(check_key(&ops, Some(1)).is_err(), "2 was acknowledged after 1 finished");
+        assert!(check_key(&ops, None).is_err());
+        // An unknown write after the last acknowledged one may win.
+        let mut with_unknown = ops.clone();
+        with_unknown.push(op(Some(3), (40, 50), Outcome::Unknown));
+        assert_eq!(check_key(&with_unknown, Some(3)), Ok(false));
+        assert_eq!(check_key(&with_unknown, Some(2)), Ok(false));
+        // Concurrent acknowledged writes: either may be last.
+        let concurrent = vec![op(Some(1), (0, 30), Outcome::Ok), op(Some(2), (10, 20), Outcome::Ok)];
+        assert_eq!(check_key(&concurrent, Some(1)), Ok(false));
+        assert_eq!(check_key(&concurrent, Some(2)), Ok(false));
+        // Removes, and failed writes never show.
+        let removed = vec![op(Some(1), (0, 10), Outcome::Ok), op(None, (20, 30), Outcome::Ok)];
+        assert_eq!(check_key(&removed, None), Ok(false));
+        assert!(check_key(&removed, Some(1)).is_err());
+        let failed = vec![op(Some(1), (0, 10), Outcome::Failed)];
+        assert!(check_key(&failed, Some(1)).is_err());
+        assert_eq!(check_key(&failed, None), Ok(false));
+        assert!(check_key(&[], Some(9)).is_err());
+    }
+
+    #[test]
+    fn minority_acknowledgements_may_be_lost_and_are_counted() {
+        let mut minority = op(Some(2), (20, 30), Outcome::Ok);
+        minority.minority = true;
+        let ops = vec![op(Some(1), (0, 10), Outcome::Ok), minority];
+        assert_eq!(check_key(&ops, Some(1)), Ok(true));
+        assert_eq!(check_key(&ops, Some(2)), Ok(false));
+    }
+
+    #[test]
+    fn schedules_are_reproducible_and_varied() {
+        assert_eq!(Schedule::from_seed(7), Schedule::from_seed(7));
+        let kinds: std::collections::BTreeSet<String> = (0..200)
+            .flat_map(|s| Schedule::from_seed(s).steps)
+            .map(|s| format!("{:?}", s.fault).split([' ', '{']).next().unwrap().to_string())
+            .collect();
+        assert_eq!(kinds.len(), 10, "every kind of fault is drawn: {kinds:?}");
+    }
+}
