@@ -5,8 +5,9 @@
 //! directions, cuts of the data plane or of gossip only, stalls, SIGKILL-like kills followed by a
 //! restart with the same node id, graceful leaves followed by a join, and plain joins. Concurrent
 //! clients put, overwrite and remove shared and distinct keys through every member meanwhile and
-//! record what each operation returned and when. After the last heal the cluster must settle
-//! (one view, one master, one table, replication confirmed), and [`check`] compares what every
+//! record what each operation returned and when. After each heal the cluster must settle (one
+//! view, one master, one table, replication confirmed) before the next fault starts, as the
+//! promise is about single faults; the clients never stop. Then [`check`] compares what every
 //! member holds with the whole history: every acknowledged change is the final state of its key
 //! unless a later change (acknowledged, or of unknown outcome) may have replaced it; every member
 //! agrees; nothing panicked.
@@ -547,6 +548,9 @@ pub async fn run(schedule: Schedule) -> Result<Report, String> {
         apply(&cluster, step, &mut next_id, schedule.seed, &config).await;
         let at = epoch().elapsed().as_millis();
         tracing::info!(seed = schedule.seed, fault = ?step.fault, at_ms = at, "harness: fault healed");
+        // One fault at a time: the promise is about single faults (and up to backup_count members
+        // lost at once), so the cluster recovers, replicas confirmed, before the next one.
+        settle(&cluster).await.map_err(|e| fail(format!("the cluster did not settle after {:?}: {e}", step.fault)))?;
         wait_ops(&history, 20).await.map_err(|e| fail(e))?;
         tokio::time::sleep(step.rest).await;
     }

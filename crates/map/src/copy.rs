@@ -339,11 +339,11 @@ enum Version {
 }
 
 /// One chunk of a copy: entries, their approximate size, and the key to continue after.
-type Chunk = (Vec<(Vec<u8>, Record)>, usize, Option<Vec<u8>>);
+pub(crate) type Chunk = (Vec<(Vec<u8>, Record)>, usize, Option<Vec<u8>>);
 
 /// The entries of `mp` after `after`, up to [`CHUNK_BYTES`] (at least one), their approximate
 /// size, and the key to continue after (`None`: this is the last chunk).
-fn chunk_after(mp: &MapPartition, after: Option<&[u8]>) -> Chunk {
+pub(crate) fn chunk_after(mp: &MapPartition, after: Option<&[u8]>) -> Chunk {
     use std::ops::Bound;
     let lower = match after {
         Some(key) => Bound::Excluded(key.to_vec()),

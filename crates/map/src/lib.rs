@@ -35,6 +35,7 @@ mod stats;
 mod store;
 pub mod table;
 mod tables;
+mod takeover;
 mod tasks;
 
 use std::collections::{BTreeMap, BTreeSet};

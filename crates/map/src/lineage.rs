@@ -16,7 +16,8 @@
 //! it replicas*. A table that dropped a member from every row was made by a side that declared
 //! that member gone; a member that kept working under an older table on its own side is not a
 //! laggard of the newer one but the other side of a split. The **largest side wins** (ties: the
-//! side with the oldest member), and the master publishes a successor of the winner that lists
+//! side whose table descends from the other's, as it carries the later decisions; then the side
+//! with the oldest member), and the master publishes a successor of the winner that lists
 //! the losing tables as ancestors ([`crate::table::PartitionTable::successor_superseding`]), so
 //! their holders apply it as newer history.
 //!
@@ -122,17 +123,28 @@ pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
             sides.entry(newest.id()).or_default().insert(member.clone());
         }
     }
-    let winner = sides
-        .iter()
-        .max_by(|(a_id, a), (b_id, b)| {
-            // More members; then the side with the oldest member; then the older publisher.
-            a.len()
-                .cmp(&b.len())
-                .then_with(|| b.first().cmp(&a.first()))
-                .then_with(|| b_id.publisher.cmp(&a_id.publisher))
-                .then_with(|| a_id.epoch.cmp(&b_id.epoch))
-        })
-        .map(|(id, _)| id.clone())?;
+    // The largest sides; of those, one whose table descends from every other's (it carries the
+    // later decisions: a promotion the other side did not make), else the side with the oldest
+    // member, then the older publisher.
+    let largest = sides.values().map(BTreeSet::len).max()?;
+    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(_, m)| m.len() == largest).collect();
+    let table_of = |id: &TableId| tables.iter().find(|t| t.id() == *id).copied();
+    let newest = top.iter().find(|(id, _)| {
+        let Some(t) = table_of(id) else { return false };
+        top.iter().all(|(other, _)| other == id || t.descends_from(other))
+    });
+    let winner = match newest {
+        Some((id, _)) => (*id).clone(),
+        None => top
+            .iter()
+            .min_by(|(a_id, a), (b_id, b)| {
+                a.first()
+                    .cmp(&b.first())
+                    .then_with(|| a_id.publisher.cmp(&b_id.publisher))
+                    .then_with(|| b_id.epoch.cmp(&a_id.epoch))
+            })
+            .map(|(id, _)| (*id).clone())?,
+    };
     Some(Sides { sides, winner })
 }
 
@@ -247,6 +259,17 @@ mod tests {
         assert_eq!(got, last.id());
         let s = sides(&[(id("b"), &last), (id("c"), &before), (id("a"), &before)]).unwrap();
         assert_eq!(s.sides.len(), 1);
+    }
+
+    #[test]
+    fn a_tie_between_a_table_and_its_descendant_goes_to_the_descendant() {
+        // Two members: a could not send, b declared it dead and carried on alone.
+        let base = PartitionTable::empty(12).successor(&id("a"), 1, spread(&["a", "b"]));
+        let alone = base.successor(&id("b"), 2, spread(&["b"]));
+        assert_eq!(winner(&[("a", &base), ("b", &alone)]), alone.id());
+        // Two members: a could not hear, declared b dead and carried on alone.
+        let deaf = base.successor(&id("a"), 2, spread(&["a"]));
+        assert_eq!(winner(&[("a", &deaf), ("b", &base)]), deaf.id());
     }
 
     #[test]

@@ -107,7 +107,13 @@ impl Node {
     /// acted as master apart come back with their own), then republish it under a new epoch so
     /// every member follows this master.
     async fn recover_as_master(self: &Arc<Self>, view: &ClusterView) {
-        let (held, _complete) = self.collect_tables(view).await;
+        let (held, complete) = self.collect_tables(view).await;
+        if !complete {
+            // A member that may hold a side's table did not answer: deciding without it could keep
+            // the smaller side's data. Try again shortly (it answers, or is excluded or dead).
+            debug!("not every member answered with its partition table; recovering later");
+            return;
+        }
         let superseded = self.decide(&held);
         let table = self.table();
         let active: Vec<MemberId> = view.eligible_members().map(|m| m.id.clone()).collect();
@@ -126,11 +132,13 @@ impl Node {
         self.master.lock().unwrap().recovered = true;
     }
 
-    /// Asks every eligible member (active, not excluded) for the table it holds (this one
-    /// included). Also returns whether every one of them answered.
+    /// Asks every active member for the table it holds (this one included): excluded members
+    /// too, as a member excluded for a moment (reports spread unevenly) still belongs to a side.
+    /// Also returns whether the answers are complete: every member answered but excluded ones
+    /// that cannot be reached.
     async fn collect_tables(self: &Arc<Self>, view: &ClusterView) -> (Vec<(MemberId, PartitionTable)>, bool) {
         let mut requests = tokio::task::JoinSet::new();
-        for member in view.eligible_members().map(|m| m.id.clone()).filter(|m| *m != self.local) {
+        for member in view.active_members().map(|m| m.id.clone()).filter(|m| *m != self.local) {
             let node = self.clone();
             requests.spawn(async move {
                 let table = tokio::time::timeout(RECOVERY_TIMEOUT, node.request_table(&member)).await.ok().flatten();
@@ -142,6 +150,7 @@ impl Node {
         while let Some(joined) = requests.join_next().await {
             match joined {
                 Ok((member, Some(table))) => held.push((member, table)),
+                Ok((member, None)) if view.is_excluded(&member) => {}
                 _ => complete = false,
             }
         }
@@ -336,7 +345,7 @@ impl Node {
         // away: then it may be a side that kept writing (see `lineage::is_laggard`). Gossip only
         // gives ids; a member holding an ancestor we cannot judge from the id alone is examined.
         let differs = self.gossip_tables().into_iter().any(|advertised| {
-            view.eligible_members().any(|m| m.id == advertised.member)
+            view.active_members().any(|m| m.id == advertised.member)
                 && advertised.table != ours.id()
                 && (!ours.descends_from(&advertised.table) || !ours.holds_any(&advertised.member))
         });

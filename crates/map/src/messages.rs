@@ -195,15 +195,16 @@ impl std::fmt::Display for MigrationId {
     }
 }
 
-/// One partition's term start, for one backup: where each map's replication continues.
+/// One partition's term start, for one backup (see [`crate::takeover`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TermStart {
     pub(crate) partition: u32,
     /// The new owner's term.
     pub(crate) term: Term,
-    /// Per map: the position `(term, seq)` the new owner holds; a backup exactly there continues
-    /// in the new term, any other is copied in full on the next change.
-    pub(crate) bases: Vec<(String, Term, u64)>,
+    /// `None`: a probe; the backup only answers where it stands. `Some`: per map, the position
+    /// `(term, seq)` the new owner holds; a backup exactly there continues in the new term, any
+    /// other is copied in full on the next change.
+    pub(crate) bases: Option<Vec<(String, Term, u64)>>,
 }
 
 /// Every message of the map service. Messages that change a replica carry the sender's owner
@@ -254,6 +255,9 @@ pub(crate) enum Msg {
     Stats,
     /// Master → every member: every replica of `partition` up to index `lost_replicas - 1` is gone.
     PartitionLost { table: TableId, partition: u32, lost_replicas: u8 },
+    /// New owner (in `term`) → replica: the entries of a map partition after `after`, one chunk,
+    /// to catch up from a replica that is further along before starting its term.
+    Pull { partition: u32, term: Term, map: String, after: Option<Vec<u8>> },
 }
 
 /// Every reply of the map service.
@@ -308,9 +312,19 @@ pub(crate) enum Reply {
         not_yet: bool,
         table: TableId,
     },
-    /// Term start, per partition in the order asked: accepted (`None`) or refused.
+    /// Term start: the partitions fencing refused (the others are accepted), and where the
+    /// replica stands for each map of the accepted ones: `(partition, map, term, seq)`.
     Started {
         refused: Vec<(u32, Box<Reply>)>,
+        positions: Vec<(u32, String, Term, u64)>,
+    },
+    /// A chunk of a pull: entries, the key to continue after (`None`: the last chunk), and the
+    /// replica's position.
+    Pulled {
+        entries: Vec<(Vec<u8>, Record)>,
+        next: Option<Vec<u8>>,
+        term: Term,
+        seq: u64,
     },
     Table(PartitionTable),
     TableAck {

@@ -75,9 +75,11 @@ pub(crate) struct PartitionData {
     /// As owner: the row changed and the backups have not all confirmed they hold every map they
     /// replicate (after a promotion, a member may move into an index it did not serve before).
     pub(crate) unconfirmed: bool,
-    /// As (former) owner: a replica's table moved the partition past this member's term. The
-    /// partition is not served, reads included, until this member holds a table at least that new.
-    pub(crate) fenced: Option<TableId>,
+    /// As (former) owner: a replica's table moved the partition past this member's term, and
+    /// when (ms). The partition is not served, reads included, until this member applies another
+    /// table, or holds the master's current one a while later (the replica's table may have come
+    /// from a side that lost; a replica still ahead refuses again and fences again).
+    pub(crate) fenced: Option<(TableId, u64)>,
 }
 
 /// A frozen partition: which migration froze it.
@@ -329,6 +331,7 @@ impl Node {
                 NetReply::None
             }
             Msg::Stats => now(Reply::Stats(self.local_stats())),
+            Msg::Pull { partition, term, map, after } => now(self.on_pull(from, partition, &term, &map, after)),
             Msg::PartitionLost { table: _, partition, lost_replicas } => {
                 if partition < self.settings.partition_count && self.membership.view().master.as_ref() == Some(from) {
                     self.on_partition_lost(partition, lost_replicas, false);

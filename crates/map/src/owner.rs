@@ -121,11 +121,10 @@ impl Node {
         let config = self.settings.map(map);
         let counters = self.counters(map);
         let op_name = op.name();
-        let is_read = op.is_read();
         let now = now_ms();
         let slot = self.slot(p);
         let mut data = slot.data.lock().unwrap();
-        if let Some(reply) = refusal_while(&data, p, is_read) {
+        if let Some(reply) = refusal_while(&data, p) {
             return Executed::Now(reply);
         }
         let (term, idle_floor) = (data.term.clone(), data.owner_since_ms);
@@ -362,7 +361,7 @@ impl Node {
                 continue;
             }
             let mut data = self.slot(p).data.lock().unwrap();
-            if refusal_while(&data, p, op == MultiOp::Count).is_some() {
+            if refusal_while(&data, p).is_some() {
                 not_owner.push(p);
                 continue;
             }
@@ -448,7 +447,7 @@ impl Node {
             return reply;
         }
         let data = self.slot(p).data.lock().unwrap();
-        if let Some(reply) = refusal_while(&data, p, true) {
+        if let Some(reply) = refusal_while(&data, p) {
             return reply;
         }
         let limit = limit.clamp(1, 10_000) as usize;
@@ -463,20 +462,20 @@ impl Node {
 /// Why the owner of `p` cannot serve an operation right now, if it cannot: the partition is being
 /// handed over (reads are refused too: once the master commits the hand-over, the new owner takes
 /// writes while this member may not have heard yet, and must not answer with older data), a
-/// replica holds a newer table for it (reads too), or (writes only) the owner's term is still
-/// being announced to its backups.
-fn refusal_while(data: &PartitionData, p: u32, is_read: bool) -> Option<Reply> {
+/// replica holds a newer table for it (reads too), or a new owner is still starting its term
+/// (reads too: it may still catch up from a replica that is further along).
+fn refusal_while(data: &PartitionData, p: u32) -> Option<Reply> {
     if let Some(freeze) = &data.frozen {
         return Some(Reply::Retry {
             reason: format!("partition {p} is being handed over to another member (migration {})", freeze.migration),
         });
     }
-    if let Some(newer) = &data.fenced {
+    if let Some((newer, _)) = &data.fenced {
         return Some(Reply::Retry {
             reason: format!("partition {p} moved on in partition table {newer}, which this member is fetching"),
         });
     }
-    if data.starting && !is_read {
+    if data.starting {
         return Some(Reply::Retry { reason: format!("partition {p} has a new owner that is starting its term") });
     }
     None

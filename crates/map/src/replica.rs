@@ -71,11 +71,13 @@ impl Node {
         }
     }
 
-    /// A new owner's terms start: a map partition exactly at the old position continues in the
-    /// new term; any other fails the sequence check on the next change and is copied in full.
-    /// Answers which partitions fencing refused (the others are accepted).
+    /// A new owner's term: a probe is answered with where this replica stands; a start makes a
+    /// map partition exactly at the owner's position continue in the new term (any other fails
+    /// the sequence check on the next change and is copied in full). Answers which partitions
+    /// fencing refused, and the positions of the accepted ones (before the start).
     pub(crate) fn on_term_start(&self, from: &MemberId, _table: &TableId, starts: Vec<TermStart>) -> Reply {
         let mut refused = Vec::new();
+        let mut positions = Vec::new();
         for TermStart { partition: p, term, bases } in starts {
             if p >= self.settings.partition_count {
                 refused.push((p, Box::new(Reply::Failed { error: format!("partition {p} does not exist") })));
@@ -86,6 +88,12 @@ impl Node {
                 continue;
             }
             let mut data = self.slot(p).data.lock().unwrap();
+            for (map, mp) in &data.maps {
+                if mp.staging.is_none() {
+                    positions.push((p, map.clone(), mp.term.clone(), mp.seq));
+                }
+            }
+            let Some(bases) = bases else { continue };
             for (map, base_term, base_seq) in bases {
                 if let Some(mp) = data.maps.get_mut(&map) {
                     if mp.term == base_term && mp.seq == base_seq {
@@ -96,7 +104,23 @@ impl Node {
                 }
             }
         }
-        Reply::Started { refused }
+        Reply::Started { refused, positions }
+    }
+
+    /// A new owner catching up from this replica: one chunk of `(p, map)` after `after`.
+    pub(crate) fn on_pull(&self, from: &MemberId, p: u32, term: &Term, map: &str, after: Option<Vec<u8>>) -> Reply {
+        if p >= self.settings.partition_count {
+            return Reply::Failed { error: format!("partition {p} does not exist") };
+        }
+        if let Some(refusal) = self.fence_refusal(p, from, term) {
+            return refusal;
+        }
+        let data = self.slot(p).data.lock().unwrap();
+        let Some(mp) = data.maps.get(map) else {
+            return Reply::Pulled { entries: Vec::new(), next: None, term: Term::default(), seq: 0 };
+        };
+        let (entries, _, next) = crate::copy::chunk_after(mp, after.as_deref());
+        Reply::Pulled { entries, next, term: mp.term.clone(), seq: mp.seq }
     }
 
     /// The owner's positions; answers those where this member is behind or in another term, and

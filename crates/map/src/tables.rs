@@ -1,9 +1,9 @@
-//! How a member holds, adopts and announces the partition table: applying a table (taking over,
-//! handing over or dropping partitions), deciding on tables from the master
-//! ([`crate::lineage::follower_applies`]), fetching tables in the background without flooding anyone,
-//! starting new owner terms with the backups, and the table's health for `/health`.
+//! How a member holds and adopts the partition table: applying a table (taking over, handing over
+//! or dropping partitions), deciding on tables from the master
+//! ([`crate::lineage::follower_applies`]), fetching tables in the background without flooding
+//! anyone, and the table's health for `/health`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,10 +14,11 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::lineage;
-use crate::messages::{Msg, Reply, TermStart};
+use crate::messages::{Msg, Reply};
+use crate::takeover::TakeOver;
 use crate::node::{MAP_SERVICE, Node};
 use crate::record::now_ms;
-use crate::table::{PartitionTable, Role, TableId, Term};
+use crate::table::{PartitionTable, Role, TableId};
 
 /// Gossip key (`x:` prefixed by membership) carrying a member's table id: `"<epoch> <publisher>"`,
 /// the publisher being the master that committed it (`-` for none).
@@ -93,14 +94,6 @@ impl Tables {
     }
 }
 
-/// Term starts to announce after a table was applied: per backup, the partitions it must hear
-/// about; and per partition this member took over, the backups that must confirm before writes.
-#[derive(Debug, Default)]
-struct Announcements {
-    per_backup: HashMap<MemberId, Vec<TermStart>>,
-    waiting: Vec<(u32, Term, Vec<MemberId>)>,
-}
-
 impl Node {
     pub(crate) fn table(&self) -> Arc<PartitionTable> {
         self.tables.tx.borrow().clone()
@@ -122,13 +115,12 @@ impl Node {
         }
         let now = now_ms();
         let migration_window_ms = self.settings.migration_timeout.as_millis() as u64;
-        let mut announcements = Announcements::default();
+        let mut takeovers = Vec::new();
         for p in 0..table.partition_count() {
             let (old_row, new_row) = (old.row(p), table.row(p));
             let mut data = self.slot(p).data.lock().unwrap();
-            if data.fenced.as_ref().is_some_and(|fence| table.descends_from(fence) || old_row != new_row) {
-                data.fenced = None;
-            }
+            // A new table: whatever a replica said about the partition is re-examined under it.
+            data.fenced = None;
             if old_row == new_row && old.term(p) == table.term(p) {
                 continue;
             }
@@ -146,10 +138,13 @@ impl Node {
                 // lower index brings a full copy.
                 data.maps.retain(|name, _| self.settings.map(name).replicas() > index);
             }
-            let was_owner_in_term = old.role(p, &self.local) == Role::Owner && old.term(p) == table.term(p);
+            // Still the owner in the same term, holding every map in it: nothing to start.
+            let continuing = old.role(p, &self.local) == Role::Owner
+                && old.term(p) == table.term(p)
+                && data.maps.values().all(|mp| mp.term == *table.term(p));
             match table.role(p, &self.local) {
-                Role::Owner if was_owner_in_term => {}
-                Role::Owner => self.take_over(p, &mut data, &table, now, &mut announcements),
+                Role::Owner if continuing => {}
+                Role::Owner => takeovers.push(self.take_over(p, &mut data, &table, now)),
                 Role::None if old_row.contains(&self.local) => {
                     // A migration may be copying the partition to this member while it catches up
                     // on tables (it can apply a table that predates the migration after the copy
@@ -173,132 +168,51 @@ impl Node {
         self.slots.iter().for_each(|s| s.drained.notify_waiters());
         self.master_wakeup.notify_one();
         self.confirm_wakeup.notify_one();
-        if !announcements.per_backup.is_empty() || !announcements.waiting.is_empty() {
+        if !takeovers.is_empty() {
             let node = self.clone();
             let table = id.clone();
-            self.tasks.spawn(async move { node.announce_terms(table, announcements).await });
+            self.tasks.spawn(async move { node.take_over_partitions(table, takeovers).await });
         }
         debug!(table = %id, "partition table applied");
         true
     }
 
-    /// This member became the owner of `p` under `table`: it starts the term `table` gives it and
-    /// tells the backups where each map continues, so a backup that diverged (it applied a write
-    /// the old owner never got acknowledged) is recognised and copied in full. Writes wait until
-    /// the synchronous backups confirmed the term (they refuse changes of a term they do not know).
+    /// This member became the owner of `p` under `table`: it will start the term `table` gives
+    /// it with a view change ([`crate::takeover`]); until then the partition takes no operations.
     fn take_over(
         &self,
         p: u32,
         data: &mut crate::node::PartitionData,
         table: &PartitionTable,
         now: u64,
-        out: &mut Announcements,
-    ) {
+    ) -> TakeOver {
         let term = table.term(p).clone();
         data.term = term.clone();
         data.owner_since_ms = now;
-        let mut bases = Vec::with_capacity(data.maps.len());
-        for (name, mp) in &mut data.maps {
-            bases.push((name.clone(), mp.term.clone(), mp.seq));
-            mp.term = term.clone();
-        }
+        data.starting = true;
+        let row = table.row(p);
         let sync_end = data
             .maps
             .keys()
             .map(|name| self.settings.map(name).durable_replicas())
             .max()
             .unwrap_or(1)
-            .min(table.row(p).len());
-        let backups = table.row(p).get(1..).unwrap_or_default();
-        for backup in backups {
-            let start = TermStart { partition: p, term: term.clone(), bases: bases.clone() };
-            out.per_backup.entry(backup.clone()).or_default().push(start);
+            .min(row.len());
+        // Every other active member is probed too: a table that flapped (members excluded and
+        // back) can have dropped from the row the member that still holds the data.
+        let view = self.membership.view();
+        let mut probed: Vec<MemberId> = row.get(1..).unwrap_or_default().to_vec();
+        for member in view.active_members().map(|m| &m.id) {
+            if *member != self.local && !probed.contains(member) {
+                probed.push(member.clone());
+            }
         }
-        let must_confirm: Vec<MemberId> = table.row(p).get(1..sync_end).unwrap_or_default().to_vec();
-        data.starting = !must_confirm.is_empty();
-        if data.starting {
-            out.waiting.push((p, term, must_confirm));
-        }
-    }
-
-    /// Announces new terms to the backups, retrying those that have not seen the table yet, until
-    /// every synchronous backup of each partition confirmed or `backup_ack_timeout` passed; then
-    /// the partitions take writes.
-    async fn announce_terms(self: Arc<Self>, table: TableId, announcements: Announcements) {
-        let Announcements { mut per_backup, waiting } = announcements;
-        let deadline = Instant::now() + self.settings.backup_ack_timeout;
-        let mut confirmed: HashSet<(MemberId, u32)> = HashSet::new();
-        let mut done: HashSet<u32> = HashSet::new();
-        loop {
-            let mut calls = tokio::task::JoinSet::new();
-            for (member, starts) in per_backup.drain() {
-                let msg = Node::encode(&Msg::TermStart { table: table.clone(), starts: starts.clone() });
-                let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                let reply = self.net.request(&member, MAP_SERVICE, msg, remaining);
-                calls.spawn(async move { (member, starts, reply.await) });
-            }
-            while let Some(joined) = calls.join_next().await {
-                let Ok((member, starts, reply)) = joined else { continue };
-                let refused = match reply.map(|b| codec::decode::<Reply>(&b)) {
-                    Ok(Ok(Reply::Started { refused })) => refused,
-                    Ok(other) => {
-                        debug!(%member, reply = ?other, "unexpected answer to a term start");
-                        continue;
-                    }
-                    Err(error) => {
-                        if self.is_live(&member) && Instant::now() < deadline {
-                            debug!(%member, %error, "term start not answered; retrying");
-                            per_backup.insert(member, starts);
-                        }
-                        continue;
-                    }
-                };
-                let mut retry = Vec::new();
-                for start in starts {
-                    match refused.iter().find(|(p, _)| *p == start.partition).map(|(_, r)| &**r) {
-                        None => {
-                            confirmed.insert((member.clone(), start.partition));
-                        }
-                        Some(Reply::NotYet { .. }) => retry.push(start),
-                        Some(Reply::Fenced { table: theirs, .. }) => {
-                            self.fence_partition(start.partition, theirs, &member);
-                        }
-                        Some(other) => {
-                            debug!(%member, partition = start.partition, reply = ?other, "term start refused")
-                        }
-                    }
-                }
-                if !retry.is_empty() {
-                    per_backup.insert(member, retry);
-                }
-            }
-            let expired = Instant::now() >= deadline;
-            for (p, term, backups) in &waiting {
-                if done.contains(p) {
-                    continue;
-                }
-                let all = backups.iter().all(|b| confirmed.contains(&(b.clone(), *p)) || !self.is_live(b));
-                if all || expired {
-                    if !all {
-                        warn!(partition = p, term = %term, "not every synchronous backup confirmed the new term in time; taking writes anyway");
-                    }
-                    let mut data = self.slot(*p).data.lock().unwrap();
-                    if data.term == *term {
-                        data.starting = false;
-                    }
-                    done.insert(*p);
-                }
-            }
-            if per_backup.is_empty() || expired || self.cancel.is_cancelled() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for (p, term, _) in waiting {
-            let mut data = self.slot(p).data.lock().unwrap();
-            if data.term == term {
-                data.starting = false;
-            }
+        TakeOver {
+            partition: p,
+            term,
+            replicas: row.get(1..).unwrap_or_default().to_vec(),
+            probed,
+            must_accept: row.get(1..sync_end).unwrap_or_default().to_vec(),
         }
     }
 
@@ -313,7 +227,7 @@ impl Node {
         if data.fenced.is_none() {
             info!(partition = p, ours = %ours.id(), theirs = %theirs, %from, "a replica's table moved the partition on: not serving it until this member catches up");
         }
-        data.fenced = Some(theirs.clone());
+        data.fenced = Some((theirs.clone(), now_ms()));
         drop(data);
         self.want_table(from);
     }
@@ -493,6 +407,24 @@ impl Node {
             }
         };
         if since.elapsed() >= grace { Err(reason) } else { Ok(()) }
+    }
+
+    /// Lifts fences older than two gossip intervals while this member holds the master's current
+    /// table: the table that fenced them did not win (see [`crate::node::PartitionData::fenced`]).
+    pub(crate) fn lift_stale_fences(&self) {
+        let table = self.table();
+        if table.epoch == 0 || self.table_lag(&table).is_some() {
+            return;
+        }
+        let hold_ms = (self.membership.config().gossip_interval * 2).as_millis() as u64;
+        let now = now_ms();
+        for (p, slot) in self.slots.iter().enumerate() {
+            let mut data = slot.data.lock().unwrap();
+            if data.fenced.as_ref().is_some_and(|(fence, since)| now.saturating_sub(*since) >= hold_ms && !table.descends_from(fence)) {
+                debug!(partition = p, fence = ?data.fenced, table = %table.id(), "lifting a fence: this member holds the master's table");
+                data.fenced = None;
+            }
+        }
     }
 
     /// Why `table` is not the master's, if it is not.

@@ -68,6 +68,7 @@ pub(crate) async fn anti_entropy_loop(node: Arc<Node>) {
             _ = node.cancel.cancelled() => return,
         }
         node.unfreeze_forgotten();
+        node.lift_stale_fences();
         node.drop_stray_data();
         node.check_backups().await;
     }

@@ -126,13 +126,14 @@ pub(crate) fn compute_master(members: &[Member], excluded: &BTreeSet<MemberId>) 
 
 /// Which active members to exclude from ownership because other members cannot reach them over
 /// the data plane, from the members' `unreachable` reports. Each report of an active member about
-/// another is a directed edge, reporter to target. While edges remain, the member with the most
-/// edges (in and out) is excluded, and its edges go with it; ties go to the member reported by
-/// more members, then to the youngest. So a member everyone reports is excluded, one that reports
-/// everyone is excluded (its own link is the broken one), a single report (the target's own has
-/// not arrived yet) excludes its target and never the reporter, and of two members that report
-/// each other the younger goes: the members left can all reach each other. Pure: every member
-/// computes the same set from the same gossip.
+/// another is a directed edge, reporter to target. While some member is the target of at least
+/// two reporters, the member with the most edges (in and out) among those is excluded, and its
+/// edges go with it; ties go to the member reported by more members, then to the youngest. So a
+/// member the others cannot reach (it cannot send, cannot hear, or its data plane is cut) is
+/// excluded once two of them say so, while a cut between just two members excludes neither: one
+/// report against one report cannot tell which side is broken, and members that see the reports
+/// arrive in different orders must not each exclude the other (they would both act as master).
+/// Pure: every member computes the same set from the same gossip.
 pub fn excluded_members(members: &[Member]) -> BTreeSet<MemberId> {
     let active: BTreeSet<&MemberId> =
         members.iter().filter(|m| m.state == MemberState::Active).map(|m| &m.id).collect();
@@ -152,11 +153,14 @@ pub fn excluded_members(members: &[Member]) -> BTreeSet<MemberId> {
             t.0 += 1;
             t.1 += 1;
         }
-        let worst = score
+        let Some(worst) = score
             .into_iter()
+            .filter(|(_, (_, reported_by))| *reported_by >= 2)
             .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then_with(|| a.cmp(b)))
             .map(|(m, _)| m.clone())
-            .expect("edges exist");
+        else {
+            break;
+        };
         edges.retain(|(a, b)| *a != worst && *b != worst);
         excluded.insert(worst);
     }
@@ -266,18 +270,19 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn of_two_members_that_cannot_reach_each_other_the_younger_is_excluded() {
+    fn two_members_that_cannot_reach_each_other_exclude_neither() {
         let members = vec![reporting("a", 1, &[]), reporting("b", 2, &[("c", 3)]), reporting("c", 3, &[("b", 2)])];
-        assert_eq!(excluded_members(&members), ids(&[("c", 3)]));
-        let members = vec![reporting("a", 1, &[("b", 2)]), reporting("b", 2, &[("a", 1)]), reporting("c", 3, &[])];
-        assert_eq!(excluded_members(&members), ids(&[("b", 2)]), "the master stays");
+        assert!(excluded_members(&members).is_empty());
+        // Seen in either order of arrival, a single report excludes nobody either.
+        let members = vec![reporting("a", 1, &[("b", 2)]), reporting("b", 2, &[]), reporting("c", 3, &[])];
+        assert!(excluded_members(&members).is_empty());
     }
 
     #[test]
-    fn a_member_that_reports_everyone_is_the_broken_one() {
+    fn a_member_that_reports_everyone_and_is_reported_by_them_is_the_broken_one() {
         let members = vec![
-            reporting("a", 1, &[]),
-            reporting("b", 2, &[]),
+            reporting("a", 1, &[("c", 3)]),
+            reporting("b", 2, &[("c", 3)]),
             reporting("c", 3, &[("a", 1), ("b", 2)]),
             reporting("d", 4, &[]),
         ];
@@ -285,9 +290,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_single_report_excludes_its_target_never_the_reporter() {
-        // c (young) reports b (old); b's own reports have not arrived yet.
-        let members = vec![reporting("a", 1, &[]), reporting("b", 2, &[]), reporting("c", 3, &[("b", 2)])];
+    fn a_member_two_others_cannot_reach_is_excluded_never_its_reporters() {
+        // b's own reports have not arrived yet.
+        let members = vec![reporting("a", 1, &[("b", 2)]), reporting("b", 2, &[]), reporting("c", 3, &[("b", 2)])];
         assert_eq!(excluded_members(&members), ids(&[("b", 2)]));
         // b cannot send: it reports everyone, everyone reports it.
         let members = vec![
