@@ -20,8 +20,17 @@ const ENV_NOT_KEYS: &[&str] = &["config"];
 
 /// Keys whose environment values are always strings, even when they look like numbers
 /// (`GRAPEVINE_NODE_ID=7`, `GRAPEVINE_CLUSTER_NAME=2024`).
-const STRING_KEYS: &[&str] =
-    &["cluster_name", "node_id", "members", "log_format", "bind", "public_address", "admin_bind"];
+const STRING_KEYS: &[&str] = &[
+    "cluster_name",
+    "node_id",
+    "members",
+    "log_format",
+    "bind",
+    "public_address",
+    "admin_bind",
+    "resp_bind",
+    "resp_default_map",
+];
 
 /// Values given as command-line flags; `None` leaves the lower layers in charge.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -34,6 +43,8 @@ pub struct FlagOverrides {
     pub port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resp_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
