@@ -138,14 +138,15 @@ impl Record {
 /// Layout: `[key length: varint][key][value][metadata: varints][metadata length: u8]`. The
 /// metadata is the record's seven fields as LEB128 varints, times as differences (created, then
 /// updated - created, then accessed - updated, both zigzag-encoded since clocks are not
-/// monotonic), so a fresh entry's metadata takes about 13 bytes instead of 56. Entries order
-/// (and compare equal) by key alone, so a `BTreeSet<Stored>` is a map from key to record.
+/// monotonic), so a fresh entry's metadata takes about 13 bytes instead of 56. Blocks compare
+/// (equal, ordered) by key alone.
 #[derive(Clone)]
 pub(crate) struct Stored(Box<[u8]>);
 
-/// Bytes the tree and the allocator add to a [`Stored`] block, on average: a 16-byte slot in
-/// B-tree nodes about 70 % full (plus internal nodes), and the allocator's header and rounding.
-const STORED_OVERHEAD_BYTES: u64 = 24 + 16;
+/// Bytes the table and the allocator add to a [`Stored`] block, on average: a 16-byte slot and a
+/// control byte in a hash table between 44 % and 87 % full, and the allocator's header and
+/// rounding.
+const STORED_OVERHEAD_BYTES: u64 = 28 + 12;
 
 fn varint_len(v: u64) -> usize {
     (64 - v.leading_zeros() as usize).max(1).div_ceil(7)
@@ -177,6 +178,37 @@ fn get_varint(buf: &[u8], pos: &mut usize) -> u64 {
     v
 }
 
+/// The longest metadata encoding: seven varints of at most 10 bytes.
+const META_MAX: usize = 70;
+
+/// Writes a varint at `out[*pos..]`.
+fn write_varint(out: &mut [u8; META_MAX], pos: &mut usize, mut v: u64) {
+    while v >= 0x80 {
+        out[*pos] = (v as u8) | 0x80;
+        *pos += 1;
+        v >>= 7;
+    }
+    out[*pos] = v as u8;
+    *pos += 1;
+}
+
+/// The metadata's seven fields as varints; returns the length used.
+fn encode_meta(meta: &Record, out: &mut [u8; META_MAX]) -> usize {
+    let mut pos = 0;
+    for v in [
+        meta.created_ms,
+        zigzag(i128::from(meta.updated_ms) - i128::from(meta.created_ms)),
+        zigzag(i128::from(meta.accessed_ms) - i128::from(meta.updated_ms)),
+        meta.hits,
+        meta.version,
+        meta.ttl_ms,
+        meta.max_idle_ms,
+    ] {
+        write_varint(out, &mut pos, v);
+    }
+    pos
+}
+
 fn zigzag(delta: i128) -> u64 {
     let d = delta.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
     ((d << 1) ^ (d >> 63)) as u64
@@ -202,16 +234,10 @@ impl Stored {
         put_varint(&mut buf, key.len() as u64);
         buf.extend_from_slice(key);
         buf.extend_from_slice(value);
-        let meta_start = buf.len();
-        put_varint(&mut buf, meta.created_ms);
-        put_varint(&mut buf, zigzag(i128::from(meta.updated_ms) - i128::from(meta.created_ms)));
-        put_varint(&mut buf, zigzag(i128::from(meta.accessed_ms) - i128::from(meta.updated_ms)));
-        put_varint(&mut buf, meta.hits);
-        put_varint(&mut buf, meta.version);
-        put_varint(&mut buf, meta.ttl_ms);
-        put_varint(&mut buf, meta.max_idle_ms);
-        let meta_len = buf.len() - meta_start;
-        buf.push(meta_len as u8); // at most 7 varints of 10 bytes
+        let mut inline = [0u8; META_MAX];
+        let meta_len = encode_meta(meta, &mut inline);
+        buf.extend_from_slice(&inline[..meta_len]);
+        buf.push(meta_len as u8);
         Stored(buf.into_boxed_slice())
     }
 
@@ -262,9 +288,17 @@ impl Stored {
         Record { value: self.value().to_vec(), ..self.meta() }
     }
 
-    /// The same entry with other metadata (copies key and value into a new block).
-    pub(crate) fn with_meta(&self, meta: &Record) -> Stored {
-        Stored::build(self.key(), self.value(), meta)
+    /// Changes the metadata: in place when its encoding has the same length (the usual case for
+    /// a read's access time and hit count), else in a new block.
+    pub(crate) fn set_meta(&mut self, meta: &Record) {
+        let mut inline = [0u8; META_MAX];
+        let len = encode_meta(meta, &mut inline);
+        let start = self.meta_start();
+        if start + len + 1 == self.0.len() {
+            self.0[start..start + len].copy_from_slice(&inline[..len]);
+        } else {
+            *self = Stored::build(self.key(), self.value(), meta);
+        }
     }
 
     /// What the entry costs in memory: its block plus the tree's and the allocator's share.
@@ -354,6 +388,20 @@ mod tests {
         let a = Stored::encode(b"a", &r);
         let b = Stored::encode(b"b", &Record { hits: 9, ..r.clone() });
         assert!(a < b && a == Stored::encode(b"a", &Record { version: 7, ..r }));
+    }
+
+    #[test]
+    fn metadata_changes_in_place_or_in_a_new_block() {
+        let r = Record::written(b"v".to_vec(), 1_700_000_000_000, Expiry::default(), None);
+        let mut s = Stored::encode(b"k", &r);
+        let len = s.0.len();
+        let touched = Record { accessed_ms: r.accessed_ms + 5, hits: 1, ..r.clone() };
+        s.set_meta(&touched);
+        assert_eq!((s.0.len(), s.record()), (len, touched.clone()), "same length: in place");
+        let later = Record { accessed_ms: r.accessed_ms + 10_000_000, hits: 100_000, ..touched };
+        s.set_meta(&later);
+        assert!(s.0.len() > len);
+        assert_eq!((s.key(), s.value(), s.record()), (&b"k"[..], &b"v"[..], later));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! One map's entries in one partition, on one member (owner or backup), and the pure semantics
 //! of every operation. Nothing here locks, sends or waits.
 
-use std::collections::BTreeSet;
-use std::ops::Bound;
+use std::hash::BuildHasher;
 use std::time::Duration;
+
+use hashbrown::{DefaultHashBuilder, HashTable, hash_table};
 
 use crate::config::MapConfig;
 use crate::messages::{EntryEventKind, Op, OpResult, PutMode, ReplOp};
@@ -15,55 +16,81 @@ pub(crate) type StoredEntry = (Vec<u8>, Record);
 /// A page of live entries (encoded key and value) and the key to continue after, if any.
 pub(crate) type Page = (Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>);
 
-/// A partition's entries in key order: one [`Stored`] block per entry (key, value and metadata in
-/// one allocation) in a B-tree set ordered by key.
+/// A partition's entries: one [`Stored`] block per entry (key, value and metadata in one
+/// allocation) in a hash table of 16-byte slots, so a read or a write finds its entry with one
+/// hash and one key comparison and updates access statistics in place. Walks in key order
+/// ([`Entries::after`]) sort what they return: a page costs a pass over the partition.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Entries {
-    set: BTreeSet<Stored>,
+    table: HashTable<Stored>,
+    hasher: DefaultHashBuilder,
 }
 
 impl Entries {
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     /// Every entry as key and record (copies: for full copies and events, not hot paths).
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Vec<u8>, Record)> + '_ {
-        self.set.iter().map(|s| (s.key().to_vec(), s.record()))
+        self.table.iter().map(|s| (s.key().to_vec(), s.record()))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.set.len()
+        self.table.len()
     }
 
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.table.is_empty()
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Stored> {
-        self.set.get(key)
+        self.table.find(self.hash(key), |s| s.key() == key)
+    }
+
+    fn get_mut(&mut self, key: &[u8]) -> Option<&mut Stored> {
+        let hash = self.hash(key);
+        self.table.find_mut(hash, |s| s.key() == key)
     }
 
     /// Inserts or replaces the entry of the block's key; returns the replaced block.
     fn replace(&mut self, stored: Stored) -> Option<Stored> {
-        self.set.replace(stored)
+        let hash = self.hash(stored.key());
+        let hasher = &self.hasher;
+        match self.table.entry(hash, |s| s.key() == stored.key(), |s| hasher.hash_one(s.key())) {
+            hash_table::Entry::Occupied(mut entry) => Some(std::mem::replace(entry.get_mut(), stored)),
+            hash_table::Entry::Vacant(entry) => {
+                entry.insert(stored);
+                None
+            }
+        }
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Stored> {
-        self.set.take(key)
+        let hash = self.hash(key);
+        let entry = self.table.find_entry(hash, |s| s.key() == key).ok()?;
+        Some(entry.remove().0)
     }
 
     fn clear(&mut self) {
-        self.set.clear();
+        self.table = HashTable::new();
     }
 
-    fn after<'a>(&'a self, after: Option<&'a [u8]>) -> impl Iterator<Item = &'a Stored> + 'a {
-        let lower = match after {
-            Some(key) => Bound::Excluded(key),
-            None => Bound::Unbounded,
-        };
-        self.set.range::<[u8], _>((lower, Bound::Unbounded))
+    /// Up to `limit` blocks with keys after `after`, in key order, and whether more follow.
+    fn after(&self, after: Option<&[u8]>, limit: usize) -> (Vec<&Stored>, bool) {
+        let mut found: Vec<&Stored> = self.table.iter().filter(|s| after.is_none_or(|a| s.key() > a)).collect();
+        let more = found.len() > limit;
+        if more {
+            found.select_nth_unstable_by(limit, |a, b| a.key().cmp(b.key()));
+            found.truncate(limit);
+        }
+        found.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+        (found, more)
     }
 
     fn blocks(&self) -> impl Iterator<Item = &Stored> {
-        self.set.iter()
+        self.table.iter()
     }
 }
 
@@ -193,18 +220,14 @@ impl MapPartition {
 
     /// Live entries with keys after `after`, at most `limit`; and the key to continue from.
     pub(crate) fn page(&self, after: Option<&[u8]>, limit: usize, now: u64, idle_floor_ms: u64) -> Page {
-        let mut out = Vec::new();
-        let mut last = None;
-        for stored in self.entries.after(after) {
-            if out.len() >= limit {
-                return (out, last);
-            }
-            last = Some(stored.key().to_vec());
-            if !stored.meta().is_expired(now, idle_floor_ms) {
-                out.push((stored.key().to_vec(), stored.value().to_vec()));
-            }
-        }
-        (out, None)
+        let (blocks, more) = self.entries.after(after, limit);
+        let next = if more { blocks.last().map(|s| s.key().to_vec()) } else { None };
+        let out = blocks
+            .into_iter()
+            .filter(|s| !s.meta().is_expired(now, idle_floor_ms))
+            .map(|s| (s.key().to_vec(), s.value().to_vec()))
+            .collect();
+        (out, next)
     }
 
     /// The live entry of `key` (copied out), if any.
@@ -357,7 +380,7 @@ impl MapPartition {
 
     /// A read on the owner: counts a hit and the access time, and returns `read` of the entry.
     fn touch<T>(&mut self, key: &[u8], now: u64, idle_floor_ms: u64, read: impl FnOnce(&Stored) -> T) -> Option<T> {
-        let stored = self.entries.get(key)?;
+        let stored = self.entries.get_mut(key)?;
         let mut meta = stored.meta();
         if meta.is_expired(now, idle_floor_ms) {
             return None;
@@ -365,8 +388,10 @@ impl MapPartition {
         let out = read(stored);
         meta.accessed_ms = now;
         meta.hits += 1;
-        let touched = stored.with_meta(&meta);
-        self.put_block(touched);
+        let before = stored.memory_bytes();
+        stored.set_meta(&meta);
+        let after = stored.memory_bytes();
+        self.memory = self.memory + after - before;
         Some(out)
     }
 

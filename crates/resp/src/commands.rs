@@ -242,7 +242,7 @@ async fn run(shared: &Shared, session: &mut Session, name: &'static str, args: &
             Reply::Array(values)
         }
         "MSET" => {
-            if args.len() % 2 == 0 {
+            if args.len().is_multiple_of(2) {
                 return wrong_arity(name);
             }
             // Each key is written on its own owner: not atomic across keys (see the README).

@@ -27,13 +27,13 @@ pub(crate) fn matches(pattern: &[u8], s: &[u8]) -> bool {
                         continue;
                     }
                 }
-                b'\\' if p + 1 < pattern.len() => {
-                    if pattern[p + 1] == s[i] {
-                        p += 2;
-                        i += 1;
-                        continue;
-                    }
+                b'\\' if p + 1 < pattern.len() && pattern[p + 1] == s[i] => {
+                    p += 2;
+                    i += 1;
+                    continue;
                 }
+                // An escaped character that does not match.
+                b'\\' if p + 1 < pattern.len() => {}
                 c if c == s[i] => {
                     p += 1;
                     i += 1;
@@ -103,6 +103,7 @@ mod tests {
             ("a*b*c", "axxbyy", false),
             ("\\*", "*", true),
             ("\\*", "a", false),
+            ("\\a", "\\", false),
             ("[", "[", false),
         ] {
             assert_eq!(matches(pattern.as_bytes(), s.as_bytes()), expected, "{pattern} ~ {s}");
