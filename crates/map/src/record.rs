@@ -230,14 +230,16 @@ impl Stored {
 
     /// Builds the block of `key` with `value` and the metadata of `meta` (its value is ignored).
     pub(crate) fn build(key: &[u8], value: &[u8], meta: &Record) -> Stored {
-        let mut buf = Vec::with_capacity(key.len() + value.len() + 24);
+        let mut inline = [0u8; META_MAX];
+        let meta_len = encode_meta(meta, &mut inline);
+        // The exact size, so that the boxed slice is the allocation (no shrinking copy).
+        let mut buf = Vec::with_capacity(varint_len(key.len() as u64) + key.len() + value.len() + meta_len + 1);
         put_varint(&mut buf, key.len() as u64);
         buf.extend_from_slice(key);
         buf.extend_from_slice(value);
-        let mut inline = [0u8; META_MAX];
-        let meta_len = encode_meta(meta, &mut inline);
         buf.extend_from_slice(&inline[..meta_len]);
         buf.push(meta_len as u8);
+        debug_assert_eq!(buf.len(), buf.capacity());
         Stored(buf.into_boxed_slice())
     }
 
