@@ -99,3 +99,18 @@ fn three_processes_serve_resp_survive_a_sigkill_and_stop_the_endpoint_gracefully
     let value: String = redis::cmd("GET").arg("after").query(&mut reader).expect("the last member serves");
     assert_eq!(value, "kill");
 }
+
+#[test]
+fn a_taken_resp_port_stops_the_member_with_a_message_naming_the_range() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let env = [("GRAPEVINE_PORT_AUTO_INCREMENT", "false"), ("GRAPEVINE_RESP_PORT", port.as_str())];
+    let out = run(
+        &["start", "--cluster-name", "resp-taken", "--bind", "127.0.0.1", "--port", "0", "--admin-port", "0"],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", clean_stderr(&out));
+    let stderr = clean_stderr(&out);
+    assert!(stderr.contains(&format!("no free RESP port in 127.0.0.1:{port}-{port}")), "{stderr}");
+    assert!(stderr.contains("resp_enabled = false"), "says how to turn it off: {stderr}");
+}
