@@ -177,7 +177,6 @@ fn valid_map_name(name: &[u8]) -> Option<String> {
 
 /// Executes one request (`args[0]` is the command name).
 pub(crate) async fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> (Reply, After) {
-    shared.counters.commands_processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let Some(spec) = lookup(&args[0]) else {
         let mut message = format!("unknown command '{}', with args beginning with: ", lossy(&args[0]));
         for arg in args.iter().skip(1).take(8) {

@@ -1,6 +1,7 @@
 //! One client connection: read what arrived, execute every complete request in order, write all
 //! their replies with one write, repeat. A protocol error is answered and closes the connection.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -48,13 +49,17 @@ pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cance
     let mut input = BytesMut::with_capacity(BUFFER_BYTES);
     let mut out = BytesMut::with_capacity(BUFFER_BYTES);
     loop {
+        // Counted per batch: one shared atomic per command would bounce between worker threads.
+        let mut commands = 0;
         loop {
             match next_request(&mut input, &limits) {
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
+                    commands += 1;
                     let (reply, after) = execute(shared, &mut session, args).await;
                     encode(&mut out, reply, session.proto);
                     if after == After::Close {
+                        shared.counters.commands_processed.fetch_add(commands, Ordering::Relaxed);
                         flush(&mut socket, &mut out, idle).await;
                         return;
                     }
@@ -64,7 +69,7 @@ pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cance
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    shared.counters.protocol_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     debug!(id, %error, "RESP protocol error; closing the connection");
                     encode(&mut out, reply::Reply::err(&error.0), session.proto);
                     flush(&mut socket, &mut out, idle).await;
@@ -72,6 +77,7 @@ pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cance
                 }
             }
         }
+        shared.counters.commands_processed.fetch_add(commands, Ordering::Relaxed);
         if !flush(&mut socket, &mut out, idle).await {
             return;
         }
