@@ -15,7 +15,7 @@
 //! connection's current map: `resp_default_map` until `GV.SELECT <map>` picks another. Keys and
 //! values are stored byte for byte as the map's encoded keys and values (they are not
 //! bincode-encoded as `DistributedMap<K, V>` does), and any member serves any key: the member
-//! forwards each command to the key's owner. See [`commands`](crate) in the README for the list.
+//! forwards each command to the key's owner. The README's operator guide lists the commands.
 
 mod commands;
 mod conn;

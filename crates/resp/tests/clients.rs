@@ -75,12 +75,13 @@ async fn resp3_clients_get_maps_and_nulls() {
 async fn a_killed_member_gives_errors_or_answers_never_a_hang_and_acknowledged_sets_survive() {
     let c = RespCluster::start(3, |_| {}).await; // backup_count = 1 by default
     let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
     let acked_total = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     // Six writers through the members that stay, two through the one that dies.
     for w in 0..8usize {
         let addr = c.addr(if w < 6 { 1 + w % 2 } else { 0 });
-        let (stop, acked_total) = (stop.clone(), acked_total.clone());
+        let (stop, killed, acked_total) = (stop.clone(), killed.clone(), acked_total.clone());
         tasks.spawn(async move {
             let mut con = connect(addr, false).await;
             let (mut acked, mut errors) = (Vec::new(), 0usize);
@@ -91,7 +92,7 @@ async fn a_killed_member_gives_errors_or_answers_never_a_hang_and_acknowledged_s
                 let reply = tokio::time::timeout(Duration::from_secs(25), con.set::<_, _, ()>(&key, i)).await;
                 match reply.unwrap_or_else(|_| panic!("writer {w}: SET {key} hung for 25 s")) {
                     Ok(()) => {
-                        acked.push((key, i));
+                        acked.push((key, i, killed.load(Ordering::Relaxed)));
                         acked_total.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => {
@@ -112,7 +113,10 @@ async fn a_killed_member_gives_errors_or_answers_never_a_hang_and_acknowledged_s
         move || acked_total.load(Ordering::Relaxed) >= n
     };
     common::wait_for("writes before the kill", WAIT, reached(300)).await;
+    let table = c.cluster.members[1].map_service().table();
+    let victim = c.cluster.members[0].local().clone();
     c.cluster.members[0].kill().await;
+    killed.store(true, Ordering::Relaxed);
     let after_kill = acked_total.load(Ordering::Relaxed);
     common::wait_for("writes after the kill", WAIT, reached(after_kill + 600)).await;
     // As a crash would: the victim's RESP endpoint goes too.
@@ -126,17 +130,24 @@ async fn a_killed_member_gives_errors_or_answers_never_a_hang_and_acknowledged_s
         }
         acked.extend(keys);
     }
+    // Writes acknowledged after the kill include keys the killed member owned: fail-over happened.
+    let maps = c.cluster.members[1].map_service();
+    let taken_over = acked
+        .iter()
+        .filter(|(key, _, after)| *after && table.owner(maps.partition_of(key.as_bytes())) == Some(&victim))
+        .count();
+    assert!(taken_over > 0, "no write to the killed member's partitions was acknowledged after the kill");
     let survivors = [&c.cluster.members[1], &c.cluster.members[2]];
     grapevine_tests::wait_settled(&survivors).await;
     for i in 1..3 {
         let mut con = c.client(i).await;
         for chunk in acked.chunks(500) {
-            let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+            let keys: Vec<&str> = chunk.iter().map(|(k, _, _)| k.as_str()).collect();
             let values: Vec<Option<i64>> = con.mget(&keys).await.unwrap();
-            for ((key, expected), value) in chunk.iter().zip(values) {
+            for ((key, expected, _), value) in chunk.iter().zip(values) {
                 assert_eq!(value, Some(*expected), "acknowledged SET {key} lost (read through member {i})");
             }
         }
     }
-    println!("{} acknowledged writes survived the kill", acked.len());
+    println!("{} acknowledged writes survived the kill, {taken_over} of them to taken-over partitions", acked.len());
 }
