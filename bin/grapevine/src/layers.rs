@@ -15,8 +15,10 @@ use serde::Serialize;
 /// The prefix of configuration environment variables.
 pub const ENV_PREFIX: &str = "GRAPEVINE_";
 
-/// Environment variables with the prefix that are not configuration keys (read by clap).
-const ENV_NOT_KEYS: &[&str] = &["config"];
+/// Environment variables with the prefix that are not configuration keys: `GRAPEVINE_CONFIG`
+/// (read by clap), and `GRAPEVINE_REQUIRE_TOOLS` / `GRAPEVINE_ALLOW_SKIP` (read by the tests,
+/// set by CI, so a member started in that environment must not take them for keys).
+const ENV_NOT_KEYS: &[&str] = &["config", "require_tools", "allow_skip"];
 
 /// Keys whose environment values are always strings, even when they look like numbers
 /// (`GRAPEVINE_NODE_ID=7`, `GRAPEVINE_CLUSTER_NAME=2024`).
