@@ -328,7 +328,7 @@ async fn run(shared: &Shared, session: &mut Session, name: &'static str, args: &
             }
         }
         "COMMAND" => command(args),
-        "HELLO" => hello(shared, session, args),
+        "HELLO" => hello(session, args),
         "AUTH" => Reply::err(
             "AUTH <password> called without any password configured for the default user. \
              grapevine's RESP endpoint has no authentication: keep resp_bind on a trusted network",
@@ -556,7 +556,7 @@ fn command(args: &[Bytes]) -> Reply {
 }
 
 /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
-fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+fn hello(session: &mut Session, args: &[Bytes]) -> Reply {
     let mut proto = session.proto;
     if let Some(version) = args.get(1) {
         proto = match int_arg(version) {
@@ -582,7 +582,6 @@ fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
     if let Some(name) = name {
         session.name = (!name.is_empty()).then_some(name);
     }
-    let _ = shared;
     Reply::Map(vec![
         (Reply::text("server"), Reply::text("grapevine")),
         (Reply::text("version"), Reply::text(info::REDIS_COMPATIBLE_VERSION)),
