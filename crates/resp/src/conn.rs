@@ -2,7 +2,7 @@
 //! their replies with one write, repeat. A protocol error is answered and closes the connection.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,16 +29,29 @@ pub(crate) async fn refuse(mut socket: TcpStream, message: &'static str) {
     let _ = tokio::time::timeout(REFUSE_TIMEOUT, socket.write_all(&out)).await;
 }
 
+/// Writes the pending replies. Tries a plain non-blocking write first, which sends a whole batch
+/// of small replies at once; only what does not fit the socket buffer waits, bounded by `timeout`
+/// (a client that stops reading its replies is closed). `false`: the connection is gone.
 async fn flush(socket: &mut TcpStream, out: &mut BytesMut, timeout: Option<Duration>) -> bool {
-    if out.is_empty() {
-        return true;
+    let mut sent = 0;
+    while sent < out.len() {
+        match socket.try_write(&out[sent..]) {
+            Ok(0) => return false,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let rest = socket.write_all(&out[sent..]);
+                let written = match timeout {
+                    Some(t) => tokio::time::timeout(t, rest).await.is_ok_and(|r| r.is_ok()),
+                    None => rest.await.is_ok(),
+                };
+                out.clear();
+                return written;
+            }
+            Err(_) => return false,
+        }
     }
-    let written = match timeout {
-        Some(t) => tokio::time::timeout(t, socket.write_all(out)).await.unwrap_or(Ok(())).is_ok(),
-        None => socket.write_all(out).await.is_ok(),
-    };
     out.clear();
-    written
+    true
 }
 
 pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cancel: &CancellationToken) {
@@ -48,6 +61,14 @@ pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cance
     let mut session = Session::new(id, &shared.settings.default_map);
     let mut input = BytesMut::with_capacity(BUFFER_BYTES);
     let mut out = BytesMut::with_capacity(BUFFER_BYTES);
+    // One cancellation future and one idle timer for the connection's life, rather than one of
+    // each per read: both register with shared structures (the token's waiters, the timer wheel).
+    // The timer is moved only when it fires early (the connection was active meanwhile).
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(idle_timer);
+    let mut last_read = Instant::now();
     loop {
         // Counted per batch: one shared atomic per command would bounce between worker threads.
         let mut commands = 0;
@@ -84,21 +105,24 @@ pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cance
         if input.capacity() - input.len() < BUFFER_BYTES / 4 {
             input.reserve(BUFFER_BYTES.max(input.len()));
         }
-        let read = tokio::select! {
-            _ = cancel.cancelled() => return,
-            read = read_some(&mut socket, &mut input, idle) => read,
+        let read = loop {
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => return,
+                read = socket.read_buf(&mut input) => break read,
+                _ = &mut idle_timer, if idle.is_some() => {
+                    let deadline = last_read + idle.unwrap_or_default();
+                    if Instant::now() >= deadline {
+                        debug!(id, "RESP connection idle; closing it");
+                        return;
+                    }
+                    idle_timer.as_mut().reset(deadline.into());
+                }
+            }
         };
         match read {
-            Some(n) if n > 0 => {}
+            Ok(n) if n > 0 => last_read = Instant::now(),
             _ => return,
         }
-    }
-}
-
-/// Reads what is available; `None` after `idle` without data or on an error.
-async fn read_some(socket: &mut TcpStream, input: &mut BytesMut, idle: Option<Duration>) -> Option<usize> {
-    match idle {
-        Some(idle) => tokio::time::timeout(idle, socket.read_buf(input)).await.ok()?.ok(),
-        None => socket.read_buf(input).await.ok(),
     }
 }

@@ -115,6 +115,14 @@ async fn a_full_member_refuses_with_an_error_and_idle_connections_are_closed() {
     let mut third = TcpStream::connect(addr).await.unwrap();
     assert_eq!(read_to_close(&mut third).await, b"-ERR max number of clients reached\r\n");
 
+    // A connection in use outlives the idle timeout (1 s): one PING every 250 ms for 2 s.
+    for _ in 0..8 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        first.write_all(b"PING\r\n").await.unwrap();
+        let mut buf = [0u8; 7];
+        first.read_exact(&mut buf).await.expect("an active connection stays open");
+        assert_eq!(&buf, b"+PONG\r\n");
+    }
     // Both go idle: closed after the idle timeout (read_to_close fails after 10 s otherwise).
     assert_eq!(read_to_close(&mut first).await, b"");
     assert_eq!(read_to_close(&mut second).await, b"");
