@@ -303,6 +303,12 @@ impl Stored {
         }
     }
 
+    /// True when the entry has a time to live or a maximum idle time.
+    pub(crate) fn expires(&self) -> bool {
+        let meta = self.meta();
+        meta.ttl_ms > 0 || meta.max_idle_ms > 0
+    }
+
     /// What the entry costs in memory: its block plus the tree's and the allocator's share.
     pub(crate) fn memory_bytes(&self) -> u64 {
         self.0.len() as u64 + STORED_OVERHEAD_BYTES

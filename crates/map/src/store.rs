@@ -102,6 +102,9 @@ pub(crate) struct MapPartition {
     pub(crate) term: u64,
     pub(crate) seq: u64,
     memory: u64,
+    /// Entries with a time to live or a maximum idle time: when there are none, expiry sweeps and
+    /// live counts need not look at every entry.
+    expiring: usize,
     /// A full copy arriving in chunks: the next chunk number expected and the entries so far.
     pub(crate) staging: Option<(u32, Vec<StoredEntry>)>,
     /// A backup asked the owner for a full copy and has not received it yet.
@@ -151,9 +154,11 @@ impl MapPartition {
 
     fn put_block(&mut self, stored: Stored) -> Option<Stored> {
         self.memory += stored.memory_bytes();
+        self.expiring += usize::from(stored.expires());
         let old = self.entries.replace(stored);
         if let Some(old) = &old {
             self.memory -= old.memory_bytes();
+            self.expiring -= usize::from(old.expires());
         }
         old
     }
@@ -166,6 +171,7 @@ impl MapPartition {
         let old = self.entries.remove(key);
         if let Some(old) = &old {
             self.memory -= old.memory_bytes();
+            self.expiring -= usize::from(old.expires());
         }
         old
     }
@@ -173,6 +179,7 @@ impl MapPartition {
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.memory = 0;
+        self.expiring = 0;
     }
 
     /// Replaces everything with a full copy at `(term, seq)`.
@@ -202,6 +209,9 @@ impl MapPartition {
 
     /// Entries not visible to readers at `now`.
     pub(crate) fn expired_keys(&self, now: u64, idle_floor_ms: u64, owner: bool, limit: usize) -> Vec<Vec<u8>> {
+        if self.expiring == 0 {
+            return Vec::new();
+        }
         self.entries
             .blocks()
             .filter(|s| {
@@ -215,6 +225,9 @@ impl MapPartition {
 
     /// Live entries (visible to readers).
     pub(crate) fn live_len(&self, now: u64, idle_floor_ms: u64) -> u64 {
+        if self.expiring == 0 {
+            return self.entries.len() as u64;
+        }
         self.entries.blocks().filter(|s| !s.meta().is_expired(now, idle_floor_ms)).count() as u64
     }
 
@@ -609,6 +622,27 @@ mod tests {
             exec(&mut mp, Op::Remove { key: key(&format!("key:{i:08}")) }, 3);
         }
         assert_eq!(mp.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn entries_with_an_expiry_are_counted_so_sweeps_can_skip_partitions_without_any() {
+        let mut mp = MapPartition::new(1);
+        exec(&mut mp, put("a", "v", PutMode::Always), 1_000);
+        assert_eq!((mp.expiring, mp.live_len(1_000, 0)), (0, 1));
+        exec(&mut mp, put_ttl("b", "v", 100), 1_000);
+        exec(&mut mp, Op::SetTtl { key: key("a"), ttl_ms: Some(50) }, 1_000);
+        assert_eq!(mp.expiring, 2);
+        assert_eq!(mp.live_len(1_060, 0), 1);
+        assert_eq!(mp.expired_keys(1_200, 0, true, 10).len(), 2);
+        exec(&mut mp, Op::SetTtl { key: key("b"), ttl_ms: None }, 1_050);
+        exec(&mut mp, put("a", "w", PutMode::Always), 1_050);
+        assert_eq!(mp.expiring, 0, "persisted and rewritten without ttl");
+        exec(&mut mp, put_ttl("c", "v", 100), 1_000);
+        exec(&mut mp, Op::Remove { key: key("c") }, 1_001);
+        assert_eq!(mp.expiring, 0);
+        exec(&mut mp, put_ttl("d", "v", 100), 1_000);
+        mp.clear();
+        assert_eq!((mp.expiring, mp.memory_bytes()), (0, 0));
     }
 
     #[test]
