@@ -8,6 +8,8 @@
 #   benches/run.sh --smoke         quick check: 3 s measured, 10k keys, 80/20 only
 #   benches/run.sh --memory        memory per entry instead: 1M keys into one grapevine process
 #                                  (backup_count 0) and into redis, RSS and used_memory growth
+#   benches/run.sh --migration     migration instead: 1 GiB into 3 processes, add a fourth, MB/s
+#                                  and a light load's latencies before and during
 #   benches/run.sh [--smoke] -- ARGS   extra loadgen arguments (see `loadgen --help`)
 #
 # Installs redis-server (Debian package) if missing, builds loadgen and grapevine in release
@@ -21,12 +23,14 @@ smoke=()
 extra=()
 mixes=(80 50)
 memory=false
+migration=false
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --smoke) smoke=(--duration-secs 3 --keys 10000); mixes=(80); shift ;;
         --memory) memory=true; shift ;;
+        --migration) migration=true; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) extra+=("$1"); shift ;;
     esac
 done
@@ -39,9 +43,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 # The Debian package starts a system redis on 6379; loadgen uses its own servers on free ports.
 
-cargo build --release -p grapevine-benches --bin loadgen -p grapevine-bin
+cargo build --release -p grapevine-benches --bin loadgen --bin migrate -p grapevine-bin
 target_dir="${CARGO_TARGET_DIR:-target}"
 loadgen="$target_dir/release/loadgen"
+if $migration; then
+    exec "$target_dir/release/migrate" "${extra[@]}"
+fi
 if $memory; then
     exec "$loadgen" --target resp-vs-redis --members 1 --backup-count 0 --keys 1000000 \
         --duration-secs 2 --warmup-secs 1 "${extra[@]}"

@@ -14,7 +14,7 @@ use crate::redis_target::{RedisClient, connect_to, free_port};
 use crate::value_for;
 
 /// How long the members may take to form a cluster and settle.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One member process, killed when dropped.
 #[derive(Debug)]
@@ -38,6 +38,7 @@ pub struct GrapevineProcesses {
     members: Vec<Member>,
     /// Synchronous backups of the benchmark's map.
     pub backup_count: u8,
+    data_ports: Vec<u16>,
 }
 
 /// The `grapevine` binary next to this one (`target/release/grapevine` beside `loadgen`).
@@ -64,31 +65,66 @@ impl GrapevineProcesses {
     pub async fn start(binary: &Path, n: usize, backup_count: u8) -> anyhow::Result<GrapevineProcesses> {
         anyhow::ensure!(n > 0, "a cluster needs at least one member");
         let data_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-        let seeds: Vec<String> = data_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let mut members = Vec::with_capacity(n);
-        for (i, port) in data_ports.iter().enumerate() {
-            let resp_port = free_port()?;
-            let log = std::env::temp_dir().join(format!("grapevine-bench-{}-{i}.log", std::process::id()));
-            let child = Command::new(binary)
-                .args(["start", "--cluster-name", &format!("bench-{}", std::process::id())])
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--resp-port", &resp_port.to_string()])
-                .args(["--node-id", &format!("gv{}", i + 1), "--members", &seeds.join(",")])
-                .env("GRAPEVINE_PORT_AUTO_INCREMENT", "false")
-                .env("GRAPEVINE_ADMIN_ENABLED", "false")
-                .env("GRAPEVINE_MAPS__DEFAULT__BACKUP_COUNT", backup_count.to_string())
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).context("creating a member log file")?)
-                .spawn()
-                .with_context(|| {
-                    format!("starting {} (build it: cargo build --release -p grapevine-bin)", binary.display())
-                })?;
-            members.push(Member { child, resp: SocketAddr::from(([127, 0, 0, 1], resp_port)), log });
+        let mut cluster = GrapevineProcesses { members: Vec::with_capacity(n), backup_count, data_ports };
+        for i in 0..n {
+            let member = cluster.spawn(binary, i)?;
+            cluster.members.push(member);
         }
-        let cluster = GrapevineProcesses { members, backup_count };
         cluster.wait_settled(n).await?;
         Ok(cluster)
+    }
+
+    /// Starts one more member, listing every member so far; returns at once (see
+    /// [`GrapevineProcesses::wait_settled`]).
+    pub fn add_member(&mut self, binary: &Path) -> anyhow::Result<()> {
+        self.data_ports.push(free_port()?);
+        let member = self.spawn(binary, self.members.len())?;
+        self.members.push(member);
+        Ok(())
+    }
+
+    fn spawn(&self, binary: &Path, i: usize) -> anyhow::Result<Member> {
+        let seeds: Vec<String> = self.data_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let port = self.data_ports[i];
+        let resp_port = free_port()?;
+        let log = std::env::temp_dir().join(format!("grapevine-bench-{}-{i}.log", std::process::id()));
+        let child = Command::new(binary)
+            .args(["start", "--cluster-name", &format!("bench-{}", std::process::id())])
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--resp-port", &resp_port.to_string()])
+            .args(["--node-id", &format!("gv{}", i + 1), "--members", &seeds.join(",")])
+            .env("GRAPEVINE_PORT_AUTO_INCREMENT", "false")
+            .env("GRAPEVINE_ADMIN_ENABLED", "false")
+            .env("GRAPEVINE_MAPS__DEFAULT__BACKUP_COUNT", self.backup_count.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).context("creating a member log file")?)
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (build it: cargo build --release -p grapevine-bin)", binary.display())
+            })?;
+        Ok(Member { child, resp: SocketAddr::from(([127, 0, 0, 1], resp_port)), log })
+    }
+
+    /// The RESP address of member `i`.
+    pub fn resp_addr(&self, i: usize) -> SocketAddr {
+        self.members[i].resp
+    }
+
+    /// Members started.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// True before any member started.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// `INFO memory` `used_memory` of member `i`: its estimate of the entries it holds.
+    pub async fn member_used_memory(&self, i: usize) -> anyhow::Result<u64> {
+        let text = info(self.members[i].resp, "memory").await?;
+        field(&text, "used_memory").and_then(|v| v.parse::<u64>().ok()).context("used_memory")
     }
 
     async fn settled(&self, n: usize) -> Option<u64> {
@@ -111,14 +147,17 @@ impl GrapevineProcesses {
         epochs.iter().all(|e| *e == epochs[0]).then_some(epochs[0])
     }
 
-    async fn wait_settled(&self, n: usize) -> anyhow::Result<()> {
+    /// Waits until every member is healthy, sees `n` members, no migration is under way, the
+    /// table gives every member partitions, and that table held for a second.
+    /// Returns when that table was first seen.
+    pub async fn wait_settled(&self, n: usize) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         let mut stable: Option<(u64, Instant)> = None;
         loop {
             match (self.settled(n).await, stable) {
                 // The same settled table for a second: no migration is about to start.
                 (Some(epoch), Some((e, since))) if e == epoch && since.elapsed() >= Duration::from_secs(1) => {
-                    return Ok(());
+                    return Ok(since);
                 }
                 (Some(epoch), Some((e, _))) if e == epoch => {}
                 (Some(epoch), _) => stable = Some((epoch, Instant::now())),
