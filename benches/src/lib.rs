@@ -18,6 +18,7 @@ pub mod grapevine_target;
 pub mod procinfo;
 pub mod redis_target;
 pub mod report;
+pub mod resp_target;
 
 /// What the clients do, and for how long.
 #[derive(Debug, Clone, Serialize)]

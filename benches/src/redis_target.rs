@@ -4,7 +4,7 @@
 //! for the synchronous case, the analogue of grapevine's `backup_count = 1`. Gets are `GET`.
 
 use std::io::ErrorKind;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +22,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const WAIT_TIMEOUT_MS: u64 = 5_000;
 /// Response timeout of client connections: grapevine's default operation timeout.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to any RESP server (redis-server, or a grapevine member's RESP port).
+pub async fn connect_to(addr: SocketAddr) -> anyhow::Result<MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://{addr}/"))?;
+    let config = AsyncConnectionConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(5)));
+    client.get_multiplexed_async_connection_with_config(&config).await.with_context(|| format!("connecting to {addr}"))
+}
 
 /// The `redis-server` binary: `$REDIS_SERVER`, else `redis-server` on the `PATH`.
 pub fn server_binary() -> PathBuf {
@@ -60,7 +69,7 @@ impl Drop for RedisServer {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }
@@ -113,11 +122,7 @@ impl RedisServer {
 
     /// A new connection.
     pub async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(Duration::from_secs(5)));
-        Ok(client.get_multiplexed_async_connection_with_config(&config).await?)
+        connect_to(SocketAddr::from(([127, 0, 0, 1], self.port))).await
     }
 
     /// A field of `INFO <section>`.
@@ -245,6 +250,14 @@ pub struct RedisClient {
     key: String,
     value: Vec<u8>,
     wait: bool,
+}
+
+impl RedisClient {
+    /// A client with its own connection to `addr`, writing `value`; `wait`: follow every `SET`
+    /// with `WAIT 1`.
+    pub async fn connect(addr: SocketAddr, value: Vec<u8>, wait: bool) -> anyhow::Result<RedisClient> {
+        Ok(RedisClient { con: connect_to(addr).await?, key: String::new(), value, wait })
+    }
 }
 
 impl KvClient for RedisClient {

@@ -9,9 +9,14 @@ use crate::redis_target::RedisMemory;
 use crate::{RunResult, Workload};
 
 /// The target names used in reports.
-pub const GRAPEVINE: &str = "grapevine";
+pub const GRAPEVINE: &str = "grapevine (embedded)";
 /// Redis with `SET` only (asynchronous replication).
 pub const REDIS: &str = "redis (SET)";
+/// The grapevine processes, reached through RESP by the same client code as Redis.
+pub const GRAPEVINE_RESP: &str = "grapevine (RESP)";
+
+/// The grapevine targets, each compared with the Redis targets.
+const GRAPEVINES: [&str; 2] = [GRAPEVINE_RESP, GRAPEVINE];
 /// Redis with `SET` + `WAIT 1` (synchronous replication).
 pub const REDIS_WAIT: &str = "redis (SET + WAIT 1)";
 
@@ -35,6 +40,12 @@ pub struct Report {
     pub grapevine_memory: Option<GrapevineMemory>,
     /// Redis's memory figures, when measured.
     pub redis_memory: Option<RedisMemoryReport>,
+    /// The memory figures of the grapevine processes (RESP target), when measured.
+    pub resp_memory: Option<GrapevineMemory>,
+    /// Members and synchronous backups of the RESP target.
+    pub resp_members: usize,
+    /// Synchronous backups of the RESP target's map.
+    pub resp_backup_count: u8,
 }
 
 /// grapevine's memory: before and after writing every key once.
@@ -48,6 +59,8 @@ pub struct GrapevineMemory {
     pub rss_after: u64,
     /// The cluster's own estimate after loading, summed over members.
     pub estimate: MemoryEstimate,
+    /// Copies of each entry (owner plus synchronous backups).
+    pub copies: u64,
 }
 
 /// Redis's memory: before and after writing every key once.
@@ -78,6 +91,11 @@ impl GrapevineMemory {
     /// The cluster's estimate per entry, both copies.
     pub fn estimate_per_entry_both_copies(&self) -> f64 {
         per(self.estimate.memory_bytes as i64, self.entries)
+    }
+
+    /// RSS growth per copy of an entry.
+    pub fn rss_per_copy(&self) -> f64 {
+        self.rss_per_entry_both_copies() / self.copies.max(1) as f64
     }
 }
 
@@ -138,7 +156,7 @@ impl Report {
         for (i, round) in self.rounds.iter().enumerate() {
             let ops = |t: &str| round.iter().find(|r| r.target == t).map(|r| r.ops_per_s);
             for r in round {
-                let (vs_wait, vs_set) = match (r.target == GRAPEVINE, ops(GRAPEVINE)) {
+                let (vs_wait, vs_set) = match (GRAPEVINES.contains(&r.target.as_str()), ops(&r.target)) {
                     (true, Some(g)) => (
                         ops(REDIS_WAIT).map(|w| ratio(g, w)).unwrap_or_default(),
                         ops(REDIS).map(|s| ratio(g, s)).unwrap_or_default(),
@@ -171,7 +189,7 @@ impl Report {
         let _ = writeln!(
             out,
             "workload: {} clients, {}% gets / {}% puts, {} keys (uniform), {}-byte values, warm-up {:?}, measured {:?}; \
-             grapevine: {} members, backup_count 1",
+             grapevine: {} members, backup_count 1 (embedded: in this process; RESP: {} processes, backup_count {})",
             w.clients,
             w.read_percent,
             100 - u32::from(w.read_percent),
@@ -179,7 +197,9 @@ impl Report {
             w.value_bytes,
             w.warmup,
             w.duration,
-            self.members
+            self.members,
+            self.resp_members,
+            self.resp_backup_count
         );
         let _ = writeln!(out);
         if self.rounds.len() > 1 {
@@ -224,21 +244,23 @@ impl Report {
                 let _ = writeln!(out, "  {}: {} gets found no value", r.target, r.misses);
             }
         }
-        if let Some(g) = self.result(GRAPEVINE) {
+        for g in GRAPEVINES.iter().filter_map(|t| self.result(t)) {
             let peers: Vec<&RunResult> = [REDIS_WAIT, REDIS].iter().filter_map(|t| self.result(t)).collect();
             if !peers.is_empty() {
                 let _ = writeln!(out);
-                let mut header = format!("{:<22}", "ratios");
+                let mut header = format!("{:<22}", format!("ratios: {}", g.target));
                 for p in &peers {
-                    let _ = write!(header, " {:>24}", format!("grapevine / {}", p.target));
+                    let _ = write!(header, " {:>24}", format!("/ {}", p.target));
                 }
                 let _ = writeln!(out, "{header}");
-                let rows: [(&str, Metric); 5] = [
+                let rows: [(&str, Metric); 7] = [
                     ("throughput", |r| r.ops_per_s),
                     ("get p50", |r| r.get.p50_us as f64),
                     ("get p99", |r| r.get.p99_us as f64),
+                    ("get p99.9", |r| r.get.p999_us as f64),
                     ("put p50", |r| r.put.p50_us as f64),
                     ("put p99", |r| r.put.p99_us as f64),
+                    ("put p99.9", |r| r.put.p999_us as f64),
                 ];
                 for (name, f) in rows {
                     let mut line = format!("{name:<22}");
@@ -258,7 +280,7 @@ impl Report {
                 let _ = writeln!(out, "{line}");
             }
         }
-        if self.grapevine_memory.is_some() || self.redis_memory.is_some() {
+        if self.grapevine_memory.is_some() || self.redis_memory.is_some() || self.resp_memory.is_some() {
             let _ = writeln!(out);
             let _ =
                 writeln!(out, "memory per entry ({} entries, 12-byte keys, {}-byte values):", w.keys, w.value_bytes);
@@ -276,9 +298,27 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "  grapevine process RSS growth (3 members in one process, owner + backup copy): {:.0} B/entry, {:.0} per copy",
+                "  grapevine (embedded) process RSS growth (members and load generator in one process, owner + backup copy): {:.0} B/entry, {:.0} per copy",
                 rss,
-                rss / 2.0
+                m.rss_per_copy()
+            );
+        }
+        if let Some(m) = &self.resp_memory {
+            let _ = writeln!(
+                out,
+                "  grapevine (RESP) estimate (INFO memory used_memory, summed): {:.0} B/entry for {} copies, {:.0} per copy",
+                m.estimate_per_entry_both_copies(),
+                m.copies,
+                m.estimate_per_entry_both_copies() / m.copies.max(1) as f64
+            );
+            let _ = writeln!(
+                out,
+                "  grapevine (RESP) RSS growth ({} member processes, backup_count {}): {:.0} B/entry for {} copies, {:.0} per copy",
+                self.resp_members,
+                self.resp_backup_count,
+                m.rss_per_entry_both_copies(),
+                m.copies,
+                m.rss_per_copy()
             );
         }
         if let Some(m) = &self.redis_memory {
@@ -297,14 +337,15 @@ impl Report {
                 m.primary_rss_per_entry() + m.replica_rss_per_entry()
             );
         }
-        if let (Some(g), Some(r)) = (&self.grapevine_memory, &self.redis_memory) {
-            let g_copy = g.rss_per_entry_both_copies() / 2.0;
-            let _ = writeln!(
-                out,
-                "  ratio grapevine RSS per copy / redis primary: {} of RSS, {} of used_memory",
-                ratio(g_copy, r.primary_rss_per_entry()),
-                ratio(g_copy, r.primary_used_per_entry())
-            );
+        for (name, g) in [("grapevine (RESP)", &self.resp_memory), ("grapevine (embedded)", &self.grapevine_memory)] {
+            if let (Some(g), Some(r)) = (g, &self.redis_memory) {
+                let _ = writeln!(
+                    out,
+                    "  ratio {name} RSS per copy / redis primary: {} of RSS, {} of used_memory",
+                    ratio(g.rss_per_copy(), r.primary_rss_per_entry()),
+                    ratio(g.rss_per_copy(), r.primary_used_per_entry())
+                );
+            }
         }
         out
     }

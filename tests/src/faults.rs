@@ -355,9 +355,11 @@ pub struct History {
 /// the operation with an unknown outcome at once); shutting down, likewise.
 fn classify(error: &MapError) -> Outcome {
     match error {
-        MapError::Timeout { .. } | MapError::ShuttingDown { .. } | MapError::Codec { .. } | MapError::Invalid(_) => {
-            Outcome::Failed
-        }
+        MapError::Timeout { .. }
+        | MapError::ShuttingDown { .. }
+        | MapError::Codec { .. }
+        | MapError::Invalid(_)
+        | MapError::Rejected { .. } => Outcome::Failed,
         MapError::Indeterminate { .. } | MapError::Failed { .. } => Outcome::Unknown,
     }
 }

@@ -10,17 +10,30 @@ use clap::{Parser, ValueEnum};
 use grapevine_benches::grapevine_target::GrapevineCluster;
 use grapevine_benches::procinfo::{machine, rss_bytes};
 use grapevine_benches::redis_target::{RedisPair, server_available};
-use grapevine_benches::report::{GRAPEVINE, GrapevineMemory, REDIS, REDIS_WAIT, RedisMemoryReport, Report, medians};
+use grapevine_benches::report::{
+    GRAPEVINE, GRAPEVINE_RESP, GrapevineMemory, REDIS, REDIS_WAIT, RedisMemoryReport, Report, medians,
+};
+use grapevine_benches::resp_target::{GrapevineProcesses, default_binary};
 use grapevine_benches::{Workload, preload, run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
+    /// The in-process (embedded) cluster only.
     Grapevine,
+    /// grapevine processes through RESP only.
+    Resp,
+    /// Redis only.
     Redis,
+    /// Embedded grapevine and Redis.
     Both,
+    /// grapevine through RESP and Redis: the same client, the same protocol.
+    RespVsRedis,
+    /// grapevine through RESP, embedded grapevine, and Redis.
+    All,
 }
 
-/// Load generator: N concurrent clients, a get/put mix on uniformly random keys, against a
+/// Load generator: N concurrent clients, a get/put mix on uniformly random keys, against
+/// grapevine member processes through RESP (the same client code as for Redis), an embedded
 /// grapevine cluster (in this process, `backup_count = 1`) and redis-server (primary + replica,
 /// started here), in the same run.
 #[derive(Debug, Parser)]
@@ -45,11 +58,17 @@ struct Args {
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
     read_percent: u8,
     /// What to measure.
-    #[arg(long, value_enum, default_value_t = Target::Both)]
+    #[arg(long, value_enum, default_value_t = Target::All)]
     target: Target,
-    /// grapevine members (on 127.0.0.11, .12, ...).
+    /// grapevine members (embedded: on 127.0.0.11, .12, ...; RESP: processes on 127.0.0.1).
     #[arg(long, default_value_t = 3)]
     members: usize,
+    /// Synchronous backups of the RESP target's map (the embedded target uses 1).
+    #[arg(long, default_value_t = 1)]
+    backup_count: u8,
+    /// The `grapevine` binary of the RESP target (default: the one next to loadgen).
+    #[arg(long)]
+    grapevine_bin: Option<std::path::PathBuf>,
     /// Measured runs per target, alternating targets (grapevine, redis + WAIT, redis) so that a
     /// noisy neighbour hurts all of them alike; the report gives every round and the median.
     #[arg(long, default_value_t = 1)]
@@ -100,22 +119,35 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(workload.clients > 0 && workload.keys > 0, "--clients and --keys must be positive");
     anyhow::ensure!(!workload.duration.is_zero(), "--duration-secs must be positive");
     let redis_version = match args.target {
-        Target::Grapevine => None,
-        Target::Redis | Target::Both => Some(server_available().map_err(anyhow::Error::msg)?),
+        Target::Grapevine | Target::Resp => None,
+        Target::Redis | Target::Both | Target::RespVsRedis | Target::All => {
+            Some(server_available().map_err(anyhow::Error::msg)?)
+        }
     };
     anyhow::ensure!(args.rounds > 0, "--rounds must be positive");
-    let (with_grapevine, with_redis) = match args.target {
-        Target::Grapevine => (true, false),
-        Target::Redis => (false, true),
-        Target::Both => (true, true),
+    let (with_resp, with_grapevine, with_redis) = match args.target {
+        Target::Grapevine => (false, true, false),
+        Target::Resp => (true, false, false),
+        Target::Redis => (false, false, true),
+        Target::Both => (false, true, true),
+        Target::RespVsRedis => (true, false, true),
+        Target::All => (true, true, true),
     };
-    // Both targets are loaded first (memory is measured then), then measured in turns.
+    // Every target is loaded first (memory is measured then), then measured in turns.
+    let binary = args.grapevine_bin.clone().unwrap_or_else(default_binary);
+    let resp =
+        if with_resp { Some(setup_resp(&workload, &binary, args.members, args.backup_count).await?) } else { None };
     let grapevine = if with_grapevine { Some(setup_grapevine(&workload, args.members).await?) } else { None };
     let redis = if with_redis { Some(setup_redis(&workload).await?) } else { None };
     let mut rounds = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
         let mut results = Vec::new();
         let what = format!("round {round}/{}: {:?} + {:?} warm-up", args.rounds, workload.duration, workload.warmup);
+        if let Some((cluster, _)) = &resp {
+            eprintln!("grapevine (RESP): {what}");
+            let clients = cluster.clients(workload.clients, workload.value_bytes).await?;
+            results.push(run(GRAPEVINE_RESP, clients, &workload, &cluster.pids()).await?);
+        }
         if let Some((cluster, _)) = &grapevine {
             eprintln!("grapevine: {what}");
             let clients = cluster.clients(workload.clients, workload.value_bytes)?;
@@ -141,6 +173,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         rounds,
         grapevine_memory: grapevine.as_ref().map(|(_, m)| m.clone()),
         redis_memory: redis.as_ref().map(|(_, m)| m.clone()),
+        resp_memory: resp.as_ref().map(|(_, m)| m.clone()),
+        resp_members: args.members,
+        resp_backup_count: args.backup_count,
     };
     if let Some((cluster, _)) = grapevine {
         cluster.kill().await;
@@ -170,7 +205,43 @@ async fn setup_grapevine(workload: &Workload, members: usize) -> anyhow::Result<
     preload(clients, workload.keys).await?;
     let rss_after = rss_bytes(None).context("reading /proc/self/status")?;
     eprintln!("grapevine: preloaded {} keys in {:.1} s", workload.keys, started.elapsed().as_secs_f64());
-    let memory = GrapevineMemory { entries: workload.keys, rss_before, rss_after, estimate: cluster.memory_estimate() };
+    let memory = GrapevineMemory {
+        entries: workload.keys,
+        rss_before,
+        rss_after,
+        estimate: cluster.memory_estimate(),
+        copies: 2,
+    };
+    Ok((cluster, memory))
+}
+
+/// Starts the grapevine processes and writes every key once through RESP; measures their memory
+/// around the load.
+async fn setup_resp(
+    workload: &Workload,
+    binary: &std::path::Path,
+    members: usize,
+    backup_count: u8,
+) -> anyhow::Result<(GrapevineProcesses, GrapevineMemory)> {
+    let started = Instant::now();
+    eprintln!("grapevine (RESP): starting {members} processes of {}", binary.display());
+    let cluster = GrapevineProcesses::start(binary, members, backup_count).await?;
+    eprintln!("grapevine (RESP): cluster formed and settled in {:.1} s", started.elapsed().as_secs_f64());
+    // Connections first: their buffers are not entries.
+    let clients = cluster.clients(workload.clients, workload.value_bytes).await?;
+    let (rss_before, used_before) = (cluster.rss(), cluster.used_memory().await?);
+    let started = Instant::now();
+    let clients = preload(clients, workload.keys).await?;
+    let (rss_after, used_after) = (cluster.rss(), cluster.used_memory().await?);
+    drop(clients);
+    eprintln!("grapevine (RESP): preloaded {} keys in {:.1} s", workload.keys, started.elapsed().as_secs_f64());
+    let copies = 1 + u64::from(backup_count);
+    let estimate = grapevine_benches::grapevine_target::MemoryEstimate {
+        memory_bytes: used_after.saturating_sub(used_before),
+        owned_entries: workload.keys,
+        backup_entries: workload.keys * u64::from(backup_count),
+    };
+    let memory = GrapevineMemory { entries: workload.keys, rss_before, rss_after, estimate, copies };
     Ok((cluster, memory))
 }
 

@@ -16,14 +16,23 @@ use serde::Serialize;
 pub const ENV_PREFIX: &str = "GRAPEVINE_";
 
 /// Environment variables with the prefix that are not configuration keys: `GRAPEVINE_CONFIG`
-/// (read by clap), and the test switches `GRAPEVINE_REQUIRE_TOOLS` and `GRAPEVINE_ALLOW_SKIP`
-/// (`.ci/run` exports the first; a member started under them must not take them for unknown keys).
+/// (read by clap), and `GRAPEVINE_REQUIRE_TOOLS` / `GRAPEVINE_ALLOW_SKIP` (read by the tests,
+/// set by CI, so a member started in that environment must not take them for keys).
 const ENV_NOT_KEYS: &[&str] = &["config", "require_tools", "allow_skip"];
 
 /// Keys whose environment values are always strings, even when they look like numbers
 /// (`GRAPEVINE_NODE_ID=7`, `GRAPEVINE_CLUSTER_NAME=2024`).
-const STRING_KEYS: &[&str] =
-    &["cluster_name", "node_id", "members", "log_format", "bind", "public_address", "admin_bind"];
+const STRING_KEYS: &[&str] = &[
+    "cluster_name",
+    "node_id",
+    "members",
+    "log_format",
+    "bind",
+    "public_address",
+    "admin_bind",
+    "resp_bind",
+    "resp_default_map",
+];
 
 /// Values given as command-line flags; `None` leaves the lower layers in charge.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -36,6 +45,8 @@ pub struct FlagOverrides {
     pub port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resp_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -20,6 +20,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc (as Redis uses) rather than the system allocator: map entries are many small blocks,
+/// which it packs in size classes without a per-block header, and it allocates and frees faster
+/// than glibc's malloc under the member's many threads. Measured against glibc and mimalloc in
+/// docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// grapevine: a peer-to-peer clustering runtime.
 #[derive(Debug, Parser)]
 #[command(name = "grapevine", version, propagate_version = true)]

@@ -110,6 +110,8 @@ impl Cli {
             admin_port: self.admin_port,
             members: self.members.clone(),
             node_id: self.node_id.clone(),
+            // The demo serves HTTP, not RESP.
+            resp_port: None,
             log_format: self.log_format.map(|f| match f {
                 LogFormatArg::Text => "text".to_string(),
                 LogFormatArg::Json => "json".to_string(),

@@ -219,6 +219,7 @@ fn map_error(e: MapError) -> Response {
         MapError::Indeterminate { .. } | MapError::Failed { .. } => StatusCode::BAD_GATEWAY,
         MapError::Codec { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         MapError::Invalid(_) => StatusCode::BAD_REQUEST,
+        MapError::Rejected { .. } => StatusCode::CONFLICT,
         MapError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(code, e.to_string())

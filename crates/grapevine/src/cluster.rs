@@ -428,8 +428,9 @@ impl Cluster {
         DistributedMap::new(name, self.inner.maps.clone())
     }
 
-    /// The map service, for tools that work on encoded keys and values (admin routes, tests).
-    #[doc(hidden)]
+    /// The map service: every map operation on encoded (raw) keys and values, as the RESP
+    /// endpoint, the admin routes and tools use it. A map's keys and values are whatever bytes its
+    /// users agree on; [`Cluster::map`] encodes typed ones with the data plane's codec.
     pub fn map_service(&self) -> &MapService {
         &self.inner.maps
     }

@@ -48,6 +48,19 @@ pub struct Config {
     pub admin_bind: Option<IpAddr>,
     /// The admin HTTP port; it auto-increments like `port`. Default 5801. 0 picks any free port.
     pub admin_port: u16,
+    /// Serve the Redis protocol (RESP2/RESP3) on `resp_port`. Default true. The endpoint is
+    /// started by the `grapevine` binary (or by an embedder with `grapevine_resp::serve`).
+    pub resp_enabled: bool,
+    /// The interface address of the RESP endpoint. Default: the same as `bind`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resp_bind: Option<IpAddr>,
+    /// The RESP port; it auto-increments like `port`. Default 6701. 0 picks any free port.
+    pub resp_port: u16,
+    /// The map RESP commands use until a connection picks another with `GV.SELECT`. Default
+    /// `default`.
+    pub resp_default_map: String,
+    /// Limits of the RESP endpoint.
+    pub resp: RespLimits,
     /// Static discovery: `host`, `host:port` or `host:first-last` entries (a bare host means the
     /// whole port range). Empty: a single-node cluster. Accepts a TOML array or a comma-separated
     /// string (as in `--members` and `GRAPEVINE_MEMBERS`).
@@ -101,6 +114,40 @@ pub struct NetSettings {
     /// ports). Default: any (the system picks ephemeral ports).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbound_ports: Option<String>,
+}
+
+/// Limits of the RESP endpoint: every request is checked against them before anything is
+/// allocated for it; a request over a limit gets an error and its connection is closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RespLimits {
+    /// Client connections served at once; one more gets `-ERR max number of clients reached`.
+    /// Default 10000.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed, in seconds (0: never). Default 300.
+    pub idle_timeout_seconds: u64,
+    /// Largest bulk string (key or value) in a request, in bytes. Default 16 MiB (values must fit
+    /// `net.frame_bytes_max` to reach backups anyway).
+    pub max_bulk_bytes: usize,
+    /// Most arguments in one request. Default 1048576.
+    pub max_array_len: usize,
+    /// Longest inline (telnet-style) request line, in bytes. Default 65536.
+    pub max_inline_bytes: usize,
+    /// Largest request (all its bulk strings), in bytes. Default 64 MiB.
+    pub max_request_bytes: usize,
+}
+
+impl Default for RespLimits {
+    fn default() -> Self {
+        RespLimits {
+            max_connections: 10_000,
+            idle_timeout_seconds: 300,
+            max_bulk_bytes: 16 << 20,
+            max_array_len: 1 << 20,
+            max_inline_bytes: 64 << 10,
+            max_request_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Partition and replication settings. `count` must be the same on every member.
@@ -168,6 +215,11 @@ impl Default for Config {
             admin_enabled: true,
             admin_bind: None,
             admin_port: 5801,
+            resp_enabled: true,
+            resp_bind: None,
+            resp_port: 6701,
+            resp_default_map: "default".to_string(),
+            resp: RespLimits::default(),
             members: Vec::new(),
             member_refresh_seconds: 30,
             shutdown_timeout_seconds: 120,
@@ -245,6 +297,29 @@ impl Config {
         }
         check_port_range("port", self.port, self.port_count)?;
         check_port_range("admin_port", self.admin_port, self.port_count)?;
+        check_port_range("resp_port", self.resp_port, self.port_count)?;
+        let map = &self.resp_default_map;
+        if map.is_empty() || map.len() > 255 || map.chars().any(char::is_control) {
+            return Err(ConfigError::new("resp_default_map", "map names must be 1 to 255 printable characters"));
+        }
+        let r = &self.resp;
+        for (key, value, min) in [
+            ("resp.max_connections", r.max_connections, 1),
+            ("resp.max_bulk_bytes", r.max_bulk_bytes, 1024),
+            ("resp.max_array_len", r.max_array_len, 16),
+            ("resp.max_inline_bytes", r.max_inline_bytes, 1024),
+            ("resp.max_request_bytes", r.max_request_bytes, 1024),
+        ] {
+            if value < min {
+                return Err(ConfigError::new(key, format!("must be at least {min}")));
+            }
+        }
+        if r.max_request_bytes < r.max_bulk_bytes {
+            return Err(ConfigError::new(
+                "resp.max_request_bytes",
+                format!("must be at least resp.max_bulk_bytes ({})", r.max_bulk_bytes),
+            ));
+        }
         if self.public_address.is_some_and(|ip| ip.is_unspecified()) {
             return Err(ConfigError::new(
                 "public_address",
@@ -325,6 +400,11 @@ impl Config {
     /// The admin ports this member may use.
     pub fn admin_port_range(&self) -> RangeInclusive<u16> {
         range_of(self.admin_port, if self.port_auto_increment { self.port_count } else { 1 })
+    }
+
+    /// The RESP ports this member may use.
+    pub fn resp_port_range(&self) -> RangeInclusive<u16> {
+        range_of(self.resp_port, if self.port_auto_increment { self.port_count } else { 1 })
     }
 
     /// The parsed member list. A bare host means every port of the range other members may use:
@@ -424,6 +504,7 @@ mod tests {
         assert_eq!(valid().validate(), Ok(vec![]));
         assert_eq!(valid().port_range(), 5701..=5800);
         assert_eq!(valid().admin_port_range(), 5801..=5900);
+        assert_eq!(valid().resp_port_range(), 6701..=6800);
     }
 
     #[test]
@@ -444,6 +525,12 @@ mod tests {
                 "gossip.phi_threshold",
             ),
             (Config { public_address: Some("0.0.0.0".parse().unwrap()), ..valid() }, "public_address"),
+            (Config { resp_port: 65535, ..valid() }, "resp_port"),
+            (Config { resp_default_map: String::new(), ..valid() }, "resp_default_map"),
+            (
+                Config { resp: RespLimits { max_connections: 0, ..Default::default() }, ..valid() },
+                "resp.max_connections",
+            ),
         ];
         for (config, key) in cases {
             let err = config.validate().unwrap_err();

@@ -27,8 +27,10 @@ mod singleton;
 pub mod stats;
 
 pub use cluster::{Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, Health, StartError};
-pub use config::{Config, ConfigError};
-pub use grapevine_map::{EntryEventKind, Expiry, MapConfig, MapError, PartitionSummary};
+pub use config::{Config, ConfigError, RespLimits};
+pub use grapevine_map::{
+    EntryEventKind, Expiry, MapConfig, MapError, MapService, PartitionSummary, PutMode, SetExpiry,
+};
 pub use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,
 };

@@ -172,7 +172,10 @@ impl Node {
         let timeout = self.settings.migration_timeout;
         let mut window: VecDeque<(usize, ResponseFuture)> = VecDeque::new();
         let mut in_flight = 0usize;
-        let mut after: Option<Vec<u8>> = None;
+        // The keys when the copy starts; each chunk reads their current records. Keys written
+        // later arrive as buffered changes (see the module documentation).
+        let mut keys: Option<Vec<Vec<u8>>> = None;
+        let mut cursor = 0usize;
         let mut chunk = 0u32;
         let mut started: Option<(Term, u64)> = None;
         let begun = Instant::now();
@@ -194,9 +197,10 @@ impl Node {
                 let mp = data.maps.entry(map.to_string()).or_insert_with(|| MapPartition::new(term.clone()));
                 let (term, seq) = (mp.term.clone(), mp.seq);
                 let start_seq = started.get_or_insert_with(|| (term.clone(), seq)).1;
-                let (entries, bytes, next) = chunk_after(mp, after.as_deref());
-                let last = next.is_none();
-                after = next;
+                let keys = keys.get_or_insert_with(|| mp.entries.keys());
+                let (entries, bytes, next) = chunk_of(mp, keys, cursor);
+                let last = next >= keys.len();
+                cursor = next;
                 let msg = Node::encode(&Msg::Copy {
                     partition: p,
                     term,
@@ -341,25 +345,34 @@ enum Version {
 /// One chunk of a copy: entries, their approximate size, and the key to continue after.
 pub(crate) type Chunk = (Vec<(Vec<u8>, Record)>, usize, Option<Vec<u8>>);
 
-/// The entries of `mp` after `after`, up to [`CHUNK_BYTES`] (at least one), their approximate
-/// size, and the key to continue after (`None`: this is the last chunk).
-pub(crate) fn chunk_after(mp: &MapPartition, after: Option<&[u8]>) -> Chunk {
-    use std::ops::Bound;
-    let lower = match after {
-        Some(key) => Bound::Excluded(key.to_vec()),
-        None => Bound::Unbounded,
-    };
+/// The records of `keys[from..]` still present in `mp`, up to [`CHUNK_BYTES`] (at least one),
+/// their approximate size, and the index to continue from (`keys.len()`: this is the last chunk).
+fn chunk_of(mp: &MapPartition, keys: &[Vec<u8>], from: usize) -> (Vec<(Vec<u8>, Record)>, usize, usize) {
     let mut entries = Vec::new();
     let mut bytes = 0usize;
-    let mut range = mp.entries.range::<Vec<u8>, _>((lower, Bound::Unbounded)).peekable();
-    while let Some((key, record)) = range.next() {
-        bytes += key.len() + record.value.len() + 64;
-        entries.push((key.clone(), record.clone()));
-        if bytes >= CHUNK_BYTES && range.peek().is_some() {
-            return (entries, bytes, Some(key.clone()));
+    let mut next = from;
+    while next < keys.len() && (entries.is_empty() || bytes < CHUNK_BYTES) {
+        let key = &keys[next];
+        next += 1;
+        if let Some(stored) = mp.entries.get(key) {
+            let record = stored.record();
+            bytes += key.len() + record.value.len() + 64;
+            entries.push((key.clone(), record));
         }
     }
-    (entries, bytes, None)
+    (entries, bytes, next)
+}
+
+/// The entries of `mp` after `after` in key order, up to [`CHUNK_BYTES`] (at least one), their
+/// approximate size, and the key to continue after (`None`: the last chunk). Sorts the keys on
+/// every call: for pulls, which are rare, not for copies.
+pub(crate) fn chunk_after(mp: &MapPartition, after: Option<&[u8]>) -> Chunk {
+    let mut keys: Vec<Vec<u8>> =
+        mp.entries.keys().into_iter().filter(|k| after.is_none_or(|a| k.as_slice() > a)).collect();
+    keys.sort_unstable();
+    let (entries, bytes, next) = chunk_of(mp, &keys, 0);
+    let continue_after = (next < keys.len()).then(|| keys[next - 1].clone());
+    (entries, bytes, continue_after)
 }
 
 #[cfg(test)]
@@ -391,15 +404,16 @@ mod tests {
         owner.seq = 10;
         let mut replica = MapPartition::default();
         let start = owner.seq;
-        let (mut after, mut chunk, mut round) = (None, 0u32, 0u32);
+        let keys = owner.entries.keys();
+        let (mut cursor, mut chunk, mut round) = (0usize, 0u32, 0u32);
         loop {
-            let (entries, _, next) = chunk_after(&owner, after.as_deref());
-            let end = next.is_none().then_some(owner.seq);
+            let (entries, _, next) = chunk_of(&owner, &keys, cursor);
+            let end = (next >= keys.len()).then_some(owner.seq);
             receive_chunk(&mut replica, &term(), 9, chunk, start, end, entries).unwrap();
             if end.is_some() {
                 break;
             }
-            after = next;
+            cursor = next;
             chunk += 1;
             // Changes between two chunks: one behind the cursor, one ahead, one removal.
             round += 1;
@@ -416,8 +430,10 @@ mod tests {
         }
         assert!(chunk > 1, "the partition spans several chunks");
         assert_eq!((replica.seq, &replica.term), (owner.seq, &term()));
-        assert_eq!(replica.entries.len(), owner.entries.len());
-        assert!(replica.entries.iter().zip(owner.entries.iter()).all(|(a, b)| a.0 == b.0 && a.1.value == b.1.value));
+        let contents = |mp: &MapPartition| -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+            mp.entries.iter().map(|(k, r)| (k, r.value)).collect()
+        };
+        assert_eq!(contents(&replica), contents(&owner));
     }
 
     #[test]
@@ -454,10 +470,14 @@ mod tests {
         mp.insert(b"a".to_vec(), record(&vec![1u8; CHUNK_BYTES * 2]));
         mp.insert(b"b".to_vec(), record(b"x"));
         let (first, _, next) = chunk_after(&mp, None);
-        assert_eq!(first.len(), 1);
+        assert_eq!((first.len(), first[0].0.as_slice()), (1, &b"a"[..]));
         let (second, _, next) = chunk_after(&mp, next.as_deref());
         assert_eq!((second.len(), next), (1, None));
         let (empty, bytes, next) = chunk_after(&MapPartition::default(), None);
         assert!(empty.is_empty() && bytes == 0 && next.is_none(), "an empty partition is one empty chunk");
+        // A copy's chunks skip keys removed since the copy started.
+        let keys = vec![b"a".to_vec(), b"gone".to_vec(), b"b".to_vec()];
+        let (entries, _, next) = chunk_of(&mp, &keys, 1);
+        assert_eq!((entries.len(), next), (1, 3));
     }
 }

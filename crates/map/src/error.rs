@@ -54,6 +54,17 @@ pub enum MapError {
         /// What failed.
         message: String,
     },
+    /// The operation does not apply to the entry's current value (a counter operation on a value
+    /// that is not an integer, or whose result would overflow). `reason` uses Redis's wording.
+    #[error("map {map:?}: {op} refused: {reason}")]
+    Rejected {
+        /// The operation.
+        op: &'static str,
+        /// The map.
+        map: String,
+        /// Why.
+        reason: String,
+    },
     /// An invalid argument (map name, page size...).
     #[error("{0}")]
     Invalid(String),

@@ -50,12 +50,12 @@ use tracing::{info, warn};
 
 pub use config::{BACKUP_COUNT_MAX, MapConfig, MapSettings};
 pub use error::MapError;
-pub use messages::{EntryEventKind, LocalMapStats, LocalStats, RawEntryEvent};
+pub use messages::{EntryEventKind, LocalMapStats, LocalStats, PutMode, RawEntryEvent};
 pub use node::PartitionLost;
 pub use record::{Expiry, Record};
 pub use table::{PartitionTable, TableId};
 
-use messages::{Msg, MultiOp, Op, OpResult, PutMode, Reply};
+use messages::{Msg, MultiOp, Op, OpResult, Reply};
 use node::{MAP_SERVICE, MapHandler, Node};
 
 /// The partition part of the `/stats` document.
@@ -89,8 +89,29 @@ impl Drop for MapService {
 fn value(result: OpResult) -> Option<Vec<u8>> {
     match result {
         OpResult::Value(v) => v,
-        OpResult::Flag(_) => None,
+        OpResult::Flag(_) | OpResult::Int(_) | OpResult::Rejected(_) => None,
     }
+}
+
+/// The expiry of a [`MapService::set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetExpiry {
+    /// The map's defaults (`ttl_seconds`, `max_idle_seconds`).
+    Default,
+    /// This expiry (fields left `None` use the map's defaults).
+    Explicit(Expiry),
+    /// Keep the current entry's time-to-live deadline and maximum idle time (Redis's
+    /// `SET ... KEEPTTL`); an absent key gets the map's defaults.
+    Keep,
+}
+
+/// Why a rejected operation did not apply, as text.
+fn rejected(op: &'static str, map: &str, result: OpResult) -> MapError {
+    let reason = match result {
+        OpResult::Rejected(reason) => reason,
+        other => format!("unexpected result {other:?}"),
+    };
+    MapError::Rejected { op, map: map.to_string(), reason }
 }
 
 fn flag(result: OpResult) -> bool {
@@ -171,6 +192,79 @@ impl MapService {
     /// Removes `key`; returns its value.
     pub async fn remove(&self, map: &str, key: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
         Ok(value(self.node.call(map, Op::Remove { key }).await?))
+    }
+
+    /// Sets `key` to `value` when `mode` allows, with the expiry `expiry` says; returns the
+    /// previous value. Whether it was written follows from `mode` and the previous value: always,
+    /// only when there was none (`IfAbsent`), or only when there was one (`IfPresent`).
+    pub async fn set(
+        &self,
+        map: &str,
+        key: Vec<u8>,
+        value_: Vec<u8>,
+        mode: PutMode,
+        expiry: SetExpiry,
+    ) -> Result<Option<Vec<u8>>, MapError> {
+        let op = match expiry {
+            SetExpiry::Default => Op::Put { key, value: value_, expiry: None, mode },
+            SetExpiry::Explicit(expiry) => Op::Put { key, value: value_, expiry: Some(expiry), mode },
+            SetExpiry::Keep => Op::PutKeepTtl { key, value: value_, mode },
+        };
+        Ok(value(self.node.call(map, op).await?))
+    }
+
+    /// Adds `delta` to the value of `key`, a decimal integer as Redis stores counters (an absent
+    /// key counts as 0), atomically on the partition's owner, keeping the entry's expiry; returns
+    /// the new value. A value that is not an integer, or a result that would overflow `i64`, is
+    /// refused with [`MapError::Rejected`].
+    pub async fn incr_by(&self, map: &str, key: Vec<u8>, delta: i64) -> Result<i64, MapError> {
+        match self.node.call(map, Op::Incr { key, delta }).await? {
+            OpResult::Int(n) => Ok(n),
+            other => Err(rejected("incr", map, other)),
+        }
+    }
+
+    /// Sets the time to live of a present entry to `ttl` from now (zero: removes the entry at
+    /// once), or removes its time to live (`None`). Returns whether the entry was present (for
+    /// `None`: whether it had a time to live to remove).
+    pub async fn set_ttl(&self, map: &str, key: Vec<u8>, ttl: Option<Duration>) -> Result<bool, MapError> {
+        let ttl_ms = ttl.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64);
+        Ok(flag(self.node.call(map, Op::SetTtl { key, ttl_ms }).await?))
+    }
+
+    /// How long until `key` expires: `None` when absent, `Some(None)` when it never expires.
+    /// Counts the time to live and the maximum idle time, whichever ends first.
+    pub async fn time_to_live(&self, map: &str, key: Vec<u8>) -> Result<Option<Option<Duration>>, MapError> {
+        match self.node.call(map, Op::Ttl { key }).await? {
+            OpResult::Int(-2) => Ok(None),
+            OpResult::Int(ms) if ms < 0 => Ok(Some(None)),
+            OpResult::Int(ms) => Ok(Some(Some(Duration::from_millis(ms as u64)))),
+            other => Err(rejected("ttl", map, other)),
+        }
+    }
+
+    /// Up to `limit` live entries (key and value) of partition `partition`, in key order, after
+    /// the key `after`; and the key to continue after, `None` at the partition's end. For cursors
+    /// over a map (Redis's `SCAN`); see [`MapService::entries`] for a whole walk.
+    pub async fn partition_page(
+        &self,
+        map: &str,
+        partition: u32,
+        after: Option<Vec<u8>>,
+        limit: u32,
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>), MapError> {
+        if partition >= self.node.settings.partition_count {
+            return Err(MapError::Invalid(format!(
+                "partition {partition} does not exist (there are {})",
+                self.node.settings.partition_count
+            )));
+        }
+        self.node.page(map, partition, after, limit).await
+    }
+
+    /// The number of partitions.
+    pub fn partition_count(&self) -> u32 {
+        self.node.settings.partition_count
     }
 
     /// Entries in the whole map (expired ones excluded), counted by each partition's owner.
@@ -376,10 +470,7 @@ impl MapService {
     #[doc(hidden)]
     pub fn local_entries(&self, map: &str, p: u32) -> Vec<(Vec<u8>, Record)> {
         let data = self.node.slot(p).data.lock().unwrap();
-        data.maps
-            .get(map)
-            .map(|mp| mp.entries.iter().map(|(k, r)| (k.clone(), r.clone())).collect())
-            .unwrap_or_default()
+        data.maps.get(map).map(|mp| mp.entries.iter().collect()).unwrap_or_default()
     }
 }
 

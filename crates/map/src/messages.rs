@@ -32,6 +32,30 @@ pub(crate) enum Op {
     Remove {
         key: Vec<u8>,
     },
+    /// A put that keeps the current entry's expiry (its time-to-live deadline and its maximum
+    /// idle time); an absent key gets the map's defaults.
+    PutKeepTtl {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        mode: PutMode,
+    },
+    /// Adds `delta` to the value, read as a decimal integer (an absent key counts as 0), keeping
+    /// the entry's expiry; the result is the new value (`Int`).
+    Incr {
+        key: Vec<u8>,
+        delta: i64,
+    },
+    /// Sets the time to live of a present entry to `ttl_ms` from now (0: expire it now, i.e.
+    /// remove it), or removes its time to live (`None`). `Flag`: whether the entry was present
+    /// (for `None`: whether it had a time to live).
+    SetTtl {
+        key: Vec<u8>,
+        ttl_ms: Option<u64>,
+    },
+    /// The remaining time before the entry expires (`Int` in ms; -1: never; -2: absent).
+    Ttl {
+        key: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -41,15 +65,25 @@ impl Op {
             | Op::ContainsKey { key }
             | Op::Put { key, .. }
             | Op::CompareAndSet { key, .. }
-            | Op::Remove { key } => key,
+            | Op::Remove { key }
+            | Op::PutKeepTtl { key, .. }
+            | Op::Incr { key, .. }
+            | Op::SetTtl { key, .. }
+            | Op::Ttl { key } => key,
         }
     }
 
     /// Bytes of key and values the operation carries.
     pub(crate) fn payload_bytes(&self) -> usize {
         match self {
-            Op::Get { key } | Op::ContainsKey { key } | Op::Remove { key } => key.len(),
-            Op::Put { key, value, .. } => key.len() + value.len(),
+            Op::Get { key }
+            | Op::ContainsKey { key }
+            | Op::Remove { key }
+            | Op::SetTtl { key, .. }
+            | Op::Ttl { key } => key.len(),
+            // The largest counter is 20 digits.
+            Op::Incr { key, .. } => key.len() + 20,
+            Op::Put { key, value, .. } | Op::PutKeepTtl { key, value, .. } => key.len() + value.len(),
             Op::CompareAndSet { key, expected, new } => {
                 key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
             }
@@ -57,7 +91,7 @@ impl Op {
     }
 
     pub(crate) fn is_read(&self) -> bool {
-        matches!(self, Op::Get { .. } | Op::ContainsKey { .. })
+        matches!(self, Op::Get { .. } | Op::ContainsKey { .. } | Op::Ttl { .. })
     }
 
     pub(crate) fn name(&self) -> &'static str {
@@ -69,15 +103,24 @@ impl Op {
             Op::Put { mode: PutMode::IfPresent, .. } => "replace",
             Op::CompareAndSet { .. } => "compare_and_set",
             Op::Remove { .. } => "remove",
+            Op::PutKeepTtl { mode: PutMode::Always, .. } => "put",
+            Op::PutKeepTtl { mode: PutMode::IfAbsent, .. } => "put_if_absent",
+            Op::PutKeepTtl { mode: PutMode::IfPresent, .. } => "replace",
+            Op::Incr { .. } => "incr",
+            Op::SetTtl { .. } => "set_ttl",
+            Op::Ttl { .. } => "ttl",
         }
     }
 }
 
 /// When a put applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum PutMode {
+pub enum PutMode {
+    /// Always.
     Always,
+    /// Only when the key is absent (or expired).
     IfAbsent,
+    /// Only when the key is present.
     IfPresent,
 }
 
@@ -88,6 +131,10 @@ pub(crate) enum OpResult {
     Value(Option<Vec<u8>>),
     /// Whether the condition held.
     Flag(bool),
+    /// A number (a counter's new value, a remaining time).
+    Int(i64),
+    /// The operation does not apply to the entry's value; the text says why (Redis's wording).
+    Rejected(String),
 }
 
 /// A change replicated from the owner to backups, applied in sequence order.

@@ -1,25 +1,113 @@
 //! One map's entries in one partition, on one member (owner or backup), and the pure semantics
 //! of every operation. Nothing here locks, sends or waits.
 
-use std::collections::BTreeMap;
+use std::hash::BuildHasher;
 use std::time::Duration;
+
+use hashbrown::{DefaultHashBuilder, HashTable, hash_table};
 
 use crate::config::MapConfig;
 use crate::messages::{EntryEventKind, Op, OpResult, PutMode, ReplOp};
-use crate::record::{Expiry, Record};
+use crate::record::{Expiry, Record, Stored};
 use crate::table::Term;
 
 /// A page of live entries (encoded key and value) and the key to continue after, if any.
 pub(crate) type Page = (Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>);
 
+/// A partition's entries: one [`Stored`] block per entry (key, value and metadata in one
+/// allocation) in a hash table of 16-byte slots, so a read or a write finds its entry with one
+/// hash and one key comparison and updates access statistics in place. Walks in key order
+/// ([`Entries::after`]) sort what they return: a page costs a pass over the partition.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Entries {
+    table: HashTable<Stored>,
+    hasher: DefaultHashBuilder,
+}
+
+impl Entries {
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Every entry as key and record (copies: for full copies and events, not hot paths).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Vec<u8>, Record)> + '_ {
+        self.table.iter().map(|s| (s.key().to_vec(), s.record()))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Stored> {
+        self.table.find(self.hash(key), |s| s.key() == key)
+    }
+
+    fn get_mut(&mut self, key: &[u8]) -> Option<&mut Stored> {
+        let hash = self.hash(key);
+        self.table.find_mut(hash, |s| s.key() == key)
+    }
+
+    /// Inserts or replaces the entry of the block's key; returns the replaced block.
+    fn replace(&mut self, stored: Stored) -> Option<Stored> {
+        let hash = self.hash(stored.key());
+        let hasher = &self.hasher;
+        match self.table.entry(hash, |s| s.key() == stored.key(), |s| hasher.hash_one(s.key())) {
+            hash_table::Entry::Occupied(mut entry) => Some(std::mem::replace(entry.get_mut(), stored)),
+            hash_table::Entry::Vacant(entry) => {
+                entry.insert(stored);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<Stored> {
+        let hash = self.hash(key);
+        let entry = self.table.find_entry(hash, |s| s.key() == key).ok()?;
+        Some(entry.remove().0)
+    }
+
+    fn clear(&mut self) {
+        self.table = HashTable::new();
+    }
+
+    /// Up to `limit` blocks with keys after `after`, in key order, and whether more follow.
+    fn after(&self, after: Option<&[u8]>, limit: usize) -> (Vec<&Stored>, bool) {
+        let mut found: Vec<&Stored> = self.table.iter().filter(|s| after.is_none_or(|a| s.key() > a)).collect();
+        let more = found.len() > limit;
+        if more {
+            found.select_nth_unstable_by(limit, |a, b| a.key().cmp(b.key()));
+            found.truncate(limit);
+        }
+        found.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+        (found, more)
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = &Stored> {
+        self.table.iter()
+    }
+
+    /// Every key (copies), in no particular order.
+    pub(crate) fn keys(&self) -> Vec<Vec<u8>> {
+        self.table.iter().map(|s| s.key().to_vec()).collect()
+    }
+}
+
 /// A map partition: entries plus the replication position `(term, seq)`: the term is the owner
 /// term (see [`crate::table`]) the changes came in, `seq` the last change applied in it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MapPartition {
-    pub(crate) entries: BTreeMap<Vec<u8>, Record>,
+    pub(crate) entries: Entries,
     pub(crate) term: Term,
     pub(crate) seq: u64,
     memory: u64,
+    /// Entries with a time to live or a maximum idle time: when there are none, expiry sweeps and
+    /// live counts need not look at every entry.
+    expiring: usize,
     /// A full copy arriving in chunks (see [`crate::copy`]).
     pub(crate) staging: Option<Box<crate::copy::Staging>>,
     /// A backup asked the owner for a full copy and has not received it yet.
@@ -36,6 +124,24 @@ pub(crate) struct Change {
     pub(crate) old_value: Option<Vec<u8>>,
 }
 
+/// Redis's answers when a counter cannot be changed.
+pub(crate) const NOT_AN_INTEGER: &str = "value is not an integer or out of range";
+pub(crate) const OVERFLOW: &str = "increment or decrement would overflow";
+
+/// A counter's value: a decimal integer as Redis writes it (optional `-`, no `+`, no leading zeros
+/// or spaces, at most 20 characters, within `i64`).
+pub(crate) fn parse_counter(bytes: &[u8]) -> Option<i64> {
+    let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
+    let canonical = !digits.is_empty()
+        && bytes.len() <= 20
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits[0] != b'0' || bytes == b"0");
+    if !canonical {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
 impl MapPartition {
     pub(crate) fn new(term: Term) -> Self {
         MapPartition { term, ..Default::default() }
@@ -49,20 +155,26 @@ impl MapPartition {
         self.memory
     }
 
-    pub(crate) fn insert(&mut self, key: Vec<u8>, record: Record) -> Option<Record> {
-        self.memory += record.memory_bytes(key.len());
-        let key_len = key.len();
-        let old = self.entries.insert(key, record);
+    fn put_block(&mut self, stored: Stored) -> Option<Stored> {
+        self.memory += stored.memory_bytes();
+        self.expiring += usize::from(stored.expires());
+        let old = self.entries.replace(stored);
         if let Some(old) = &old {
-            self.memory -= old.memory_bytes(key_len);
+            self.memory -= old.memory_bytes();
+            self.expiring -= usize::from(old.expires());
         }
         old
     }
 
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Record> {
+    pub(crate) fn insert(&mut self, key: Vec<u8>, record: Record) -> Option<Stored> {
+        self.put_block(Stored::encode(&key, &record))
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Stored> {
         let old = self.entries.remove(key);
         if let Some(old) = &old {
-            self.memory -= old.memory_bytes(key.len());
+            self.memory -= old.memory_bytes();
+            self.expiring -= usize::from(old.expires());
         }
         old
     }
@@ -70,6 +182,7 @@ impl MapPartition {
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.memory = 0;
+        self.expiring = 0;
     }
 
     /// Replaces everything with a full copy at `(term, seq)`.
@@ -88,7 +201,7 @@ impl MapPartition {
     pub(crate) fn apply_repl(&mut self, op: &ReplOp) {
         match op {
             ReplOp::Put { key, record } => {
-                self.insert(key.clone(), record.clone());
+                self.put_block(Stored::encode(key, record));
             }
             ReplOp::Remove { key } | ReplOp::Expire { key } => {
                 self.remove(key);
@@ -99,38 +212,45 @@ impl MapPartition {
 
     /// Entries not visible to readers at `now`.
     pub(crate) fn expired_keys(&self, now: u64, idle_floor_ms: u64, owner: bool, limit: usize) -> Vec<Vec<u8>> {
+        if self.expiring == 0 {
+            return Vec::new();
+        }
         self.entries
-            .iter()
-            .filter(|(_, r)| if owner { r.is_expired(now, idle_floor_ms) } else { r.ttl_expired(now) })
+            .blocks()
+            .filter(|s| {
+                let meta = s.meta();
+                if owner { meta.is_expired(now, idle_floor_ms) } else { meta.ttl_expired(now) }
+            })
             .take(limit)
-            .map(|(k, _)| k.clone())
+            .map(|s| s.key().to_vec())
             .collect()
     }
 
     /// Live entries (visible to readers).
     pub(crate) fn live_len(&self, now: u64, idle_floor_ms: u64) -> u64 {
-        self.entries.values().filter(|r| !r.is_expired(now, idle_floor_ms)).count() as u64
+        if self.expiring == 0 {
+            return self.entries.len() as u64;
+        }
+        self.entries.blocks().filter(|s| !s.meta().is_expired(now, idle_floor_ms)).count() as u64
     }
 
     /// Live entries with keys after `after`, at most `limit`; and the key to continue from.
     pub(crate) fn page(&self, after: Option<&[u8]>, limit: usize, now: u64, idle_floor_ms: u64) -> Page {
-        use std::ops::Bound;
-        let lower = match after {
-            Some(key) => Bound::Excluded(key.to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        let mut last = None;
-        for (key, record) in self.entries.range((lower, Bound::Unbounded)) {
-            if out.len() >= limit {
-                return (out, last);
-            }
-            last = Some(key.clone());
-            if !record.is_expired(now, idle_floor_ms) {
-                out.push((key.clone(), record.value.clone()));
-            }
-        }
-        (out, None)
+        let (blocks, more) = self.entries.after(after, limit);
+        let next = if more { blocks.last().map(|s| s.key().to_vec()) } else { None };
+        let out = blocks
+            .into_iter()
+            .filter(|s| !s.meta().is_expired(now, idle_floor_ms))
+            .map(|s| (s.key().to_vec(), s.value().to_vec()))
+            .collect();
+        (out, next)
+    }
+
+    /// The live entry of `key` (copied out), if any.
+    fn live(&self, key: &[u8], now: u64, idle_floor_ms: u64) -> Option<Record> {
+        let stored = self.entries.get(key)?;
+        let meta = stored.meta();
+        (!meta.is_expired(now, idle_floor_ms)).then(|| Record { value: stored.value().to_vec(), ..meta })
     }
 
     /// Executes an operation as the owner at `now`. Returns the result and the change to
@@ -142,35 +262,23 @@ impl MapPartition {
         idle_floor_ms: u64,
         config: &MapConfig,
     ) -> (OpResult, Option<Change>) {
-        let live = |entries: &BTreeMap<Vec<u8>, Record>, key: &[u8]| {
-            entries.get(key).filter(|r| !r.is_expired(now, idle_floor_ms)).cloned()
-        };
         match op {
             Op::Get { key } => {
-                let value = self.touch(&key, now, idle_floor_ms).map(|r| r.value.clone());
+                let value = self.touch(&key, now, idle_floor_ms, |s| s.value().to_vec());
                 (OpResult::Value(value), None)
             }
             Op::ContainsKey { key } => {
-                let found = self.touch(&key, now, idle_floor_ms).is_some();
+                let found = self.touch(&key, now, idle_floor_ms, |_| ()).is_some();
                 (OpResult::Flag(found), None)
             }
             Op::Put { key, value, expiry, mode } => {
-                let current = live(&self.entries, &key);
-                let applies = match mode {
-                    PutMode::Always => true,
-                    PutMode::IfAbsent => current.is_none(),
-                    PutMode::IfPresent => current.is_some(),
-                };
-                let old_value = current.as_ref().map(|r| r.value.clone());
-                if !applies {
-                    return (OpResult::Value(old_value), None);
-                }
-                let record = Record::written(value.clone(), now, config.resolve(expiry), current.as_ref());
-                let change = self.write(key, record, current.is_some(), old_value.clone());
-                (OpResult::Value(old_value), Some(change))
+                self.put(key, value, mode, now, idle_floor_ms, |_| config.resolve(expiry))
             }
+            Op::PutKeepTtl { key, value, mode } => self.put(key, value, mode, now, idle_floor_ms, |current| {
+                current.map_or_else(|| config.resolve(None), |r| kept_expiry(r, now))
+            }),
             Op::CompareAndSet { key, expected, new } => {
-                let current = live(&self.entries, &key);
+                let current = self.live(&key, now, idle_floor_ms);
                 let current_value = current.as_ref().map(|r| &r.value);
                 if current_value != expected.as_ref() {
                     return (OpResult::Flag(false), None);
@@ -188,7 +296,7 @@ impl MapPartition {
                 (OpResult::Flag(true), Some(change))
             }
             Op::Remove { key } => {
-                let current = live(&self.entries, &key);
+                let current = self.live(&key, now, idle_floor_ms);
                 match current {
                     Some(record) => {
                         let change = self.delete(key, Some(record.value.clone()), EntryEventKind::Removed);
@@ -197,25 +305,115 @@ impl MapPartition {
                     None => (OpResult::Value(None), None),
                 }
             }
+            Op::Incr { key, delta } => {
+                let current = self.live(&key, now, idle_floor_ms);
+                let base = match &current {
+                    Some(record) => match parse_counter(&record.value) {
+                        Some(n) => n,
+                        None => return (OpResult::Rejected(NOT_AN_INTEGER.into()), None),
+                    },
+                    None => 0,
+                };
+                let Some(n) = base.checked_add(delta) else {
+                    return (OpResult::Rejected(OVERFLOW.into()), None);
+                };
+                let expiry = current.as_ref().map_or_else(|| config.resolve(None), |r| kept_expiry(r, now));
+                let record = Record::written(n.to_string().into_bytes(), now, expiry, current.as_ref());
+                let old_value = current.map(|r| r.value);
+                let existed = old_value.is_some();
+                let change = self.write(key, record, existed, old_value);
+                (OpResult::Int(n), Some(change))
+            }
+            Op::SetTtl { key, ttl_ms } => {
+                let Some(current) = self.live(&key, now, idle_floor_ms) else {
+                    return (OpResult::Flag(false), None);
+                };
+                let ttl = match ttl_ms {
+                    Some(0) => {
+                        let change = self.delete(key, Some(current.value), EntryEventKind::Removed);
+                        return (OpResult::Flag(true), Some(change));
+                    }
+                    // Counted from the last update, as every time to live: the deadline is now + ttl.
+                    Some(ms) => now.saturating_add(ms).saturating_sub(current.updated_ms).max(1),
+                    None if current.ttl_ms == 0 => return (OpResult::Flag(false), None),
+                    None => 0,
+                };
+                let record = Record {
+                    ttl_ms: ttl,
+                    accessed_ms: now,
+                    version: current.version + 1,
+                    value: current.value.clone(),
+                    ..current
+                };
+                let change = self.write(key, record, true, Some(current.value));
+                (OpResult::Flag(true), Some(change))
+            }
+            Op::Ttl { key } => {
+                let remaining = match self.entries.get(&key).map(Stored::meta) {
+                    Some(meta) if !meta.is_expired(now, idle_floor_ms) => match meta.expires_at_ms(idle_floor_ms) {
+                        Some(at) => at.saturating_sub(now).min(i64::MAX as u64) as i64,
+                        None => -1,
+                    },
+                    _ => -2,
+                };
+                (OpResult::Int(remaining), None)
+            }
         }
+    }
+
+    /// A put of any mode; `expiry` gives the new entry's expiry from the current live record.
+    fn put(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        mode: PutMode,
+        now: u64,
+        idle_floor_ms: u64,
+        expiry: impl FnOnce(Option<&Record>) -> Expiry,
+    ) -> (OpResult, Option<Change>) {
+        let current = self.live(&key, now, idle_floor_ms);
+        let applies = match mode {
+            PutMode::Always => true,
+            PutMode::IfAbsent => current.is_none(),
+            PutMode::IfPresent => current.is_some(),
+        };
+        let existed = current.is_some();
+        let expiry = expiry(current.as_ref());
+        let record = Record::written(value, now, expiry, current.as_ref());
+        let old_value = current.map(|r| r.value);
+        if !applies {
+            return (OpResult::Value(old_value), None);
+        }
+        let change = self.write(key, record, existed, old_value.clone());
+        (OpResult::Value(old_value), Some(change))
     }
 
     /// Removes an expired entry as the owner, returning the change to replicate.
     pub(crate) fn expire(&mut self, key: Vec<u8>) -> Option<Change> {
-        let old = self.entries.get(&key)?.value.clone();
+        let old = self.entries.get(&key)?.value().to_vec();
         Some(self.delete(key, Some(old), EntryEventKind::Expired))
     }
 
-    fn touch(&mut self, key: &[u8], now: u64, idle_floor_ms: u64) -> Option<&Record> {
-        let record = self.entries.get_mut(key).filter(|r| !r.is_expired(now, idle_floor_ms))?;
-        record.accessed_ms = now;
-        record.hits += 1;
-        Some(record)
+    /// A read on the owner: counts a hit and the access time, and returns `read` of the entry.
+    fn touch<T>(&mut self, key: &[u8], now: u64, idle_floor_ms: u64, read: impl FnOnce(&Stored) -> T) -> Option<T> {
+        let stored = self.entries.get_mut(key)?;
+        let mut meta = stored.meta();
+        if meta.is_expired(now, idle_floor_ms) {
+            return None;
+        }
+        let out = read(stored);
+        meta.accessed_ms = now;
+        meta.hits += 1;
+        let before = stored.memory_bytes();
+        stored.set_meta(&meta);
+        let after = stored.memory_bytes();
+        self.memory = self.memory + after - before;
+        Some(out)
     }
 
     fn write(&mut self, key: Vec<u8>, record: Record, existed: bool, old_value: Option<Vec<u8>>) -> Change {
+        self.put_block(Stored::encode(&key, &record));
         let value = Some(record.value.clone());
-        self.insert(key.clone(), record.clone());
         let kind = if existed { EntryEventKind::Updated } else { EntryEventKind::Added };
         Change { repl: ReplOp::Put { key: key.clone(), record }, kind, key, value, old_value }
     }
@@ -229,6 +427,15 @@ impl MapPartition {
         };
         Change { repl, kind, key, value: None, old_value }
     }
+}
+
+/// The expiry of a rewrite that keeps `current`'s: the same time-to-live deadline (counted again
+/// from `now`, the new update time) and the same maximum idle time.
+fn kept_expiry(current: &Record, now: u64) -> Expiry {
+    let ttl = current.ttl_deadline_ms().map(|deadline| Duration::from_millis(deadline.saturating_sub(now).max(1)));
+    let max_idle = (current.max_idle_ms > 0).then(|| Duration::from_millis(current.max_idle_ms));
+    // `Some(ZERO)` means "none" rather than "the map's default".
+    Expiry { ttl: Some(ttl.unwrap_or(Duration::ZERO)), max_idle: Some(max_idle.unwrap_or(Duration::ZERO)) }
 }
 
 impl MapConfig {
@@ -268,7 +475,7 @@ mod tests {
         assert_eq!(r, OpResult::Value(Some(b"a".to_vec())));
         assert_eq!(c.unwrap().kind, EntryEventKind::Updated);
         assert_eq!(exec(&mut mp, Op::Get { key: b"k".to_vec() }, 12).0, OpResult::Value(Some(b"b".to_vec())));
-        assert_eq!(mp.entries[&b"k".to_vec()].hits, 1);
+        assert_eq!(mp.entries.get(b"k").unwrap().meta().hits, 1);
         let (r, c) = exec(&mut mp, Op::Remove { key: b"k".to_vec() }, 13);
         assert_eq!(r, OpResult::Value(Some(b"b".to_vec())));
         assert_eq!(c.unwrap().repl, ReplOp::Remove { key: b"k".to_vec() });
@@ -323,6 +530,122 @@ mod tests {
         );
         assert_eq!(config.resolve(Some(Expiry::ttl(Duration::from_secs(1)))).ttl, Some(Duration::from_secs(1)));
         assert_eq!(config.resolve(Some(Expiry::never())), Expiry::default());
+    }
+
+    fn key(k: &str) -> Vec<u8> {
+        k.as_bytes().to_vec()
+    }
+
+    fn put_ttl(k: &str, v: &str, ttl_ms: u64) -> Op {
+        Op::Put {
+            key: key(k),
+            value: key(v),
+            expiry: Some(Expiry::ttl(Duration::from_millis(ttl_ms))),
+            mode: PutMode::Always,
+        }
+    }
+
+    fn ttl_of(mp: &mut MapPartition, k: &str, now: u64) -> OpResult {
+        exec(mp, Op::Ttl { key: key(k) }, now).0
+    }
+
+    #[test]
+    fn counters_count_from_zero_keep_their_expiry_and_refuse_what_is_not_an_integer() {
+        let mut mp = MapPartition::default();
+        let incr = |k: &str, delta| Op::Incr { key: key(k), delta };
+        let (r, c) = exec(&mut mp, incr("n", 5), 1_000);
+        assert_eq!(r, OpResult::Int(5));
+        let c = c.unwrap();
+        assert_eq!(c.kind, EntryEventKind::Added);
+        assert!(matches!(c.repl, ReplOp::Put { ref record, .. } if record.value == b"5"), "replicated as a put");
+        assert_eq!(exec(&mut mp, incr("n", -7), 1_001).0, OpResult::Int(-2));
+        assert_eq!(exec(&mut mp, Op::Get { key: key("n") }, 1_002).0, OpResult::Value(Some(key("-2"))));
+
+        exec(&mut mp, put_ttl("t", "10", 1_000), 2_000);
+        assert_eq!(exec(&mut mp, incr("t", 1), 2_400).0, OpResult::Int(11));
+        assert_eq!(ttl_of(&mut mp, "t", 2_400), OpResult::Int(600), "the deadline stays at 3000");
+        assert_eq!(exec(&mut mp, Op::Get { key: key("t") }, 3_000).0, OpResult::Value(None));
+
+        for bad in ["abc", "", " 1", "+1", "01", "-0", "1.5", "99999999999999999999"] {
+            exec(&mut mp, put("b", bad, PutMode::Always), 4_000);
+            let (r, c) = exec(&mut mp, incr("b", 1), 4_001);
+            assert_eq!((r, c), (OpResult::Rejected(NOT_AN_INTEGER.into()), None), "{bad:?}");
+        }
+        exec(&mut mp, put("m", &i64::MAX.to_string(), PutMode::Always), 5_000);
+        assert_eq!(exec(&mut mp, incr("m", 1), 5_001), (OpResult::Rejected(OVERFLOW.into()), None));
+        assert_eq!(exec(&mut mp, incr("m", -1), 5_002).0, OpResult::Int(i64::MAX - 1));
+    }
+
+    #[test]
+    fn ttls_can_be_set_read_and_removed_on_present_entries_only() {
+        let mut mp = MapPartition::default();
+        let set_ttl = |k: &str, ttl_ms| Op::SetTtl { key: key(k), ttl_ms };
+        assert_eq!(ttl_of(&mut mp, "k", 1_000), OpResult::Int(-2), "absent");
+        assert_eq!(exec(&mut mp, set_ttl("k", Some(100)), 1_000), (OpResult::Flag(false), None));
+        exec(&mut mp, put("k", "v", PutMode::Always), 1_000);
+        assert_eq!(ttl_of(&mut mp, "k", 1_500), OpResult::Int(-1), "no expiry");
+        let (r, c) = exec(&mut mp, set_ttl("k", Some(300)), 2_000);
+        assert_eq!(r, OpResult::Flag(true));
+        let Some(Change { repl: ReplOp::Put { record, .. }, .. }) = c else { panic!("replicated as a put") };
+        assert_eq!((record.updated_ms, record.ttl_deadline_ms(), record.version), (1_000, Some(2_300), 2));
+        assert_eq!(ttl_of(&mut mp, "k", 2_100), OpResult::Int(200));
+        assert_eq!(exec(&mut mp, set_ttl("k", None), 2_200).0, OpResult::Flag(true), "persist");
+        assert_eq!(exec(&mut mp, set_ttl("k", None), 2_201), (OpResult::Flag(false), None), "already persistent");
+        assert_eq!(ttl_of(&mut mp, "k", 9_000), OpResult::Int(-1));
+        let (r, c) = exec(&mut mp, set_ttl("k", Some(0)), 9_000);
+        assert_eq!((r, c.unwrap().repl), (OpResult::Flag(true), ReplOp::Remove { key: key("k") }), "0 expires it now");
+        assert_eq!(exec(&mut mp, Op::Get { key: key("k") }, 9_001).0, OpResult::Value(None));
+    }
+
+    #[test]
+    fn a_put_that_keeps_the_ttl_keeps_the_deadline_and_otherwise_uses_the_defaults() {
+        let mut mp = MapPartition::default();
+        let keep = |k: &str, v: &str| Op::PutKeepTtl { key: key(k), value: key(v), mode: PutMode::Always };
+        exec(&mut mp, put_ttl("k", "a", 1_000), 10_000);
+        let (r, _) = exec(&mut mp, keep("k", "b"), 10_400);
+        assert_eq!(r, OpResult::Value(Some(key("a"))));
+        assert_eq!(ttl_of(&mut mp, "k", 10_500), OpResult::Int(500));
+        exec(&mut mp, put("k", "c", PutMode::Always), 10_600);
+        assert_eq!(ttl_of(&mut mp, "k", 10_700), OpResult::Int(-1), "a plain put drops the ttl");
+        let config = MapConfig { ttl_seconds: 7, ..MapConfig::default() };
+        mp.execute(keep("new", "x"), 20_000, 0, &config);
+        assert_eq!(ttl_of(&mut mp, "new", 20_000), OpResult::Int(7_000), "absent: the map's default ttl");
+    }
+
+    #[test]
+    fn memory_follows_inserts_rewrites_and_removes() {
+        let mut mp = MapPartition::default();
+        for i in 0..100u32 {
+            exec(&mut mp, put(&format!("key:{i:08}"), &"v".repeat(100), PutMode::Always), 1);
+        }
+        let per_entry = mp.memory_bytes() / 100;
+        assert!((150..=200).contains(&per_entry), "{per_entry} B per entry");
+        for i in 0..100u32 {
+            exec(&mut mp, Op::Get { key: key(&format!("key:{i:08}")) }, 2);
+            exec(&mut mp, Op::Remove { key: key(&format!("key:{i:08}")) }, 3);
+        }
+        assert_eq!(mp.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn entries_with_an_expiry_are_counted_so_sweeps_can_skip_partitions_without_any() {
+        let mut mp = MapPartition::default();
+        exec(&mut mp, put("a", "v", PutMode::Always), 1_000);
+        assert_eq!((mp.expiring, mp.live_len(1_000, 0)), (0, 1));
+        exec(&mut mp, put_ttl("b", "v", 100), 1_000);
+        exec(&mut mp, Op::SetTtl { key: key("a"), ttl_ms: Some(50) }, 1_000);
+        assert_eq!(mp.expiring, 2);
+        assert_eq!(mp.live_len(1_060, 0), 1);
+        assert_eq!(mp.expired_keys(1_200, 0, true, 10).len(), 2);
+        exec(&mut mp, Op::SetTtl { key: key("b"), ttl_ms: None }, 1_050);
+        exec(&mut mp, put("a", "w", PutMode::Always), 1_050);
+        assert_eq!(mp.expiring, 0, "persisted and rewritten without ttl");
+        exec(&mut mp, put_ttl("c", "v", 100), 1_000);
+        exec(&mut mp, Op::Remove { key: key("c") }, 1_001);
+        assert_eq!(mp.expiring, 0);
+        exec(&mut mp, put_ttl("d", "v", 100), 1_000);
+        mp.clear();
+        assert_eq!((mp.expiring, mp.memory_bytes()), (0, 0));
     }
 
     #[test]

@@ -15,10 +15,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::lineage;
 use crate::messages::{Msg, Reply};
-use crate::takeover::TakeOver;
 use crate::node::{MAP_SERVICE, Node};
 use crate::record::now_ms;
 use crate::table::{PartitionTable, Role, TableId};
+use crate::takeover::TakeOver;
 
 /// Gossip key (`x:` prefixed by membership) carrying a member's table id: `"<epoch> <publisher>"`,
 /// the publisher being the master that committed it (`-` for none).
@@ -179,25 +179,14 @@ impl Node {
 
     /// This member became the owner of `p` under `table`: it will start the term `table` gives
     /// it with a view change ([`crate::takeover`]); until then the partition takes no operations.
-    fn take_over(
-        &self,
-        p: u32,
-        data: &mut crate::node::PartitionData,
-        table: &PartitionTable,
-        now: u64,
-    ) -> TakeOver {
+    fn take_over(&self, p: u32, data: &mut crate::node::PartitionData, table: &PartitionTable, now: u64) -> TakeOver {
         let term = table.term(p).clone();
         data.term = term.clone();
         data.owner_since_ms = now;
         data.starting = true;
         let row = table.row(p);
-        let sync_end = data
-            .maps
-            .keys()
-            .map(|name| self.settings.map(name).durable_replicas())
-            .max()
-            .unwrap_or(1)
-            .min(row.len());
+        let sync_end =
+            data.maps.keys().map(|name| self.settings.map(name).durable_replicas()).max().unwrap_or(1).min(row.len());
         // Every other active member is probed too: a table that flapped (members excluded and
         // back) can have dropped from the row the member that still holds the data.
         let view = self.membership.view();
@@ -420,7 +409,11 @@ impl Node {
         let now = now_ms();
         for (p, slot) in self.slots.iter().enumerate() {
             let mut data = slot.data.lock().unwrap();
-            if data.fenced.as_ref().is_some_and(|(fence, since)| now.saturating_sub(*since) >= hold_ms && !table.descends_from(fence)) {
+            if data
+                .fenced
+                .as_ref()
+                .is_some_and(|(fence, since)| now.saturating_sub(*since) >= hold_ms && !table.descends_from(fence))
+            {
                 debug!(partition = p, fence = ?data.fenced, table = %table.id(), "lifting a fence: this member holds the master's table");
                 data.fenced = None;
             }

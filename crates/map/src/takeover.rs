@@ -124,14 +124,21 @@ impl Node {
             caught_up.install(term, seq, entries);
             data.maps.insert(name, caught_up);
         }
-        for (name, _) in own.iter().filter(|(name, (term, _))| !in_lineage(term) && !positions_have(positions, p, name)) {
+        for (name, _) in own.iter().filter(|(name, (term, _))| !in_lineage(term) && !positions_have(positions, p, name))
+        {
             debug!(partition = p, map = %name, "no replica holds this map in the table's lineage; keeping this member's copy");
         }
         Ok(())
     }
 
     /// Pulls map `map` of partition `p` from `from`, chunk by chunk.
-    async fn pull(&self, from: &MemberId, p: u32, term: &Term, map: &str) -> Result<(Vec<(Vec<u8>, Record)>, Term, u64), String> {
+    async fn pull(
+        &self,
+        from: &MemberId,
+        p: u32,
+        term: &Term,
+        map: &str,
+    ) -> Result<(Vec<(Vec<u8>, Record)>, Term, u64), String> {
         let deadline = Instant::now() + self.settings.migration_timeout;
         let mut entries = Vec::new();
         let mut after = None;
@@ -139,9 +146,17 @@ impl Node {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(format!("pulling partition {p} from {from} took longer than {:?}", self.settings.migration_timeout));
+                return Err(format!(
+                    "pulling partition {p} from {from} took longer than {:?}",
+                    self.settings.migration_timeout
+                ));
             }
-            let msg = Node::encode(&Msg::Pull { partition: p, term: term.clone(), map: map.to_string(), after: after.take() });
+            let msg = Node::encode(&Msg::Pull {
+                partition: p,
+                term: term.clone(),
+                map: map.to_string(),
+                after: after.take(),
+            });
             let bytes = self.net.request(from, MAP_SERVICE, msg, remaining).await.map_err(|e| e.to_string())?;
             match codec::decode::<Reply>(&bytes) {
                 Ok(Reply::Pulled { entries: chunk, next, term, seq }) => {
@@ -244,8 +259,12 @@ impl Node {
                             accepted(&member, start.partition, found);
                         }
                         Some(Reply::NotYet { .. }) => retry.push(start),
-                        Some(Reply::Fenced { table: theirs, .. }) => self.fence_partition(start.partition, theirs, &member),
-                        Some(other) => debug!(%member, partition = start.partition, reply = ?other, "term start refused"),
+                        Some(Reply::Fenced { table: theirs, .. }) => {
+                            self.fence_partition(start.partition, theirs, &member)
+                        }
+                        Some(other) => {
+                            debug!(%member, partition = start.partition, reply = ?other, "term start refused")
+                        }
                     }
                 }
                 if !retry.is_empty() {

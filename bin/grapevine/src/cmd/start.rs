@@ -44,6 +44,10 @@ pub struct StartArgs {
     /// The admin HTTP port, auto-incremented when taken (key `admin_port`, default 5801).
     #[arg(long, value_name = "PORT")]
     pub admin_port: Option<u16>,
+    /// The Redis-protocol (RESP) port, auto-incremented when taken (key `resp_port`, default 6701;
+    /// `resp_enabled = false` turns the endpoint off).
+    #[arg(long, value_name = "PORT")]
+    pub resp_port: Option<u16>,
     /// Static discovery: comma-separated `host`, `host:port` or `host:first-last` (key `members`).
     #[arg(long, value_name = "LIST")]
     pub members: Option<String>,
@@ -72,6 +76,7 @@ impl StartArgs {
             bind: self.bind,
             port: self.port,
             admin_port: self.admin_port,
+            resp_port: self.resp_port,
             members: self.members.clone(),
             node_id: self.node_id.clone(),
             log_format: self.log_format.map(|f| match f {
@@ -107,6 +112,18 @@ async fn serve(config: Config) -> Result<(), Failure> {
             return Ok(());
         }
     };
+    // The RESP endpoint starts once the member serves maps, and stops before it leaves.
+    let resp = if cluster.config().resp_enabled {
+        match grapevine_resp::serve(cluster.clone(), grapevine_resp::Settings::from_cluster(&cluster)).await {
+            Ok(server) => Some(server),
+            Err(error) => {
+                kill(&cluster).await;
+                return Err(Failure::error(format!("cannot start: {error}")));
+            }
+        }
+    } else {
+        None
+    };
     let addresses = cluster.addresses();
     info!(
         cluster = %cluster.name(),
@@ -115,6 +132,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         gossip = %addresses.gossip,
         data = %addresses.data,
         admin = %addresses.admin.map(|a| a.to_string()).unwrap_or_else(|| "disabled".to_string()),
+        resp = %resp.as_ref().map(|r| r.local_addr().to_string()).unwrap_or_else(|| "disabled".to_string()),
         "grapevine node running; stop with SIGTERM or Ctrl-C (a second signal stops at once)"
     );
 
@@ -124,6 +142,9 @@ async fn serve(config: Config) -> Result<(), Failure> {
         first.name(),
         shutdown_timeout.as_secs()
     );
+    if let Some(resp) = &resp {
+        resp.shutdown().await;
+    }
     tokio::select! {
         finished = tokio::time::timeout(shutdown_timeout, cluster.shutdown()) => match finished {
             Ok(()) => {

@@ -27,7 +27,9 @@ pub const FAST_TIMERS: &[(&str, &str)] = &[
 ];
 
 /// A `grapevine` command with a clean environment: no inherited `GRAPEVINE_*` variable, no
-/// `RUST_LOG`, so the tests see the defaults.
+/// `RUST_LOG`, so the tests see the defaults; except that the RESP endpoint takes any free port
+/// (`GRAPEVINE_RESP_PORT=0`, which `env` may override), so that members started with port
+/// auto-increment off never compete for its default port.
 pub fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(BIN);
     command.args(args);
@@ -36,6 +38,7 @@ pub fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
             command.env_remove(key);
         }
     }
+    command.env("GRAPEVINE_RESP_PORT", "0");
     command.envs(env.iter().copied());
     command
 }
@@ -99,6 +102,13 @@ impl Node {
         let field = line.split_whitespace().find_map(|w| w.strip_prefix("admin=")).expect("admin= field");
         let port = field.rsplit(':').next().unwrap();
         port.parse().unwrap_or_else(|_| panic!("admin port in {line:?}"))
+    }
+
+    /// The RESP address, from the `grapevine node running` line (`resp=127.0.0.1:6701`).
+    pub fn resp_addr(&mut self) -> std::net::SocketAddr {
+        let line = self.wait_for_log("grapevine node running");
+        let field = line.split_whitespace().find_map(|w| w.strip_prefix("resp=")).expect("resp= field");
+        field.parse().unwrap_or_else(|_| panic!("RESP address in {line:?}"))
     }
 
     /// Sends a signal (`TERM`, `INT`, `KILL`) with kill(1).
