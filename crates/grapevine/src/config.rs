@@ -236,11 +236,13 @@ impl Config {
         if let Some(node_id) = &self.node_id
             && (node_id.is_empty()
                 || node_id.len() > 128
-                || node_id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/'))
+                || node_id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/' || c == ','))
         {
+            // `/` and `,` separate fields and list entries in gossip keys (hand-over requests,
+            // data-plane reports).
             return Err(ConfigError::new(
                 "node_id",
-                format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces or `/`"),
+                format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces, `/` or `,`"),
             ));
         }
         check_port_range("port", self.port, self.port_count)?;
@@ -432,6 +434,8 @@ mod tests {
             (Config::default(), "cluster_name"),
             (Config { cluster_name: " x".into(), ..valid() }, "cluster_name"),
             (Config { node_id: Some("a b".into()), ..valid() }, "node_id"),
+            // A comma would split the node id in the data-plane report keys (found by fuzzing).
+            (Config { node_id: Some("a,b".into()), ..valid() }, "node_id"),
             (Config { port: 65500, ..valid() }, "port"),
             (Config { port_count: 0, ..valid() }, "port_count"),
             (Config { members: vec!["10.0.0.1:99999".into()], ..valid() }, "members"),
