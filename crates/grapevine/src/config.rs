@@ -48,6 +48,8 @@ pub struct Config {
     pub admin_bind: Option<IpAddr>,
     /// The admin HTTP port; it auto-increments like `port`. Default 5801. 0 picks any free port.
     pub admin_port: u16,
+    /// Limits of the admin endpoint: connections, header and body timeouts.
+    pub admin: AdminSettings,
     /// Static discovery: `host`, `host:port` or `host:first-last` entries (a bare host means the
     /// whole port range). Empty: a single-node cluster. Accepts a TOML array or a comma-separated
     /// string (as in `--members` and `GRAPEVINE_MEMBERS`).
@@ -102,6 +104,30 @@ pub struct NetSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbound_ports: Option<String>,
 }
+
+/// Limits of the admin HTTP endpoint, so that slow or numerous clients cannot tie it up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Connections served at once; further ones wait in the listen backlog until one closes.
+    /// Default 64.
+    pub connections_max: usize,
+    /// How long a client may take to send a request's headers (also how long an idle keep-alive
+    /// connection stays open), in ms; then the connection is closed. Default 5000.
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body, from the end of its headers, in ms;
+    /// then it gets 408 and the connection is closed. Default 10000.
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings { connections_max: 64, header_read_timeout_ms: 5_000, body_read_timeout_ms: 10_000 }
+    }
+}
+
+/// The longest admin timeout accepted: one day.
+const ADMIN_TIMEOUT_MS_MAX: u64 = 86_400_000;
 
 /// Partition and replication settings. `count` must be the same on every member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +194,7 @@ impl Default for Config {
             admin_enabled: true,
             admin_bind: None,
             admin_port: 5801,
+            admin: AdminSettings::default(),
             members: Vec::new(),
             member_refresh_seconds: 30,
             shutdown_timeout_seconds: 120,
@@ -254,6 +281,18 @@ impl Config {
             ));
         }
         self.seeds().map_err(|e| ConfigError::new("members", e))?;
+        let a = &self.admin;
+        if !(1..=65_536).contains(&a.connections_max) {
+            return Err(ConfigError::new("admin.connections_max", "must be between 1 and 65536 (default 64)"));
+        }
+        for (key, value) in [
+            ("admin.header_read_timeout_ms", a.header_read_timeout_ms),
+            ("admin.body_read_timeout_ms", a.body_read_timeout_ms),
+        ] {
+            if !(1..=ADMIN_TIMEOUT_MS_MAX).contains(&value) {
+                return Err(ConfigError::new(key, "must be between 1 and 86400000 milliseconds (one day)"));
+            }
+        }
         if self.member_refresh_seconds == 0 {
             return Err(ConfigError::new("member_refresh_seconds", "must be at least 1"));
         }
@@ -448,6 +487,22 @@ mod tests {
                 "gossip.phi_threshold",
             ),
             (Config { public_address: Some("0.0.0.0".parse().unwrap()), ..valid() }, "public_address"),
+            (
+                Config { admin: AdminSettings { connections_max: 0, ..Default::default() }, ..valid() },
+                "admin.connections_max",
+            ),
+            (
+                Config { admin: AdminSettings { header_read_timeout_ms: 0, ..Default::default() }, ..valid() },
+                "admin.header_read_timeout_ms",
+            ),
+            (
+                Config { admin: AdminSettings { body_read_timeout_ms: 0, ..Default::default() }, ..valid() },
+                "admin.body_read_timeout_ms",
+            ),
+            (
+                Config { admin: AdminSettings { body_read_timeout_ms: u64::MAX, ..Default::default() }, ..valid() },
+                "admin.body_read_timeout_ms",
+            ),
         ];
         for (config, key) in cases {
             let err = config.validate().unwrap_err();
