@@ -194,9 +194,7 @@ pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
     config.partitions.anti_entropy_interval_ms = 300;
     config.partitions.migration_timeout_ms = 5_000;
     config.shutdown_timeout_seconds = 10;
-    let mut map = grapevine::MapConfig::default();
-    map.backup_count = backup_count;
-    config.maps.insert(MAP.to_string(), map);
+    config.maps.insert(MAP.to_string(), grapevine::MapConfig { backup_count, ..Default::default() });
     config
 }
 
@@ -210,8 +208,11 @@ struct Node {
     runtime: Option<tokio::runtime::Runtime>,
     stalled: Arc<AtomicBool>,
     /// When its view held at most half the cluster: `(from, until)`, `until` open while it lasts.
-    minority: Arc<Mutex<Vec<(Instant, Option<Instant>)>>>,
+    minority: Arc<Mutex<Vec<Span>>>,
 }
+
+/// A time span `(from, until)`, `until` open while it lasts.
+type Span = (Instant, Option<Instant>);
 
 impl Node {
     async fn start(config: Config, node_id: String, seeds: Vec<SocketAddr>) -> Node {
@@ -542,7 +543,7 @@ pub async fn run(schedule: Schedule) -> Result<Report, String> {
     let clients: Vec<_> = (0..4)
         .map(|id| tokio::spawn(client(id, cluster.clone(), history.clone(), stop.clone(), schedule.seed)))
         .collect();
-    wait_ops(&history, 50).await.map_err(|e| fail(e))?;
+    wait_ops(&history, 50).await.map_err(&fail)?;
     let mut next_id = schedule.members;
     for step in &schedule.steps {
         let at = epoch().elapsed().as_millis();
@@ -553,7 +554,7 @@ pub async fn run(schedule: Schedule) -> Result<Report, String> {
         // One fault at a time: the promise is about single faults (and up to backup_count members
         // lost at once), so the cluster recovers, replicas confirmed, before the next one.
         settle(&cluster).await.map_err(|e| fail(format!("the cluster did not settle after {:?}: {e}", step.fault)))?;
-        wait_ops(&history, 20).await.map_err(|e| fail(e))?;
+        wait_ops(&history, 20).await.map_err(&fail)?;
         tokio::time::sleep(step.rest).await;
     }
     stop.store(true, Ordering::Relaxed);

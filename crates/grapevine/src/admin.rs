@@ -33,23 +33,50 @@
 //!
 //! Errors are JSON `{"error": "..."}` with the full message; unknown routes answer 404 with the
 //! list of routes. Malformed HTTP is rejected by hyper per connection and never affects the member.
+//!
+//! **Limits** (`[admin]` in the configuration), so that slow or numerous clients cannot tie the
+//! endpoint up or make the member allocate without bound:
+//! * at most `admin.connections_max` connections are served at once: a permit is taken *before*
+//!   accepting, so further connections wait in the kernel's listen backlog and are served as
+//!   earlier ones close;
+//! * a client must send a request's headers within `admin.header_read_timeout_ms` (an idle
+//!   keep-alive connection is closed after that time too), else the connection is closed;
+//! * and its body within `admin.body_read_timeout_ms` of the headers, else 408;
+//! * bodies are capped: map values as above, other routes at [`OPERATOR_BODY_BYTES_MAX`] (413);
+//! * a client that stops reading its response for [`WRITE_STALL_TIMEOUT`] is disconnected;
+//! * on shutdown the endpoint stops accepting, lets requests in flight finish for at most
+//!   [`SHUTDOWN_GRACE`], and closes every connection.
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use grapevine_map::{Expiry, MapError};
 use grapevine_membership::MembershipError;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+use tracing::{debug, info, warn};
 
 use crate::DistributedMap;
 use crate::cluster::{Cluster, ClusterError, WeakCluster};
@@ -76,17 +103,277 @@ const FRAME_HEADROOM: usize = 32 << 10;
 /// The content type of the Prometheus text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub(crate) async fn serve(cluster: WeakCluster, listener: TcpListener, cancel: CancellationToken) {
-    let Some(frame_bytes_max) = cluster.upgrade().map(|c| c.config().net.frame_bytes_max) else { return };
-    let router = router(cluster, value_bytes_max(frame_bytes_max));
-    let served = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned()).await;
-    if let Err(error) = served {
-        warn!(%error, "admin endpoint stopped with an error");
+/// The largest request body of the routes other than `PUT /maps/...` (`POST /master/handover`
+/// takes a few bytes of JSON).
+pub(crate) const OPERATOR_BODY_BYTES_MAX: usize = 1 << 20;
+
+/// How long requests in flight may take to finish once the member shuts down; then their
+/// connections are closed. Below the 10 s the member waits for its background tasks.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long writing a response may make no progress (the client stopped reading) before the
+/// connection is closed.
+pub(crate) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest pause after a failed `accept` (usually: out of file descriptors).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The endpoint's limits, from the `[admin]` configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) connections_max: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) write_stall_timeout: Duration,
+}
+
+impl Limits {
+    fn of(config: &crate::Config) -> Limits {
+        let admin = &config.admin;
+        Limits {
+            connections_max: admin.connections_max,
+            header_read_timeout: Duration::from_millis(admin.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(admin.body_read_timeout_ms),
+            write_stall_timeout: WRITE_STALL_TIMEOUT,
+        }
     }
 }
 
+pub(crate) async fn serve(cluster: WeakCluster, listener: TcpListener, cancel: CancellationToken) {
+    let Some((frame_bytes_max, limits)) =
+        cluster.upgrade().map(|c| (c.config().net.frame_bytes_max, Limits::of(c.config())))
+    else {
+        return;
+    };
+    let router = router(cluster, value_bytes_max(frame_bytes_max));
+    serve_router(router, listener, limits, cancel).await;
+}
+
+/// Serves `router` on `listener` within `limits` until `cancel`, then shuts down gracefully
+/// (bounded by [`SHUTDOWN_GRACE`]).
+pub(crate) async fn serve_router(router: Router, listener: TcpListener, limits: Limits, cancel: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(limits.connections_max.clamp(1, Semaphore::MAX_PERMITS)));
+    let connections = TaskTracker::new();
+    let mut backoff = Duration::ZERO;
+    loop {
+        // The permit first: while every one is taken, connections wait in the listen backlog.
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                backoff = Duration::ZERO;
+                connections.spawn(serve_connection(router.clone(), stream, remote, limits, cancel.clone(), permit));
+            }
+            Err(error) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(1), ACCEPT_BACKOFF_MAX);
+                warn!(%error, retry_in = ?backoff, "admin endpoint: accepting a connection failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    }
+    // Refuse new connections at once; those being served finish within the grace period.
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), connections.wait()).await.is_err() {
+        warn!("admin endpoint: connections still open {SHUTDOWN_GRACE:?} after shutdown");
+    }
+}
+
+/// Serves one connection: HTTP/1 with the header-read timeout, each request's body behind its
+/// read deadline. Holds its permit until the connection is closed.
+async fn serve_connection(
+    router: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+    limits: Limits,
+    cancel: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(%remote, %error, "admin endpoint: could not set TCP_NODELAY");
+    }
+    let body_read_timeout = limits.body_read_timeout;
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let request = request.map(|body| Body::new(ReadDeadline::new(body, body_read_timeout)));
+        router.clone().oneshot(request)
+    });
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let io = StallDeadline { stream, limit: limits.write_stall_timeout, stalled: None };
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        _ = cancel.cancelled() => {
+            // Finishes the request in flight, if any, then closes.
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await {
+                Ok(served) => served,
+                Err(_) => {
+                    debug!(%remote, "admin endpoint: closing a connection whose request did not finish in time");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(error) = served {
+        // Header timeouts, malformed requests, clients that went away: that connection only.
+        debug!(%remote, %error, "admin endpoint: connection closed");
+    }
+}
+
+/// A connection's socket whose writes fail once they made no progress for `limit`, so that a
+/// client that stops reading its response cannot hold the connection (and its permit) forever.
+struct StallDeadline {
+    stream: TcpStream,
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl StallDeadline {
+    /// Passes on a write's outcome; a write pending for `limit` in a row becomes an error.
+    fn progress<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing of its response for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for StallDeadline {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StallDeadline {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.progress(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.progress(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.progress(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.progress(cx, poll)
+    }
+}
+
+/// A request body that fails once its read deadline passes, so that a client sending a body
+/// slowly (or not at all) cannot hold a connection and a handler forever.
+struct ReadDeadline {
+    body: Incoming,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+}
+
+impl ReadDeadline {
+    fn new(body: Incoming, timeout: Duration) -> Self {
+        ReadDeadline { body, deadline: Box::pin(tokio::time::sleep(timeout)), timeout }
+    }
+}
+
+/// The error a [`ReadDeadline`] body fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+struct BodyTimedOut(Duration);
+
+impl hyper::body::Body for ReadDeadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        match this.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// True when `error`, or one of its causes, is a [`BodyTimedOut`].
+fn timed_out(mut error: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if error.is::<BodyTimedOut>() {
+            return true;
+        }
+        match error.source() {
+            Some(source) => error = source,
+            None => return false,
+        }
+    }
+}
+
+/// The response for a body that could not be read: 413 with `too_large` when it was over the
+/// cap, 408 when it did not arrive in time, else the rejection's own status.
+fn body_error(rejection: BytesRejection, too_large: impl FnOnce() -> String) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, too_large());
+    }
+    if timed_out(&rejection) {
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("{}; send the body faster, or raise admin.body_read_timeout_ms", rejection.body_text()),
+        );
+    }
+    error(rejection.status(), format!("cannot read the request body: {}", rejection.body_text()))
+}
+
 /// The largest value `PUT /maps/...` accepts: what fits in a data-plane frame beside the key.
-fn value_bytes_max(frame_bytes_max: usize) -> usize {
+pub(crate) fn value_bytes_max(frame_bytes_max: usize) -> usize {
     frame_bytes_max.saturating_sub(FRAME_HEADROOM).max(1)
 }
 
@@ -96,7 +383,7 @@ struct AdminState {
     value_bytes_max: usize,
 }
 
-fn router(cluster: WeakCluster, value_bytes_max: usize) -> Router {
+pub(crate) fn router(cluster: WeakCluster, value_bytes_max: usize) -> Router {
     let maps = Router::new()
         .route("/maps/{map}/entries/{key}", get(map_get).put(map_put).delete(map_remove))
         .route("/maps/{map}/size", get(map_size))
@@ -107,6 +394,7 @@ fn router(cluster: WeakCluster, value_bytes_max: usize) -> Router {
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/master/handover", post(handover))
+        .layer(DefaultBodyLimit::max(OPERATOR_BODY_BYTES_MAX))
         .with_state(cluster)
         .merge(maps)
         .fallback(not_found)
@@ -159,7 +447,15 @@ struct HandoverRequest {
 }
 
 /// Any content type is accepted, so `curl -d '{"node_id":"a"}'` works without a header.
-async fn handover(State(cluster): State<WeakCluster>, body: Bytes) -> Response {
+async fn handover(State(cluster): State<WeakCluster>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return body_error(rejection, || {
+                format!("the body is larger than {OPERATOR_BODY_BYTES_MAX} bytes; send {{\"node_id\": \"<node id>\"}}")
+            });
+        }
+    };
     let request: HandoverRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -266,20 +562,16 @@ async fn map_put(
     };
     let body = match body {
         Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+        Err(rejection) => {
+            return body_error(rejection, || {
                 format!(
                     "the value is larger than {} bytes, the most this member accepts (net.frame_bytes_max minus \
                      {} KiB for the key and the message); store a smaller value or raise net.frame_bytes_max on \
                      every member",
                     state.value_bytes_max,
                     FRAME_HEADROOM >> 10
-                ),
-            );
-        }
-        Err(rejection) => {
-            return error(rejection.status(), format!("cannot read the value: {}", rejection.body_text()));
+                )
+            });
         }
     };
     let Ok(value) = String::from_utf8(Vec::from(body)) else {
@@ -558,5 +850,281 @@ mod tests {
         assert_eq!(status(MapError::ShuttingDown { map: map() }), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(value_bytes_max(16 << 20), (16 << 20) - (32 << 10));
         assert_eq!(value_bytes_max(64 << 10), 32 << 10);
+    }
+
+    // The serving limits, over real sockets, with a router of test routes (the routes of a real
+    // member are tested in `tests/tests/hardening.rs`).
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::task::JoinHandle;
+    use tokio::time::{Instant, timeout};
+
+    /// Requests in `/hold`: how many now, the most at once, and the gate they wait at.
+    struct Held {
+        now: AtomicUsize,
+        max: AtomicUsize,
+        gate: Semaphore,
+    }
+
+    impl Default for Held {
+        fn default() -> Self {
+            Held { now: AtomicUsize::new(0), max: AtomicUsize::new(0), gate: Semaphore::new(0) }
+        }
+    }
+
+    fn test_router(held: Arc<Held>) -> Router {
+        async fn hold(State(held): State<Arc<Held>>) -> &'static str {
+            let n = held.now.fetch_add(1, Ordering::SeqCst) + 1;
+            held.max.fetch_max(n, Ordering::SeqCst);
+            if let Ok(permit) = held.gate.acquire().await {
+                permit.forget();
+            }
+            held.now.fetch_sub(1, Ordering::SeqCst);
+            "held"
+        }
+        async fn echo(body: Result<Bytes, BytesRejection>) -> Response {
+            match body {
+                Ok(body) => body.len().to_string().into_response(),
+                Err(rejection) => body_error(rejection, || "over the cap".to_string()),
+            }
+        }
+        Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .route("/hold", get(hold))
+            .route("/echo", post(echo))
+            .route("/big", get(|| async { vec![b'x'; 32 << 20] }))
+            .layer(DefaultBodyLimit::max(1024))
+            .with_state(held)
+    }
+
+    fn limits(connections_max: usize, header_ms: u64, body_ms: u64) -> Limits {
+        Limits {
+            connections_max,
+            header_read_timeout: Duration::from_millis(header_ms),
+            body_read_timeout: Duration::from_millis(body_ms),
+            write_stall_timeout: Duration::from_millis(500),
+        }
+    }
+
+    async fn start(limits: Limits, held: &Arc<Held>) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve_router(test_router(held.clone()), listener, limits, cancel.clone()));
+        (addr, cancel, task)
+    }
+
+    const GET_CLOSE: &[u8] = b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    const HOLD_CLOSE: &[u8] = b"GET /hold HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+
+    /// Sends `request` on a new connection and reads until the server closes it.
+    async fn exchange(addr: SocketAddr, request: &'static [u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // A server that answers before reading the whole body (413) and closes makes the rest of
+        // the write fail, and its close may arrive as a reset after the response.
+        let _ = stream.write_all(request).await;
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        timeout(Duration::from_secs(20), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => response.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .expect("a response");
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    fn status(response: &str) -> u16 {
+        response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {response:?}"))
+    }
+
+    /// Reads until the server closes `stream` (EOF or reset); fails after `limit`.
+    async fn closed_by_server(stream: &mut TcpStream, limit: Duration) {
+        let mut buf = [0u8; 1024];
+        timeout(limit, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("the server closes the connection");
+    }
+
+    async fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_cap_wait_in_the_backlog_and_are_served_in_turn() {
+        let held = Arc::new(Held::default());
+        let (addr, cancel, task) = start(limits(2, 10_000, 10_000), &held).await;
+        let clients: Vec<_> = (0..6).map(|_| tokio::spawn(exchange(addr, HOLD_CLOSE))).collect();
+        wait_for("two requests held", || held.now.load(Ordering::SeqCst) == 2).await;
+        // The other four are connected (the kernel queued them) but not served while both
+        // permits are taken: give them time to be served wrongly.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(held.max.load(Ordering::SeqCst), 2);
+        assert_eq!(clients.iter().filter(|c| c.is_finished()).count(), 0);
+        held.gate.add_permits(6);
+        for client in clients {
+            let response = client.await.unwrap();
+            assert_eq!(status(&response), 200, "{response}");
+            assert!(response.ends_with("held"), "{response}");
+        }
+        assert_eq!(held.max.load(Ordering::SeqCst), 2, "more than connections_max requests at once");
+        assert_eq!(status(&exchange(addr, GET_CLOSE).await), 200);
+        cancel.cancel();
+        timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_sending_headers_byte_by_byte_is_cut_off_after_the_header_timeout() {
+        let held = Arc::new(Held::default());
+        let header_timeout = Duration::from_millis(500);
+        let (addr, cancel, task) = start(limits(4, 500, 10_000), &held).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ").await.unwrap();
+        // The endpoint serves others while the slow client is connected.
+        assert_eq!(status(&exchange(addr, GET_CLOSE).await), 200);
+        let mut buf = [0u8; 256];
+        loop {
+            // One more header byte every 20 ms, for as long as the server keeps the connection.
+            if slow.write_all(b"a").await.is_err() {
+                break;
+            }
+            match timeout(Duration::from_millis(20), slow.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => panic!("the server answered a request whose headers never ended: {:?}", &buf[..n]),
+                Err(_) => {}
+            }
+            assert!(
+                started.elapsed() < header_timeout + Duration::from_secs(5),
+                "still open after {:?}",
+                started.elapsed()
+            );
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= header_timeout - Duration::from_millis(50), "cut off after {elapsed:?}, before the timeout");
+        assert_eq!(status(&exchange(addr, GET_CLOSE).await), 200);
+        cancel.cancel();
+        timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_keep_alive_connection_is_closed_and_frees_its_slot() {
+        let held = Arc::new(Held::default());
+        let (addr, cancel, task) = start(limits(1, 500, 10_000), &held).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 256];
+        while !response.ends_with(b"ok") {
+            let n = timeout(Duration::from_secs(10), idle.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed before answering");
+            response.extend_from_slice(&buf[..n]);
+        }
+        // The only slot is held by the idle connection: the next client waits until it is closed.
+        let waiting = tokio::spawn(exchange(addr, GET_CLOSE));
+        closed_by_server(&mut idle, Duration::from_secs(5)).await;
+        let response = timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+        assert_eq!(status(&response), 200, "{response}");
+        cancel.cancel();
+        timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_its_response_is_disconnected() {
+        let held = Arc::new(Held::default());
+        let (addr, cancel, task) = start(limits(1, 5_000, 5_000), &held).await;
+        // 32 MiB do not fit in the socket buffers: the response stalls while the client reads nothing.
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        // The only slot is taken; the next client is served once the stalled one is dropped.
+        let started = Instant::now();
+        let response =
+            timeout(Duration::from_secs(20), exchange(addr, GET_CLOSE)).await.expect("served after the stall");
+        assert_eq!(status(&response), 200, "{response}");
+        assert!(started.elapsed() >= Duration::from_millis(450), "served after {:?}", started.elapsed());
+        drop(stalled);
+        cancel.cancel();
+        timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_body_gets_408_and_a_large_one_413() {
+        let held = Arc::new(Held::default());
+        let (addr, cancel, task) = start(limits(4, 5_000, 300), &held).await;
+        let started = Instant::now();
+        let response = exchange(addr, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly ten b").await;
+        assert_eq!(status(&response), 408, "{response}");
+        assert!(response.contains("admin.body_read_timeout_ms"), "{response}");
+        assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+
+        let large: &'static [u8] = Box::leak(
+            [
+                &b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2000\r\n\r\n"[..],
+                &[b'x'; 2000],
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let response = exchange(addr, large).await;
+        assert_eq!(status(&response), 413, "{response}");
+        assert!(response.contains("over the cap"), "{response}");
+        let fits = b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello";
+        let response = exchange(addr, fits).await;
+        assert!(response.ends_with("\r\n\r\n5"), "{response}");
+        cancel.cancel();
+        timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_connections() {
+        let held = Arc::new(Held::default());
+        let (addr, cancel, task) = start(limits(4, 5_000, 5_000), &held).await;
+        let in_flight = tokio::spawn(exchange(addr, HOLD_CLOSE));
+        wait_for("the request to be held", || held.now.load(Ordering::SeqCst) == 1).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        cancel.cancel();
+        // An idle connection is closed at once; new connections are refused.
+        closed_by_server(&mut idle, Duration::from_secs(2)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(addr).await.is_ok() {
+            assert!(Instant::now() < deadline, "still accepting connections after shutdown");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!task.is_finished(), "the endpoint stopped with a request in flight");
+        held.gate.add_permits(1);
+        let response = in_flight.await.unwrap();
+        assert_eq!(status(&response), 200, "{response}");
+        timeout(Duration::from_secs(5), task).await.expect("the endpoint stops once the request finished").unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_is_bounded_when_a_request_never_finishes() {
+        let held = Arc::new(Held::default());
+        let (addr, cancel, task) = start(limits(4, 5_000, 5_000), &held).await;
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        stuck.write_all(HOLD_CLOSE).await.unwrap();
+        wait_for("the request to be held", || held.now.load(Ordering::SeqCst) == 1).await;
+        let started = Instant::now();
+        cancel.cancel();
+        timeout(SHUTDOWN_GRACE + Duration::from_secs(3), task).await.expect("shutdown is bounded").unwrap();
+        assert!(started.elapsed() >= SHUTDOWN_GRACE - Duration::from_millis(100), "{:?}", started.elapsed());
+        closed_by_server(&mut stuck, Duration::from_secs(2)).await;
     }
 }

@@ -61,6 +61,8 @@ pub struct Config {
     pub resp_default_map: String,
     /// Limits of the RESP endpoint.
     pub resp: RespLimits,
+    /// Limits of the admin endpoint: connections, header and body timeouts.
+    pub admin: AdminSettings,
     /// Static discovery: `host`, `host:port` or `host:first-last` entries (a bare host means the
     /// whole port range). Empty: a single-node cluster. Accepts a TOML array or a comma-separated
     /// string (as in `--members` and `GRAPEVINE_MEMBERS`).
@@ -150,6 +152,30 @@ impl Default for RespLimits {
     }
 }
 
+/// Limits of the admin HTTP endpoint, so that slow or numerous clients cannot tie it up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Connections served at once; further ones wait in the listen backlog until one closes.
+    /// Default 64.
+    pub connections_max: usize,
+    /// How long a client may take to send a request's headers (also how long an idle keep-alive
+    /// connection stays open), in ms; then the connection is closed. Default 5000.
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body, from the end of its headers, in ms;
+    /// then it gets 408 and the connection is closed. Default 10000.
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings { connections_max: 64, header_read_timeout_ms: 5_000, body_read_timeout_ms: 10_000 }
+    }
+}
+
+/// The longest admin timeout accepted: one day.
+const ADMIN_TIMEOUT_MS_MAX: u64 = 86_400_000;
+
 /// Partition and replication settings. `count` must be the same on every member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -220,6 +246,7 @@ impl Default for Config {
             resp_port: 6701,
             resp_default_map: "default".to_string(),
             resp: RespLimits::default(),
+            admin: AdminSettings::default(),
             members: Vec::new(),
             member_refresh_seconds: 30,
             shutdown_timeout_seconds: 120,
@@ -288,11 +315,13 @@ impl Config {
         if let Some(node_id) = &self.node_id
             && (node_id.is_empty()
                 || node_id.len() > 128
-                || node_id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/'))
+                || node_id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/' || c == ','))
         {
+            // `/` and `,` separate fields and list entries in gossip keys (hand-over requests,
+            // data-plane reports).
             return Err(ConfigError::new(
                 "node_id",
-                format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces or `/`"),
+                format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces, `/` or `,`"),
             ));
         }
         check_port_range("port", self.port, self.port_count)?;
@@ -327,6 +356,18 @@ impl Config {
             ));
         }
         self.seeds().map_err(|e| ConfigError::new("members", e))?;
+        let a = &self.admin;
+        if !(1..=65_536).contains(&a.connections_max) {
+            return Err(ConfigError::new("admin.connections_max", "must be between 1 and 65536 (default 64)"));
+        }
+        for (key, value) in [
+            ("admin.header_read_timeout_ms", a.header_read_timeout_ms),
+            ("admin.body_read_timeout_ms", a.body_read_timeout_ms),
+        ] {
+            if !(1..=ADMIN_TIMEOUT_MS_MAX).contains(&value) {
+                return Err(ConfigError::new(key, "must be between 1 and 86400000 milliseconds (one day)"));
+            }
+        }
         if self.member_refresh_seconds == 0 {
             return Err(ConfigError::new("member_refresh_seconds", "must be at least 1"));
         }
@@ -513,6 +554,8 @@ mod tests {
             (Config::default(), "cluster_name"),
             (Config { cluster_name: " x".into(), ..valid() }, "cluster_name"),
             (Config { node_id: Some("a b".into()), ..valid() }, "node_id"),
+            // A comma would split the node id in the data-plane report keys (found by fuzzing).
+            (Config { node_id: Some("a,b".into()), ..valid() }, "node_id"),
             (Config { port: 65500, ..valid() }, "port"),
             (Config { port_count: 0, ..valid() }, "port_count"),
             (Config { members: vec!["10.0.0.1:99999".into()], ..valid() }, "members"),
@@ -530,6 +573,22 @@ mod tests {
             (
                 Config { resp: RespLimits { max_connections: 0, ..Default::default() }, ..valid() },
                 "resp.max_connections",
+            ),
+            (
+                Config { admin: AdminSettings { connections_max: 0, ..Default::default() }, ..valid() },
+                "admin.connections_max",
+            ),
+            (
+                Config { admin: AdminSettings { header_read_timeout_ms: 0, ..Default::default() }, ..valid() },
+                "admin.header_read_timeout_ms",
+            ),
+            (
+                Config { admin: AdminSettings { body_read_timeout_ms: 0, ..Default::default() }, ..valid() },
+                "admin.body_read_timeout_ms",
+            ),
+            (
+                Config { admin: AdminSettings { body_read_timeout_ms: u64::MAX, ..Default::default() }, ..valid() },
+                "admin.body_read_timeout_ms",
             ),
         ];
         for (config, key) in cases {

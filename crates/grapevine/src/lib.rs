@@ -21,6 +21,8 @@
 mod admin;
 mod cluster;
 pub mod config;
+#[cfg(all(test, feature = "admin"))]
+mod fuzz_tests;
 mod map;
 mod ports;
 mod singleton;

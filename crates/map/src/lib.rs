@@ -21,6 +21,8 @@ pub mod config;
 mod copy;
 mod error;
 mod fence;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod hash;
 mod lineage;
 mod listeners;

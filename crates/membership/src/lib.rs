@@ -22,6 +22,8 @@
 //!
 //! [chitchat]: https://github.com/quickwit-oss/chitchat
 
+#[cfg(test)]
+mod fuzz_tests;
 mod member;
 mod transport;
 mod view;

@@ -117,7 +117,7 @@ pub(crate) fn format_ids<'a>(ids: impl IntoIterator<Item = &'a MemberId>) -> Str
 
 /// Parses a report key's list; entries that do not parse are skipped, at most
 /// [`REPORT_IDS_MAX`] are kept.
-fn parse_ids(value: &str) -> Vec<MemberId> {
+pub(crate) fn parse_ids(value: &str) -> Vec<MemberId> {
     value.split(',').filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).take(REPORT_IDS_MAX).collect()
 }
 
@@ -277,7 +277,7 @@ pub(crate) fn format_handover(target: &MemberId, nonce: &str) -> String {
     format!("{}/{}/{}", target.node_id, target.generation, nonce)
 }
 
-fn parse_handover(value: &str) -> Option<(String, u64, String)> {
+pub(crate) fn parse_handover(value: &str) -> Option<(String, u64, String)> {
     let mut parts = value.rsplitn(3, '/');
     let nonce = parts.next()?;
     let generation = parts.next()?.parse().ok()?;

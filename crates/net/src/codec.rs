@@ -73,11 +73,21 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// silently.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (value, used) = decode_bounded::<T>(bytes).map_err(|e| CodecError {
-        message: format!(
-            "could not decode a {} from {} bytes: {e} (does the sender run a compatible version?)",
-            std::any::type_name::<T>(),
-            bytes.len()
-        ),
+        message: match e {
+            bincode::error::DecodeError::LimitExceeded => format!(
+                "could not decode a {} from {} bytes: a length field announces more than such an input can \
+                 hold (decoding may claim at most {} bytes); the message is corrupt or was not sent by a \
+                 grapevine member",
+                std::any::type_name::<T>(),
+                bytes.len(),
+                decode_limit(bytes.len())
+            ),
+            e => format!(
+                "could not decode a {} from {} bytes: {e} (does the sender run a compatible version?)",
+                std::any::type_name::<T>(),
+                bytes.len()
+            ),
+        },
     })?;
     if used != bytes.len() {
         return Err(CodecError {
@@ -127,7 +137,7 @@ mod tests {
         bytes.push(0xfd);
         bytes.extend_from_slice(&(1u64 << 44).to_le_bytes());
         let err = decode::<Msg>(&bytes).unwrap_err().to_string();
-        assert!(err.contains("Msg"), "{err}");
+        assert!(err.contains("Msg") && err.contains("a length field announces more"), "{err}");
         let err = decode::<Vec<Vec<u8>>>(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 1]).unwrap_err().to_string();
         assert!(err.contains("could not decode"), "{err}");
     }

@@ -95,6 +95,8 @@ mod dispatch;
 mod error;
 mod faults;
 mod frame;
+#[cfg(test)]
+mod fuzz_tests;
 mod handshake;
 mod net;
 mod peer;
