@@ -794,7 +794,15 @@ async fn check(cluster: &Lab, ops: &[Op]) -> Result<usize, String> {
         match check_key(ops, state.get(key).copied().flatten()) {
             Ok(true) => minority_losses += 1,
             Ok(false) => {}
-            Err(e) => problems.push(format!("key {key} = {:?}: {e}", state.get(key))),
+            Err(e) => {
+                // The key's latest operations, oldest first: what a reader needs to see the loss.
+                let tail: Vec<&Op> = ops.iter().rev().take(12).rev().collect();
+                problems.push(format!(
+                    "key {key} = {:?}: {e}\n  its last {} operations: {tail:?}",
+                    state.get(key),
+                    tail.len()
+                ))
+            }
         }
     }
     if problems.is_empty() { Ok(minority_losses) } else { Err(problems.join("\n")) }

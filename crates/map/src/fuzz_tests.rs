@@ -105,22 +105,24 @@ fn multi_op() -> impl Strategy<Value = MultiOp> {
 
 fn table() -> impl Strategy<Value = PartitionTable> {
     let run =
-        (member(), any::<u64>(), any::<u64>()).prop_map(|(publisher, first, last)| Run { publisher, first, last });
+        || (member(), any::<u64>(), any::<u64>()).prop_map(|(publisher, first, last)| Run { publisher, first, last });
     (
         any::<u64>(),
         prop::option::of(member()),
         prop::collection::vec(members(4), 0..6),
         prop::collection::vec(table_id(), 0..6),
-        prop::collection::vec(run, 0..4),
+        prop::collection::vec(run(), 0..4),
         prop::collection::vec(table_id(), 0..4),
+        prop::collection::vec(run(), 0..3),
     )
-        .prop_map(|(epoch, master, rows, terms, history, superseded)| PartitionTable {
+        .prop_map(|(epoch, master, rows, terms, history, superseded, forks)| PartitionTable {
             epoch,
             master,
             rows,
             terms,
             history,
             superseded,
+            forks,
         })
 }
 

@@ -17,6 +17,13 @@
 //! master published, each derived from the previous, so `(publisher, first..=last)` covers every
 //! table of that run. A table descends from another exactly when one of its runs covers the
 //! other's id (see [`crate::lineage`]). A master's epochs only grow, so its runs never overlap.
+//!
+//! **Forks.** When a master settles a fork (a healed split, a one-way cut), the tables it decided
+//! against become ancestors of its next table, so that their holders apply it as newer history:
+//! their runs are listed in `forks`. A table descends from those too, but the *terms* they issued
+//! are not part of its data lineage: an owner that took a partition over on the losing side wrote
+//! data the master decided against, and a new owner catching up from the replicas must not pull
+//! it ([`PartitionTable::term_in_lineage`], used by [`crate::takeover`]).
 
 use grapevine_membership::MemberId;
 use serde::{Deserialize, Serialize};
@@ -93,6 +100,10 @@ pub struct PartitionTable {
     /// Tables other members held that a master compared with this lineage and decided against
     /// (most recent last): their holders apply this table even if it gives them no replica.
     pub superseded: Vec<TableId>,
+    /// The runs of the tables a master decided against (see the [module docs](self)): this table
+    /// descends from them, but their terms are not in its data lineage. At most
+    /// [`HISTORY_RUNS_MAX`], the most recent last.
+    pub forks: Vec<Run>,
 }
 
 /// A member's role for one partition.
@@ -117,6 +128,7 @@ impl PartitionTable {
             terms: vec![TableId::empty(); count],
             history: Vec::new(),
             superseded: Vec::new(),
+            forks: Vec::new(),
         }
     }
 
@@ -170,13 +182,16 @@ impl PartitionTable {
         self.rows.iter().any(|row| row.contains(member))
     }
 
-    /// True when this table is `id` or descends from it (the empty table is everyone's ancestor).
+    /// True when this table is `id` or descends from it (the empty table is everyone's ancestor),
+    /// forks a master decided against included.
     pub fn descends_from(&self, id: &TableId) -> bool {
-        let Some(publisher) = &id.publisher else { return true };
-        if id.epoch == 0 {
-            return true;
-        }
-        self.history.iter().any(|run| run.publisher == *publisher && run.first <= id.epoch && id.epoch <= run.last)
+        covered(&self.history, id) || covered(&self.forks, id)
+    }
+
+    /// True when `term` was issued in this table's own lineage, not in a fork a master decided
+    /// against: the data an owner wrote in that term is data this table keeps.
+    pub fn term_in_lineage(&self, term: &Term) -> bool {
+        covered(&self.history, term)
     }
 
     /// The table `publisher` derives from this one as epoch `epoch` with `rows`: owners that stay
@@ -203,7 +218,8 @@ impl PartitionTable {
             history.drain(..history.len() - HISTORY_RUNS_MAX);
         }
         let superseded = self.superseded.clone();
-        PartitionTable { epoch, master: Some(publisher.clone()), rows, terms, history, superseded }
+        let forks = self.forks.clone();
+        PartitionTable { epoch, master: Some(publisher.clone()), rows, terms, history, superseded, forks }
     }
 
     /// True when a master decided against table `id` in this table's lineage (see
@@ -223,24 +239,24 @@ impl PartitionTable {
         superseded: &[&PartitionTable],
     ) -> PartitionTable {
         let mut next = self.successor(publisher, epoch, rows);
-        let own = next.history.pop().expect("a successor's history ends with its own run");
         for table in superseded {
             if !next.superseded.contains(&table.id()) && table.id() != next.id() {
                 next.superseded.push(table.id());
             }
-            if next.descends_from(&table.id()) {
-                continue;
-            }
-            if let Some(run) = table.history.last() {
-                next.history.push(run.clone());
+            // Every run of the losing lineage that this one does not cover yet: members holding
+            // any of its tables (laggards of the losing side included) see this one as newer.
+            for run in table.history.iter().chain(&table.forks) {
+                let ends = TableId { epoch: run.last, publisher: Some(run.publisher.clone()) };
+                if !next.descends_from(&ends) {
+                    next.forks.push(run.clone());
+                }
             }
         }
         if next.superseded.len() > SUPERSEDED_MAX {
             next.superseded.drain(..next.superseded.len() - SUPERSEDED_MAX);
         }
-        next.history.push(own);
-        if next.history.len() > HISTORY_RUNS_MAX {
-            next.history.drain(..next.history.len() - HISTORY_RUNS_MAX);
+        if next.forks.len() > HISTORY_RUNS_MAX {
+            next.forks.drain(..next.forks.len() - HISTORY_RUNS_MAX);
         }
         next
     }
@@ -286,6 +302,9 @@ impl PartitionTable {
             if !own || self.history.len() > HISTORY_RUNS_MAX {
                 return Err(format!("its history does not end with the table itself ({})", self.id()));
             }
+            if self.forks.len() > HISTORY_RUNS_MAX {
+                return Err(format!("it lists {} forks, more than {HISTORY_RUNS_MAX}", self.forks.len()));
+            }
             if self.superseded.len() > SUPERSEDED_MAX {
                 return Err(format!(
                     "it lists {} superseded tables, more than {SUPERSEDED_MAX}",
@@ -295,6 +314,12 @@ impl PartitionTable {
         }
         Ok(())
     }
+}
+
+/// True when one of `runs` covers `id` (the empty table is covered by anything).
+fn covered(runs: &[Run], id: &TableId) -> bool {
+    let Some(publisher) = &id.publisher else { return true };
+    id.epoch == 0 || runs.iter().any(|run| run.publisher == *publisher && run.first <= id.epoch && id.epoch <= run.last)
 }
 
 #[cfg(test)]
@@ -349,6 +374,28 @@ mod tests {
         assert_eq!(next.terms, base.terms);
         assert!(next.validate(2).is_ok());
         assert_eq!(next.history.last().unwrap().publisher, id("a"));
+    }
+
+    #[test]
+    fn terms_a_losing_fork_issued_are_not_in_the_winners_data_lineage() {
+        // a publishes 1..=2; a split: a alone takes partition 1 over in 3..=4 (its own run goes
+        // on), b publishes 3 on the other side, keeping b as the owner of partition 1.
+        let t1 = PartitionTable::empty(2).successor(&id("a"), 1, rows(&["a", "b"]));
+        let t2 = t1.successor(&id("a"), 2, rows(&["a", "b"]));
+        let minority = t2.successor(&id("a"), 3, rows(&["a", "a"])).successor(&id("a"), 4, rows(&["a", "a"]));
+        let majority = t2.successor(&id("b"), 3, rows(&["b", "b"]));
+        // The heal: b's side wins; a's fork is superseded.
+        let next = majority.successor_superseding(&id("a"), 5, majority.rows.clone(), &[&minority, &t2]);
+        assert!(next.descends_from(&minority.id()), "a's members apply it as newer history");
+        assert!(next.validate(2).is_ok());
+        assert!(next.term_in_lineage(&t1.id()), "terms from before the fork are kept");
+        assert!(next.term_in_lineage(majority.term(0)));
+        assert!(!next.term_in_lineage(minority.term(1)), "the minority's take-over term lost");
+        assert_eq!(minority.term(1).epoch, 3);
+        // Carried on by later tables, and bounded.
+        let later = next.successor(&id("a"), 6, next.rows.clone());
+        assert!(later.descends_from(&minority.id()) && !later.term_in_lineage(minority.term(1)));
+        assert!(later.forks.len() <= HISTORY_RUNS_MAX);
     }
 
     #[test]

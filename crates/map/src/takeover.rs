@@ -91,7 +91,8 @@ impl Node {
             data.maps.iter().map(|(name, mp)| (name.clone(), (mp.term.clone(), mp.seq))).collect()
         };
         let mut best: HashMap<String, (Option<MemberId>, Term, u64)> = HashMap::new();
-        let in_lineage = |term: &Term| table.descends_from(term);
+        // Terms of forks the master decided against are not: their data lost (see `table`).
+        let in_lineage = |term: &Term| table.term_in_lineage(term);
         for (name, (term, seq)) in &own {
             if in_lineage(term) {
                 best.insert(name.clone(), (None, term.clone(), *seq));
