@@ -143,10 +143,10 @@ impl Node {
         if p >= self.settings.partition_count {
             return Reply::Failed { error: format!("partition {p} does not exist") };
         }
-        if let Some(refusal) = self.fence_refusal(p, from, term) {
-            return refusal;
-        }
-        let mut data = self.slot(p).data.lock().unwrap();
+        let mut data = match self.lock_fenced(p, from, term) {
+            Ok(data) => data,
+            Err(refusal) => return *refusal,
+        };
         data.last_install_ms = now_ms();
         let mp = data.maps.entry(map.to_string()).or_insert_with(|| MapPartition::new(term.clone()));
         match receive_chunk(mp, term, copy, chunk, start_seq, end, entries) {

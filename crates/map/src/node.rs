@@ -80,6 +80,11 @@ pub(crate) struct PartitionData {
     /// table, or holds the master's current one a while later (the replica's table may have come
     /// from a side that lost; a replica still ahead refuses again and fences again).
     pub(crate) fenced: Option<(TableId, u64)>,
+    /// The table this partition's state was last adjusted to. `apply_table` adjusts every
+    /// partition before it publishes the table, so an operation that checked ownership against
+    /// the published table finds another id here while a newer one is being applied: it must not
+    /// act on state the newer table already changed (a dropped copy would read as absent).
+    pub(crate) applied: TableId,
 }
 
 /// A frozen partition: which migration froze it.

@@ -124,7 +124,7 @@ impl Node {
         let now = now_ms();
         let slot = self.slot(p);
         let mut data = slot.data.lock().unwrap();
-        if let Some(reply) = refusal_while(&data, p) {
+        if let Some(reply) = refusal_while(&data, p).or_else(|| changing(&data, &table, p)) {
             return Executed::Now(reply);
         }
         let (term, idle_floor) = (data.term.clone(), data.owner_since_ms);
@@ -361,7 +361,7 @@ impl Node {
                 continue;
             }
             let mut data = self.slot(p).data.lock().unwrap();
-            if refusal_while(&data, p).is_some() {
+            if refusal_while(&data, p).or_else(|| changing(&data, &table, p)).is_some() {
                 not_owner.push(p);
                 continue;
             }
@@ -447,7 +447,7 @@ impl Node {
             return reply;
         }
         let data = self.slot(p).data.lock().unwrap();
-        if let Some(reply) = refusal_while(&data, p) {
+        if let Some(reply) = refusal_while(&data, p).or_else(|| changing(&data, &table, p)) {
             return reply;
         }
         let limit = limit.clamp(1, 10_000) as usize;
@@ -457,6 +457,14 @@ impl Node {
         };
         Reply::Page { entries, next }
     }
+}
+
+/// A retry when a table newer than `table` (the one ownership was checked against) is being
+/// applied: the partition's state may already be the newer table's (see
+/// [`PartitionData::applied`]).
+fn changing(data: &PartitionData, table: &PartitionTable, p: u32) -> Option<Reply> {
+    (data.applied != table.id())
+        .then(|| Reply::Retry { reason: format!("partition {p}: a new partition table is being applied") })
 }
 
 /// Why the owner of `p` cannot serve an operation right now, if it cannot: the partition is being

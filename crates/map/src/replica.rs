@@ -13,18 +13,38 @@ use crate::store::MapPartition;
 use crate::table::{TableId, Term};
 
 impl Node {
-    /// The fencing verdict for a change of `p` from `sender` in `term`, as a refusal to send back
-    /// (`None`: apply it). A sender this member is behind on makes it fetch the sender's table.
-    pub(crate) fn fence_refusal(&self, p: u32, sender: &MemberId, term: &Term) -> Option<Reply> {
-        let table = self.table();
-        match fence::check(&table, p, sender, term) {
-            Fence::Accept => None,
-            Fence::Stale { table, term } => Some(Reply::Fenced { table, term }),
-            Fence::Ahead => {
-                self.want_table(sender);
-                Some(Reply::NotYet { table: table.id() })
+    /// The fencing verdict for a change of `p` from `sender` in `term` ([`crate::fence`]): the
+    /// partition, locked, if the change may be applied, else the refusal to send back (a sender
+    /// this member is behind on makes it fetch the sender's table). A table being applied right now (the partition's state is already the newer table's, see
+    /// [`crate::node::PartitionData::applied`]) answers `NotYet`: the sender retries shortly.
+    pub(crate) fn lock_fenced(
+        &self,
+        p: u32,
+        sender: &MemberId,
+        term: &Term,
+    ) -> Result<std::sync::MutexGuard<'_, crate::node::PartitionData>, Box<Reply>> {
+        // Twice at most: a table being applied right now is waited for (`apply_table` holds the
+        // apply lock while it adjusts the partitions, a short CPU-bound step), then judged again.
+        for attempt in 0..2 {
+            let table = self.table();
+            match fence::check(&table, p, sender, term) {
+                Fence::Accept => {}
+                Fence::Stale { table, term } => return Err(Box::new(Reply::Fenced { table, term })),
+                Fence::Ahead => {
+                    self.want_table(sender);
+                    return Err(Box::new(Reply::NotYet { table: table.id() }));
+                }
+            }
+            let data = self.slot(p).data.lock().unwrap();
+            if data.applied == table.id() {
+                return Ok(data);
+            }
+            drop(data);
+            if attempt == 0 {
+                self.await_table_applied();
             }
         }
+        Err(Box::new(Reply::NotYet { table: self.table().id() }))
     }
 
     /// A replicated change from `from`, the owner of `p` in `term` (as far as it knows).
@@ -32,10 +52,10 @@ impl Node {
         if p >= self.settings.partition_count {
             return Reply::Failed { error: format!("partition {p} does not exist") };
         }
-        if let Some(refusal) = self.fence_refusal(p, from, term) {
-            return refusal;
-        }
-        let mut data = self.slot(p).data.lock().unwrap();
+        let mut data = match self.lock_fenced(p, from, term) {
+            Ok(data) => data,
+            Err(refusal) => return *refusal,
+        };
         let mp = data.maps.entry(map.to_string()).or_insert_with(|| MapPartition::new(term.clone()));
         if let Some(staging) = mp.staging.as_mut()
             && staging.term == *term
@@ -83,11 +103,13 @@ impl Node {
                 refused.push((p, Box::new(Reply::Failed { error: format!("partition {p} does not exist") })));
                 continue;
             }
-            if let Some(refusal) = self.fence_refusal(p, from, &term) {
-                refused.push((p, Box::new(refusal)));
-                continue;
-            }
-            let mut data = self.slot(p).data.lock().unwrap();
+            let mut data = match self.lock_fenced(p, from, &term) {
+                Ok(data) => data,
+                Err(refusal) => {
+                    refused.push((p, refusal));
+                    continue;
+                }
+            };
             for (map, mp) in &data.maps {
                 if mp.staging.is_none() {
                     positions.push((p, map.clone(), mp.term.clone(), mp.seq));
@@ -112,10 +134,10 @@ impl Node {
         if p >= self.settings.partition_count {
             return Reply::Failed { error: format!("partition {p} does not exist") };
         }
-        if let Some(refusal) = self.fence_refusal(p, from, term) {
-            return refusal;
-        }
-        let data = self.slot(p).data.lock().unwrap();
+        let data = match self.lock_fenced(p, from, term) {
+            Ok(data) => data,
+            Err(refusal) => return *refusal,
+        };
         let Some(mp) = data.maps.get(map) else {
             return Reply::Pulled { entries: Vec::new(), next: None, term: Term::default(), seq: 0 };
         };
@@ -133,18 +155,17 @@ impl Node {
             if p >= self.settings.partition_count {
                 continue;
             }
-            match self.fence_refusal(p, from, &term) {
-                None => {}
-                Some(Reply::NotYet { .. }) => {
+            let data = match self.lock_fenced(p, from, &term) {
+                Ok(data) => data,
+                Err(refusal) if matches!(*refusal, Reply::NotYet { .. }) => {
                     not_yet = true;
                     continue;
                 }
-                Some(_) => {
+                Err(_) => {
                     fenced.push(p);
                     continue;
                 }
-            }
-            let data = self.slot(p).data.lock().unwrap();
+            };
             let in_step =
                 data.maps.get(&map).is_some_and(|mp| mp.term == term && mp.seq >= seq && mp.staging.is_none());
             if !in_step {

@@ -99,6 +99,12 @@ impl Node {
         self.tables.tx.borrow().clone()
     }
 
+    /// Waits until no table is being applied (see [`crate::node::PartitionData::applied`]). Must
+    /// be called without any partition locked.
+    pub(crate) fn await_table_applied(&self) {
+        drop(self.tables.apply_lock.lock().unwrap());
+    }
+
     /// Installs `table`, which the caller decided to adopt (a newer table, a fork's winner, or the
     /// master's own commit). Returns false (and changes nothing) for the table already held or an
     /// invalid one. Adjusts every partition whose row changed for this member: takes over (new
@@ -121,6 +127,7 @@ impl Node {
             let mut data = self.slot(p).data.lock().unwrap();
             // A new table: whatever a replica said about the partition is re-examined under it.
             data.fenced = None;
+            data.applied = table.id();
             if old_row == new_row && old.term(p) == table.term(p) {
                 continue;
             }
