@@ -53,10 +53,19 @@ pub struct FlagOverrides {
     pub node_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge_first_run_delay_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge_run_delay_seconds: Option<u64>,
 }
 
 /// The command-line flag that sets `key`, for messages.
 fn flag_for(key: &str) -> String {
+    // The merge timers' flags leave the unit to their value name (`--merge-run-delay SECONDS`).
+    let key = match key {
+        "merge_first_run_delay_seconds" | "merge_run_delay_seconds" => key.trim_end_matches("_seconds"),
+        _ => key,
+    };
     format!("--{}", key.replace('_', "-"))
 }
 
@@ -277,6 +286,33 @@ mod tests {
         assert!(err.contains("`members`") && err.contains("flag --members"), "{err}");
         let err = load(None, &FlagOverrides::default()).unwrap_err().0;
         assert!(err.contains("`cluster_name`") && err.contains("built-in default"), "{err}");
+    }
+
+    #[test]
+    fn the_merge_timer_flags_set_their_keys_and_errors_name_the_flags() {
+        let flags = FlagOverrides {
+            cluster_name: Some("x".into()),
+            merge_first_run_delay_seconds: Some(7),
+            merge_run_delay_seconds: Some(3),
+            ..Default::default()
+        };
+        let loaded = load(None, &flags).unwrap();
+        assert_eq!((loaded.merge_first_run_delay_seconds, loaded.merge_run_delay_seconds), (7, 3));
+        let flags = FlagOverrides { merge_run_delay_seconds: Some(0), ..flags };
+        let err = load(None, &flags).unwrap_err().0;
+        assert!(err.contains("`merge_run_delay_seconds`") && err.contains("flag --merge-run-delay)"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_merge_policy_names_the_key_and_the_valid_policies() {
+        let path = write_temp("policy", "cluster_name = 'x'\n[maps.sessions]\nmerge_policy = 'newest'\n");
+        let err = load(Some(&path), &FlagOverrides::default()).unwrap_err().0;
+        assert!(err.contains("`maps.sessions.merge_policy`") && err.contains("`latest-update`"), "{err}");
+        assert!(err.contains("`put-if-absent`") && err.contains("newest"), "{err}");
+        std::fs::write(&path, "cluster_name = 'x'\n[maps.sessions]\nmin_cluster_size = 100000\n").unwrap();
+        let err = load(Some(&path), &FlagOverrides::default()).unwrap_err().0;
+        assert!(err.contains("`maps.sessions.min_cluster_size`") && err.contains("0 (off) to 1024"), "{err}");
+        std::fs::remove_file(path).ok();
     }
 
     #[test]

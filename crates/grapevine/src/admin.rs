@@ -3,7 +3,8 @@
 //! | route                              | what                                                    |
 //! |------------------------------------|---------------------------------------------------------|
 //! | `GET /health`                      | 200 + JSON when the member can serve, 503 + JSON with   |
-//! |                                    | `reason` otherwise: the load-balancer check             |
+//! |                                    | `reason` otherwise (joining, leaving, no current table, |
+//! |                                    | a protected map below its `min_cluster_size`)           |
 //! | `GET /stats`                       | the [`crate::stats::ClusterStats`] document (`grapevine clusterstats`) |
 //! | `GET /metrics`                     | Prometheus text exposition                              |
 //! | `POST /master/handover`            | `{"node_id": "..."}`: make that member the master       |
@@ -29,7 +30,7 @@
 //! * Map errors answer `{"error": "<message>"}` with 504 (timed out), 502 (the owner failed, or
 //!   the write's outcome is unknown: it may or may not have been applied), 422 (the map holds
 //!   keys or values that are not strings), 400 (invalid map name or argument) or 503 (this member
-//!   is shutting down).
+//!   is shutting down, or sees fewer members than the map's `min_cluster_size`).
 //!
 //! Errors are JSON `{"error": "..."}` with the full message; unknown routes answer 404 with the
 //! list of routes. Malformed HTTP is rejected by hyper per connection and never affects the member.
@@ -516,7 +517,8 @@ fn map_error(e: MapError) -> Response {
         MapError::Codec { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         MapError::Invalid(_) => StatusCode::BAD_REQUEST,
         MapError::Rejected { .. } => StatusCode::CONFLICT,
-        MapError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        // This member is cut off (or the cluster is too small): another member may serve it.
+        MapError::ShuttingDown { .. } | MapError::BelowMinClusterSize { .. } => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(code, e.to_string())
 }
@@ -696,7 +698,7 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
 /// Per-map series (label `map`): the cluster-wide totals of `/stats`, as this member collected
 /// them, so every member exports the same values: aggregate them with `max`, not `sum`.
 type MapMetric = (&'static str, &'static str, &'static str, fn(&MapStats) -> u64);
-const MAP_METRICS: [MapMetric; 9] = [
+const MAP_METRICS: [MapMetric; 12] = [
     ("grapevine_map_entries", "gauge", "Entries of the map in the cluster (owned copies).", |m| m.owned_entries),
     ("grapevine_map_backup_entries", "gauge", "Backup copies of the map's entries in the cluster.", |m| {
         m.backup_entries
@@ -714,6 +716,24 @@ const MAP_METRICS: [MapMetric; 9] = [
     ("grapevine_map_memory_bytes", "gauge", "Estimated memory of the map's entries and backups, cluster-wide.", |m| {
         m.memory_bytes
     }),
+    (
+        "grapevine_map_merge_kept_existing_total",
+        "counter",
+        "Split-brain merges of the map's entries in which the merge policy kept the owner's entry, cluster-wide.",
+        |m| m.merge_kept_existing,
+    ),
+    (
+        "grapevine_map_merge_took_merging_total",
+        "counter",
+        "Split-brain merges of the map's entries in which the merging entry was stored, cluster-wide.",
+        |m| m.merge_took_merging,
+    ),
+    (
+        "grapevine_map_min_cluster_size",
+        "gauge",
+        "The map's split-brain protection minimum (0: off); operations fail below it.",
+        |m| u64::from(m.min_cluster_size),
+    ),
 ];
 
 /// Label values escape `\`, `"` and newlines.
@@ -762,7 +782,9 @@ mod tests {
                 {
                     "name": "sessions", "owned_entries": 200, "backup_entries": 200, "hits": 7, "gets": 9,
                     "puts": 201, "removes": 1, "get_p99_us": 850, "put_p99_us": 1200, "memory_bytes": 40960,
-                    "backup_count": 1, "async_backup_count": 0, "per_member": []
+                    "backup_count": 1, "async_backup_count": 0, "per_member": [],
+                    "merge_kept_existing": 3, "merge_took_merging": 4, "merge_policy": "latest-update",
+                    "min_cluster_size": 2
                 },
                 {"name": "odd \"name\"", "owned_entries": 1, "backup_entries": 0, "hits": 0, "gets": 0, "puts": 1,
                  "removes": 0, "get_p99_us": 0, "put_p99_us": 0, "memory_bytes": 10, "backup_count": 0,
@@ -803,6 +825,11 @@ mod tests {
             r#"grapevine_map_get_p99_microseconds{cluster="demo \"q\"",node="a",map="sessions"} 850"#.to_string(),
             r#"grapevine_map_put_p99_microseconds{cluster="demo \"q\"",node="a",map="sessions"} 1200"#.to_string(),
             r#"grapevine_map_memory_bytes{cluster="demo \"q\"",node="a",map="sessions"} 40960"#.to_string(),
+            r#"grapevine_map_merge_kept_existing_total{cluster="demo \"q\"",node="a",map="sessions"} 3"#.to_string(),
+            r#"grapevine_map_merge_took_merging_total{cluster="demo \"q\"",node="a",map="sessions"} 4"#.to_string(),
+            r#"grapevine_map_min_cluster_size{cluster="demo \"q\"",node="a",map="sessions"} 2"#.to_string(),
+            r#"grapevine_map_merge_took_merging_total{cluster="demo \"q\"",node="a",map="odd \"name\""} 0"#.to_string(),
+            "# TYPE grapevine_map_merge_took_merging_total counter".to_string(),
             "# TYPE grapevine_map_gets_total counter".to_string(),
             "# TYPE grapevine_map_entries gauge".to_string(),
         ] {
@@ -848,6 +875,8 @@ mod tests {
         assert_eq!(status(MapError::Codec { map: map(), message: "x".into() }), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(status(MapError::Invalid("x".into())), StatusCode::BAD_REQUEST);
         assert_eq!(status(MapError::ShuttingDown { map: map() }), StatusCode::SERVICE_UNAVAILABLE);
+        let protected = MapError::BelowMinClusterSize { map: map(), min_cluster_size: 2, current: 1 };
+        assert_eq!(status(protected), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(value_bytes_max(16 << 20), (16 << 20) - (32 << 10));
         assert_eq!(value_bytes_max(64 << 10), 32 << 10);
     }

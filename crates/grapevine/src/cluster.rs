@@ -88,7 +88,8 @@ pub struct Addresses {
 /// Whether this member can serve, for load balancers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Health {
-    /// True when the member is active in a cluster.
+    /// True when the member is active in a cluster, holds a current partition table, and no map
+    /// with split-brain protection (`min_cluster_size`) is below its minimum here.
     pub healthy: bool,
     /// The member's life-cycle state.
     pub state: MemberState,
@@ -460,7 +461,9 @@ impl Cluster {
             Some("shutting down".to_string())
         } else {
             match state {
-                MemberState::Active => self.inner.maps.table_status().err(),
+                MemberState::Active => {
+                    self.inner.maps.table_status().and_then(|()| self.inner.maps.protection_status()).err()
+                }
                 MemberState::Joining => Some("joining: looking for the cluster".to_string()),
                 MemberState::Leaving => Some("leaving: handing over before shutdown".to_string()),
                 MemberState::Left => Some("left the cluster".to_string()),
@@ -525,6 +528,8 @@ impl Cluster {
                     dead_member_grace_s: config.gossip.dead_member_grace_seconds,
                     join_timeout_ms: config.gossip.join_timeout_ms,
                     probe_interval_ms: config.gossip.probe_interval_ms,
+                    merge_first_run_delay_s: config.merge_first_run_delay_seconds,
+                    merge_run_delay_s: config.merge_run_delay_seconds,
                 },
             },
             gossip: self.inner.membership.stats(),
@@ -554,6 +559,10 @@ impl Cluster {
                 total.put_p99_us = total.put_p99_us.max(m.put_p99_us);
                 total.backup_count = m.backup_count;
                 total.async_backup_count = m.async_backup_count;
+                total.merge_kept_existing += m.merge_kept_existing;
+                total.merge_took_merging += m.merge_took_merging;
+                total.merge_policy = m.merge_policy.clone();
+                total.min_cluster_size = m.min_cluster_size;
                 total.per_member.push(MemberMapStats { node_id: member.node_id.to_string(), stats: m });
             }
         }

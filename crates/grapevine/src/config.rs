@@ -72,6 +72,11 @@ pub struct Config {
     pub member_refresh_seconds: u64,
     /// How long a graceful shutdown may take before the member exits anyway. Default 120.
     pub shutdown_timeout_seconds: u64,
+    /// Split-brain merge: seconds after start-up before a master first looks for other groups of
+    /// its cluster to merge with. Default 20 (see `config/grapevine.toml` for why).
+    pub merge_first_run_delay_seconds: u64,
+    /// Split-brain merge: seconds between later looks. Default 10.
+    pub merge_run_delay_seconds: u64,
     /// `text` or `json` (one JSON object per line). Default text. The level comes from `RUST_LOG`.
     pub log_format: LogFormat,
     /// Gossip and failure detection.
@@ -176,6 +181,12 @@ impl Default for AdminSettings {
 /// The longest admin timeout accepted: one day.
 const ADMIN_TIMEOUT_MS_MAX: u64 = 86_400_000;
 
+/// The longest merge delay accepted: one day.
+const MERGE_DELAY_SECONDS_MAX: u64 = 86_400;
+
+/// The largest `min_cluster_size` accepted (no cluster gets near it; a larger value is a typo).
+const MIN_CLUSTER_SIZE_MAX: u32 = 1024;
+
 /// Partition and replication settings. `count` must be the same on every member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -250,6 +261,8 @@ impl Default for Config {
             members: Vec::new(),
             member_refresh_seconds: 30,
             shutdown_timeout_seconds: 120,
+            merge_first_run_delay_seconds: 20,
+            merge_run_delay_seconds: 10,
             log_format: LogFormat::Text,
             gossip: GossipSettings::default(),
             net: NetSettings::default(),
@@ -368,6 +381,14 @@ impl Config {
                 return Err(ConfigError::new(key, "must be between 1 and 86400000 milliseconds (one day)"));
             }
         }
+        for (key, value) in [
+            ("merge_first_run_delay_seconds", self.merge_first_run_delay_seconds),
+            ("merge_run_delay_seconds", self.merge_run_delay_seconds),
+        ] {
+            if !(1..=MERGE_DELAY_SECONDS_MAX).contains(&value) {
+                return Err(ConfigError::new(key, "must be between 1 and 86400 seconds (one day)"));
+            }
+        }
         if self.member_refresh_seconds == 0 {
             return Err(ConfigError::new("member_refresh_seconds", "must be at least 1"));
         }
@@ -418,6 +439,16 @@ impl Config {
                 return Err(ConfigError::new(
                     format!("maps.{name}"),
                     "map names must be 1 to 255 printable characters",
+                ));
+            }
+            if map.min_cluster_size > MIN_CLUSTER_SIZE_MAX {
+                return Err(ConfigError::new(
+                    format!("maps.{name}.min_cluster_size"),
+                    format!(
+                        "{} is more members than a cluster can have: use 0 (off) to {MIN_CLUSTER_SIZE_MAX}, \
+                         typically a majority of the cluster (2 of 3, 3 of 5)",
+                        map.min_cluster_size
+                    ),
                 ));
             }
             warnings.extend(map.clone().clamp(name));
@@ -493,6 +524,8 @@ impl Config {
             migration_parallelism: p.migration_parallelism,
             migration_timeout: ms(p.migration_timeout_ms),
             maps: self.normalized().maps,
+            merge_first_run_delay: Duration::from_secs(self.merge_first_run_delay_seconds),
+            merge_run_delay: Duration::from_secs(self.merge_run_delay_seconds),
         }
     }
 
@@ -590,6 +623,16 @@ mod tests {
                 Config { admin: AdminSettings { body_read_timeout_ms: u64::MAX, ..Default::default() }, ..valid() },
                 "admin.body_read_timeout_ms",
             ),
+            (Config { merge_first_run_delay_seconds: 0, ..valid() }, "merge_first_run_delay_seconds"),
+            (Config { merge_run_delay_seconds: 0, ..valid() }, "merge_run_delay_seconds"),
+            (Config { merge_run_delay_seconds: 86_401, ..valid() }, "merge_run_delay_seconds"),
+            (
+                Config {
+                    maps: [("sessions".to_string(), MapConfig { min_cluster_size: 5000, ..Default::default() })].into(),
+                    ..valid()
+                },
+                "maps.sessions.min_cluster_size",
+            ),
         ];
         for (config, key) in cases {
             let err = config.validate().unwrap_err();
@@ -617,6 +660,32 @@ mod tests {
         assert_eq!(settings.map("sessions").backup_count, 6);
         assert_eq!(settings.map("sessions").max_idle_seconds, 1800);
         assert_eq!(settings.map("other").backup_count, 1, "maps without a section use the defaults");
+    }
+
+    #[test]
+    fn merge_policy_protection_and_merge_timers_reach_the_map_settings() {
+        let config: Config = toml::from_str(
+            "cluster_name = 'x'\nmerge_first_run_delay_seconds = 7\nmerge_run_delay_seconds = 3\n\
+             [maps.sessions]\nmerge_policy = 'put-if-absent'\nmin_cluster_size = 2",
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(vec![]));
+        let settings = config.map_settings();
+        let sessions = settings.map("sessions");
+        assert_eq!((sessions.merge_policy, sessions.min_cluster_size), (grapevine_map::MergePolicy::PutIfAbsent, 2));
+        let other = settings.map("other");
+        assert_eq!((other.merge_policy, other.min_cluster_size), (grapevine_map::MergePolicy::LatestUpdate, 0));
+        assert_eq!((settings.merge_first_run_delay, settings.merge_run_delay), (Duration::from_secs(7), Duration::from_secs(3)));
+        let defaults = valid().map_settings();
+        assert_eq!((defaults.merge_first_run_delay, defaults.merge_run_delay), (Duration::from_secs(20), Duration::from_secs(10)));
+        for policy in grapevine_map::MergePolicy::ALL {
+            let text = format!("cluster_name = 'x'\n[maps.m]\nmerge_policy = '{policy}'");
+            let parsed: Config = toml::from_str(&text).unwrap();
+            assert_eq!(parsed.maps["m"].merge_policy, policy, "the configuration name is the policy's name");
+        }
+        let err = toml::from_str::<Config>("cluster_name = 'x'\n[maps.m]\nmerge_policy = 'latest'").unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("merge_policy") && err.contains("latest-update"), "{err}");
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub mod stats;
 pub use cluster::{Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, Health, StartError};
 pub use config::{Config, ConfigError, RespLimits};
 pub use grapevine_map::{
-    EntryEventKind, Expiry, MapConfig, MapError, MapService, PartitionSummary, PutMode, SetExpiry,
+    EntryEventKind, Expiry, MapConfig, MapError, MapService, MergeOutcome, MergePolicy, PartitionSummary, PutMode,
+    Record, SetExpiry,
 };
 pub use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,

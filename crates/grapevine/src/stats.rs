@@ -62,6 +62,18 @@ pub struct MapStats {
     pub async_backup_count: u8,
     /// Each member's part.
     pub per_member: Vec<MemberMapStats>,
+    /// Split-brain merges in which the merge policy kept the entry the owner held, cluster-wide.
+    #[serde(default)]
+    pub merge_kept_existing: u64,
+    /// Split-brain merges in which the merging entry was stored, cluster-wide.
+    #[serde(default)]
+    pub merge_took_merging: u64,
+    /// The merge policy configured (`latest-update`, ...).
+    #[serde(default)]
+    pub merge_policy: String,
+    /// The split-brain protection minimum configured (0: off).
+    #[serde(default)]
+    pub min_cluster_size: u32,
 }
 
 /// One map on one member.
@@ -143,4 +155,10 @@ pub struct RuntimeConfig {
     pub join_timeout_ms: u64,
     /// How often absent listed members are probed.
     pub probe_interval_ms: u64,
+    /// Split-brain merge: delay after start-up before the first look for other groups.
+    #[serde(default)]
+    pub merge_first_run_delay_s: u64,
+    /// Split-brain merge: delay between later looks.
+    #[serde(default)]
+    pub merge_run_delay_s: u64,
 }

@@ -31,11 +31,14 @@ enum Attempt {
 }
 
 impl Node {
-    fn check_running(&self, map: &str) -> Result<(), MapError> {
+    /// Refuses an operation on `map` at once when this member is shutting down or, for a map with
+    /// split-brain protection, sees fewer members than the map's minimum (before routing, and
+    /// again before every retry).
+    pub(crate) fn check_running(&self, map: &str) -> Result<(), MapError> {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(MapError::ShuttingDown { map: map.to_string() });
         }
-        Ok(())
+        self.check_protection(map)
     }
 
     /// Waits a little before a retry: until the table changes or `delay` passes.
@@ -133,7 +136,7 @@ impl Node {
             }
         };
         let msg = |epoch| Msg::Op { epoch, partition: p, map: map.to_string(), op: op.clone() };
-        match self.route(map, name, p, op.is_read(), local, msg).await? {
+        match self.route(map, name, p, op.retry_if_lost(), local, msg).await? {
             Reply::Done(result) => {
                 self.counters(map).record_latency(name, started.elapsed());
                 Ok(result)

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::merge::MergePolicy;
+
 /// The most backups of each kind a map may have (as in Hazelcast: larger values are clamped).
 pub const BACKUP_COUNT_MAX: u8 = 6;
 
@@ -22,11 +24,27 @@ pub struct MapConfig {
     /// Default maximum idle time of entries, in seconds (0: none). Default 0. For session maps,
     /// set it above the application's session lifetime.
     pub max_idle_seconds: u64,
+    /// What happens to this map's entries of a side that merges into another after a split brain
+    /// (see [`MergePolicy`]). Default `latest-update`: the last write of each key survives, which
+    /// is what sessions need (the user's latest state, whichever side served them).
+    pub merge_policy: MergePolicy,
+    /// Split-brain protection: a member that sees fewer than this many active, non-excluded
+    /// members (itself included) refuses every operation on this map at once with
+    /// [`crate::MapError::BelowMinClusterSize`], so that a minority side cannot acknowledge
+    /// writes a merge would later overrule. 0 (the default) turns it off.
+    pub min_cluster_size: u32,
 }
 
 impl Default for MapConfig {
     fn default() -> Self {
-        MapConfig { backup_count: 1, async_backup_count: 0, ttl_seconds: 0, max_idle_seconds: 0 }
+        MapConfig {
+            backup_count: 1,
+            async_backup_count: 0,
+            ttl_seconds: 0,
+            max_idle_seconds: 0,
+            merge_policy: MergePolicy::LatestUpdate,
+            min_cluster_size: 0,
+        }
     }
 }
 
@@ -78,6 +96,12 @@ pub struct MapSettings {
     pub migration_timeout: Duration,
     /// Per-map settings by name; `default` applies to maps without their own section.
     pub maps: BTreeMap<String, MapConfig>,
+    /// Split-brain merge: how long after start-up a master first looks for other groups of its
+    /// cluster to merge with. Default 20 s (see `merge_first_run_delay_seconds` in
+    /// `config/grapevine.toml` for why).
+    pub merge_first_run_delay: Duration,
+    /// Split-brain merge: how often a master looks again after the first run. Default 10 s.
+    pub merge_run_delay: Duration,
 }
 
 impl Default for MapSettings {
@@ -91,6 +115,8 @@ impl Default for MapSettings {
             migration_parallelism: 8,
             migration_timeout: Duration::from_secs(60),
             maps: BTreeMap::new(),
+            merge_first_run_delay: Duration::from_secs(20),
+            merge_run_delay: Duration::from_secs(10),
         }
     }
 }

@@ -68,6 +68,23 @@ pub enum MapError {
     /// An invalid argument (map name, page size...).
     #[error("{0}")]
     Invalid(String),
+    /// Split-brain protection: this member sees fewer active members than the map's
+    /// `min_cluster_size`, so it refuses every operation on the map at once (it may be on the
+    /// minority side of a network partition, whose writes a merge could overrule).
+    #[error(
+        "map {map:?} is protected against split brain: it needs at least {min_cluster_size} active members \
+         (min_cluster_size) and this member sees {current}, so its operations are refused; this member may be cut \
+         off from the rest of the cluster: retry once the network heals or more members join (a side with enough \
+         members keeps serving), or lower the map's min_cluster_size"
+    )]
+    BelowMinClusterSize {
+        /// The map.
+        map: String,
+        /// The map's `min_cluster_size`.
+        min_cluster_size: u32,
+        /// Active, non-excluded members this member sees (itself included).
+        current: u32,
+    },
     /// This member is shutting down.
     #[error("map {map:?}: this member is shutting down")]
     ShuttingDown {

@@ -15,6 +15,7 @@ use crate::messages::{
     EntryEventKind, LocalMapStats, LocalStats, MigrationId, Msg, MultiOp, Op, OpResult, PutMode, RawEntryEvent, ReplOp,
     Reply, TermStart,
 };
+use crate::merge::MergePolicy;
 use crate::record::{Expiry, Record};
 use crate::table::{PartitionTable, Run, TableId};
 use crate::tables::{parse_gossip_value, table_gossip_value};
@@ -87,6 +88,8 @@ fn op() -> impl Strategy<Value = Op> {
         (bytes(32), prop::option::of(bytes(32)), prop::option::of(bytes(32)))
             .prop_map(|(key, expected, new)| Op::CompareAndSet { key, expected, new }),
         bytes(32).prop_map(|key| Op::Remove { key }),
+        (bytes(32), record(), prop::sample::select(MergePolicy::ALL.to_vec()))
+            .prop_map(|(key, record, policy)| Op::Merge { key, record, policy }),
     ]
 }
 
@@ -142,23 +145,26 @@ fn event() -> impl Strategy<Value = RawEntryEvent> {
 }
 
 fn local_stats() -> impl Strategy<Value = LocalStats> {
-    let map =
-        (name(), any::<[u64; 9]>(), any::<(u8, u8)>()).prop_map(|(name, f, (backup_count, async_backup_count))| {
-            LocalMapStats {
+    let map = (name(), any::<[u64; 11]>(), any::<(u8, u8, u32)>(), name()).prop_map(
+        |(name, f, (backup_count, async_backup_count, min_cluster_size), merge_policy)| LocalMapStats {
                 name,
-                owned_entries: f[0],
-                backup_entries: f[1],
-                hits: f[2],
-                gets: f[3],
-                puts: f[4],
-                removes: f[5],
-                get_p99_us: f[6],
-                put_p99_us: f[7],
-                memory_bytes: f[8],
-                backup_count,
-                async_backup_count,
-            }
-        });
+            owned_entries: f[0],
+            backup_entries: f[1],
+            hits: f[2],
+            gets: f[3],
+            puts: f[4],
+            removes: f[5],
+            get_p99_us: f[6],
+            put_p99_us: f[7],
+            memory_bytes: f[8],
+            backup_count,
+            async_backup_count,
+            merge_kept_existing: f[9],
+            merge_took_merging: f[10],
+            merge_policy,
+            min_cluster_size,
+        },
+    );
     (name(), any::<(u64, u32, u32, u64)>(), prop::collection::vec(map, 0..3)).prop_map(
         |(node_id, (epoch, owned_partitions, backup_partitions, partitions_lost), maps)| LocalStats {
             node_id,

@@ -27,10 +27,12 @@ pub mod hash;
 mod lineage;
 mod listeners;
 mod master;
+pub mod merge;
 mod messages;
 mod migration;
 mod node;
 mod owner;
+mod protection;
 mod record;
 mod replica;
 mod stats;
@@ -52,6 +54,7 @@ use tracing::{info, warn};
 
 pub use config::{BACKUP_COUNT_MAX, MapConfig, MapSettings};
 pub use error::MapError;
+pub use merge::{MergePolicy, UnknownMergePolicy, Verdict};
 pub use messages::{EntryEventKind, LocalMapStats, LocalStats, PutMode, RawEntryEvent};
 pub use node::PartitionLost;
 pub use record::{Expiry, Record};
@@ -94,6 +97,23 @@ fn value(result: OpResult) -> Option<Vec<u8>> {
         OpResult::Flag(_) | OpResult::Int(_) | OpResult::Rejected(_) => None,
     }
 }
+
+/// What [`MapService::merge_entries`] did with the entries it was given.
+#[derive(Debug, Clone, Default)]
+pub struct MergeOutcome {
+    /// Entries the owner's current entry (or absence) won against: nothing was written.
+    pub kept_existing: u64,
+    /// Entries stored by their owner (and replicated to its backups).
+    pub took_merging: u64,
+    /// Entries that could not be merged (timeout, owner lost, protection on the owner...), with
+    /// why: merge them again later. When an owner's answer was lost the merge was sent again,
+    /// so an entry taken by the first attempt may be counted as kept.
+    pub failed: Vec<(Vec<u8>, MapError)>,
+}
+
+/// Merge operations one [`MapService::merge_entries`] call keeps in flight at once: enough to hide
+/// the round trip to the owners, few enough to leave the members' request queues to other work.
+pub const MERGE_IN_FLIGHT: usize = 32;
 
 /// The expiry of a [`MapService::set`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +263,73 @@ impl MapService {
             OpResult::Int(ms) => Ok(Some(Some(Duration::from_millis(ms as u64)))),
             other => Err(rejected("ttl", map, other)),
         }
+    }
+
+    /// Split-brain merge: offers each `(encoded key, record)` of a side that merges to the key's
+    /// owner under this member's table, which keeps its own entry or stores the merging one as the
+    /// map's `merge_policy` decides ([`merge::decide`]; a stored one is replicated to the backups
+    /// like any write, and listeners see it as added or updated). Call it once this member follows
+    /// the cluster it merges into (it routes by its current table, catching up on newer ones like
+    /// any operation). At most [`MERGE_IN_FLIGHT`] entries are in flight at once; each is retried
+    /// within the operation timeout. `Err` only when the whole call is refused at once (shutting
+    /// down, or this member is below the map's `min_cluster_size`); entries that failed on their
+    /// own are listed in [`MergeOutcome::failed`].
+    pub async fn merge_entries(&self, map: &str, entries: Vec<(Vec<u8>, Record)>) -> Result<MergeOutcome, MapError> {
+        let policy = self.node.settings.map(map).merge_policy;
+        self.merge_entries_with(map, policy, entries).await
+    }
+
+    /// [`MapService::merge_entries`] with an explicit policy instead of the map's.
+    pub async fn merge_entries_with(
+        &self,
+        map: &str,
+        policy: MergePolicy,
+        entries: Vec<(Vec<u8>, Record)>,
+    ) -> Result<MergeOutcome, MapError> {
+        self.node.check_running(map)?;
+        let mut outcome = MergeOutcome::default();
+        let mut pending = entries.into_iter();
+        let mut calls = tokio::task::JoinSet::new();
+        loop {
+            while calls.len() < MERGE_IN_FLIGHT {
+                let Some((key, record)) = pending.next() else { break };
+                let node = self.node.clone();
+                let map = map.to_string();
+                calls.spawn(async move {
+                    let result = node.call(&map, Op::Merge { key: key.clone(), record, policy }).await;
+                    (key, result)
+                });
+            }
+            let Some(joined) = calls.join_next().await else { break };
+            let (key, result) = match joined {
+                Ok(done) => done,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                // Tasks are never aborted here, and the set is dropped only with the future.
+                Err(error) => unreachable!("a merge task was cancelled: {error}"),
+            };
+            match result {
+                Ok(OpResult::Flag(true)) => outcome.took_merging += 1,
+                Ok(OpResult::Flag(false)) => outcome.kept_existing += 1,
+                Ok(other) => outcome.failed.push((
+                    key,
+                    MapError::Failed { op: "merge", map: map.to_string(), error: format!("unexpected result {other:?}") },
+                )),
+                Err(error) => outcome.failed.push((key, error)),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// `Ok` unless a map this member knows of (configured, or used here) has a `min_cluster_size`
+    /// this member's view is below; then why, naming each such map (for `/health`).
+    pub fn protection_status(&self) -> Result<(), String> {
+        self.node.protection_status()
+    }
+
+    /// Active, non-excluded members of this member's view (itself included when it is one): the
+    /// size split-brain protection compares with each map's `min_cluster_size`.
+    pub fn protection_size(&self) -> u32 {
+        self.node.protection_size()
     }
 
     /// Up to `limit` live entries (key and value) of partition `partition`, in key order, after

@@ -5,6 +5,7 @@
 use grapevine_membership::MemberId;
 use serde::{Deserialize, Serialize};
 
+use crate::merge::MergePolicy;
 use crate::record::{Expiry, Record};
 use crate::table::{PartitionTable, TableId, Term};
 
@@ -56,6 +57,14 @@ pub(crate) enum Op {
     Ttl {
         key: Vec<u8>,
     },
+    /// Split-brain merge: offers `record`, an entry of a side that merges, to the owner, which
+    /// stores it when `policy` decides so against its current entry ([`crate::merge::decide`]).
+    /// `Flag`: whether the merging entry was taken (then it is replicated as a `ReplOp::Put`).
+    Merge {
+        key: Vec<u8>,
+        record: Record,
+        policy: MergePolicy,
+    },
 }
 
 impl Op {
@@ -69,7 +78,8 @@ impl Op {
             | Op::PutKeepTtl { key, .. }
             | Op::Incr { key, .. }
             | Op::SetTtl { key, .. }
-            | Op::Ttl { key } => key,
+            | Op::Ttl { key }
+            | Op::Merge { key, .. } => key,
         }
     }
 
@@ -87,11 +97,19 @@ impl Op {
             Op::CompareAndSet { key, expected, new } => {
                 key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
             }
+            Op::Merge { key, record, .. } => key.len() + record.value.len(),
         }
     }
 
     pub(crate) fn is_read(&self) -> bool {
         matches!(self, Op::Get { .. } | Op::ContainsKey { .. } | Op::Ttl { .. })
+    }
+
+    /// Whether a caller may send the operation again when the owner's answer was lost: reads, and
+    /// merges (merging the same record again keeps what the first attempt left, except that
+    /// `pass-through` writes the same entry once more).
+    pub(crate) fn retry_if_lost(&self) -> bool {
+        self.is_read() || matches!(self, Op::Merge { .. })
     }
 
     pub(crate) fn name(&self) -> &'static str {
@@ -109,6 +127,7 @@ impl Op {
             Op::Incr { .. } => "incr",
             Op::SetTtl { .. } => "set_ttl",
             Op::Ttl { .. } => "ttl",
+            Op::Merge { .. } => "merge",
         }
     }
 }
@@ -208,6 +227,19 @@ pub struct LocalMapStats {
     pub backup_count: u8,
     /// Asynchronous backups configured (on this member).
     pub async_backup_count: u8,
+    /// Split-brain merges executed as owner in which the map's merge policy kept the entry this
+    /// member held (or kept the key absent).
+    #[serde(default)]
+    pub merge_kept_existing: u64,
+    /// Split-brain merges executed as owner in which the merging entry was stored.
+    #[serde(default)]
+    pub merge_took_merging: u64,
+    /// The map's merge policy (on this member).
+    #[serde(default)]
+    pub merge_policy: String,
+    /// The map's split-brain protection minimum (on this member; 0: off).
+    #[serde(default)]
+    pub min_cluster_size: u32,
 }
 
 /// A member's map-service statistics.

@@ -107,6 +107,9 @@ impl Node {
         if let Some(reply) = self.check_owner(&table, p, caller_epoch) {
             return Executed::Now(reply);
         }
+        if let Some(reply) = self.protection_retry(map) {
+            return Executed::Now(reply);
+        }
         // An entry must fit in one message to reach its backups: refuse it before applying it here.
         let entry_bytes = op.payload_bytes() + map.len() + ENTRY_OVERHEAD_BYTES;
         if entry_bytes > self.net.frame_bytes_max() {
@@ -349,6 +352,9 @@ impl Node {
         op: MultiOp,
         caller_epoch: u64,
     ) -> Reply {
+        if let Some(reply) = self.protection_retry(map) {
+            return reply;
+        }
         let table = self.table();
         let config = self.settings.map(map);
         let now = now_ms();
@@ -443,7 +449,7 @@ impl Node {
         if p >= self.settings.partition_count {
             return Reply::Failed { error: format!("partition {p} does not exist") };
         }
-        if let Some(reply) = self.check_owner(&table, p, caller_epoch) {
+        if let Some(reply) = self.check_owner(&table, p, caller_epoch).or_else(|| self.protection_retry(map)) {
             return reply;
         }
         let data = self.slot(p).data.lock().unwrap();

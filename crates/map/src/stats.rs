@@ -18,6 +18,8 @@ pub(crate) struct MapCounters {
     hits: AtomicU64,
     puts: AtomicU64,
     removes: AtomicU64,
+    merge_kept_existing: AtomicU64,
+    merge_took_merging: AtomicU64,
     get_latency: Mutex<Histogram<u64>>,
     put_latency: Mutex<Histogram<u64>>,
 }
@@ -31,6 +33,8 @@ impl Default for MapCounters {
             hits: AtomicU64::new(0),
             puts: AtomicU64::new(0),
             removes: AtomicU64::new(0),
+            merge_kept_existing: AtomicU64::new(0),
+            merge_took_merging: AtomicU64::new(0),
             get_latency: Mutex::new(histogram()),
             put_latency: Mutex::new(histogram()),
         }
@@ -51,6 +55,12 @@ impl MapCounters {
             "remove" => {
                 self.removes.fetch_add(1, Ordering::Relaxed);
             }
+            // Not a put: a merge is counted by its verdict.
+            "merge" => {
+                let counter =
+                    if matches!(result, OpResult::Flag(true)) { &self.merge_took_merging } else { &self.merge_kept_existing };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             _ => {
                 self.puts.fetch_add(1, Ordering::Relaxed);
             }
@@ -62,7 +72,7 @@ impl MapCounters {
         let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
         let histogram = match op {
             "get" | "contains_key" | "ttl" => &self.get_latency,
-            "remove" => return,
+            "remove" | "merge" => return,
             _ => &self.put_latency,
         };
         let _ = histogram.lock().unwrap().record(micros);
@@ -116,6 +126,8 @@ impl Node {
                 let config = self.settings.map(&name);
                 stats.backup_count = config.backup_count;
                 stats.async_backup_count = config.async_backup_count;
+                stats.merge_policy = config.merge_policy.to_string();
+                stats.min_cluster_size = config.min_cluster_size;
                 if let Some(c) = counters.get(&name) {
                     stats.gets = c.gets.load(Ordering::Relaxed);
                     stats.hits = c.hits.load(Ordering::Relaxed);
@@ -123,6 +135,8 @@ impl Node {
                     stats.removes = c.removes.load(Ordering::Relaxed);
                     stats.get_p99_us = MapCounters::p99(&c.get_latency);
                     stats.put_p99_us = MapCounters::p99(&c.put_latency);
+                    stats.merge_kept_existing = c.merge_kept_existing.load(Ordering::Relaxed);
+                    stats.merge_took_merging = c.merge_took_merging.load(Ordering::Relaxed);
                 }
                 stats.name = name;
                 stats

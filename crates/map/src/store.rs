@@ -358,6 +358,19 @@ impl MapPartition {
                 };
                 (OpResult::Int(remaining), None)
             }
+            Op::Merge { key, record, policy } => {
+                let current = self.live(&key, now, idle_floor_ms);
+                if crate::merge::decide(policy, current.as_ref(), &record, now) == crate::merge::Verdict::KeepExisting {
+                    return (OpResult::Flag(false), None);
+                }
+                // The merging entry keeps its own times, hits and expiry (so a later merge or the
+                // expiry sweep judges it as its side did); its version continues past both.
+                let version = current.as_ref().map_or(0, |c| c.version).max(record.version).saturating_add(1);
+                let old_value = current.map(|c| c.value);
+                let existed = old_value.is_some();
+                let change = self.write(key, Record { version, ..record }, existed, old_value);
+                (OpResult::Flag(true), Some(change))
+            }
         }
     }
 
@@ -456,6 +469,7 @@ impl MapConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::MergePolicy;
 
     fn put(key: &str, value: &str, mode: PutMode) -> Op {
         Op::Put { key: key.into(), value: value.into(), expiry: None, mode }
@@ -646,6 +660,66 @@ mod tests {
         exec(&mut mp, put_ttl("d", "v", 100), 1_000);
         mp.clear();
         assert_eq!((mp.expiring, mp.memory_bytes()), (0, 0));
+    }
+
+    fn merging(value: &str, updated_ms: u64, hits: u64) -> Record {
+        Record {
+            value: key(value),
+            created_ms: updated_ms - 100,
+            updated_ms,
+            accessed_ms: updated_ms,
+            hits,
+            version: 3,
+            ttl_ms: 0,
+            max_idle_ms: 0,
+        }
+    }
+
+    fn merge(mp: &mut MapPartition, k: &str, record: &Record, policy: MergePolicy, now: u64) -> (OpResult, Option<Change>) {
+        exec(mp, Op::Merge { key: key(k), record: record.clone(), policy }, now)
+    }
+
+    #[test]
+    fn a_merge_keeps_or_takes_as_the_policy_says_and_replicates_only_what_it_takes() {
+        let mut mp = MapPartition::default();
+        exec(&mut mp, put("k", "mine", PutMode::Always), 1_000);
+        let newer = merging("theirs", 2_000, 0);
+        let (r, c) = merge(&mut mp, "k", &newer, MergePolicy::LatestUpdate, 3_000);
+        assert_eq!(r, OpResult::Flag(true));
+        let c = c.expect("a taken entry is replicated");
+        assert_eq!((c.kind, c.old_value.as_deref()), (EntryEventKind::Updated, Some(&b"mine"[..])));
+        let ReplOp::Put { record, .. } = c.repl else { panic!("replicated as a put") };
+        assert_eq!(record, Record { version: 4, ..newer.clone() }, "its own times, a version past both");
+        let older = merging("stale", 500, 0);
+        assert_eq!(merge(&mut mp, "k", &older, MergePolicy::LatestUpdate, 3_000), (OpResult::Flag(false), None));
+        assert_eq!(merge(&mut mp, "k", &older, MergePolicy::PutIfAbsent, 3_000), (OpResult::Flag(false), None));
+        assert_eq!(merge(&mut mp, "k", &older, MergePolicy::Discard, 3_000), (OpResult::Flag(false), None));
+        assert_eq!(exec(&mut mp, Op::Get { key: key("k") }, 3_001).0, OpResult::Value(Some(key("theirs"))));
+
+        let (r, c) = merge(&mut mp, "k", &older, MergePolicy::PassThrough, 3_002);
+        assert_eq!((r, c.map(|c| c.value)), (OpResult::Flag(true), Some(Some(key("stale")))), "even an older one");
+
+        // The merged entry came with its own hit count (0); one read makes it 1. Under higher-hits
+        // an entry with fewer hits does not replace it, one with more does.
+        exec(&mut mp, Op::Get { key: key("k") }, 3_003);
+        assert_eq!(merge(&mut mp, "k", &merging("few", 900, 0), MergePolicy::HigherHits, 3_003).0, OpResult::Flag(false));
+        assert_eq!(merge(&mut mp, "k", &merging("many", 900, 7), MergePolicy::HigherHits, 3_004).0, OpResult::Flag(true));
+
+        let (r, c) = merge(&mut mp, "new", &older, MergePolicy::PutIfAbsent, 3_005);
+        assert_eq!((r, c.map(|c| c.kind)), (OpResult::Flag(true), Some(EntryEventKind::Added)));
+        assert_eq!(merge(&mut mp, "absent", &older, MergePolicy::Discard, 3_006), (OpResult::Flag(false), None));
+        assert_eq!(exec(&mut mp, Op::ContainsKey { key: key("absent") }, 3_007).0, OpResult::Flag(false));
+    }
+
+    #[test]
+    fn an_expired_merging_entry_is_never_stored_and_an_expired_existing_one_counts_as_absent() {
+        let mut mp = MapPartition::default();
+        let expired = Record { ttl_ms: 100, ..merging("old", 1_000, 0) };
+        assert_eq!(merge(&mut mp, "k", &expired, MergePolicy::PassThrough, 1_100), (OpResult::Flag(false), None));
+        assert_eq!(mp.len(), 0);
+        exec(&mut mp, put_ttl("k", "mine", 100), 1_000);
+        let (r, c) = merge(&mut mp, "k", &merging("theirs", 900, 0), MergePolicy::PutIfAbsent, 1_200);
+        assert_eq!((r, c.map(|c| c.kind)), (OpResult::Flag(true), Some(EntryEventKind::Added)), "mine expired at 1100");
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub struct RuntimeConfig {
     pub dead_member_grace_s: u64,
     pub join_timeout_ms: u64,
     pub probe_interval_ms: u64,
+    pub merge_first_run_delay_s: u64,
+    pub merge_run_delay_s: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +148,10 @@ pub struct MapRow {
     pub backup_count: u8,
     pub async_backup_count: u8,
     pub per_member: Vec<Value>,
+    pub merge_kept_existing: u64,
+    pub merge_took_merging: u64,
+    pub merge_policy: String,
+    pub min_cluster_size: u32,
 }
 
 /// Sections of `/stats` this printer knows.
@@ -319,6 +325,11 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
     row(&mut out, "Dead member grace", &format!("{} s", config.dead_member_grace_s));
     row(&mut out, "Join timeout", &format!("{} ms", config.join_timeout_ms));
     row(&mut out, "Probe interval", &format!("{} ms", config.probe_interval_ms));
+    // Members older than the merge timers do not report them.
+    if config.merge_run_delay_s > 0 {
+        let merge = format!("first after {} s, then every {} s", config.merge_first_run_delay_s, config.merge_run_delay_s);
+        row(&mut out, "Merge runs", &merge);
+    }
 
     let g = &stats.gossip;
     let _ = writeln!(out, "\nGOSSIP");
@@ -417,6 +428,26 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
         }
     }
 
+    if !stats.maps.is_empty() {
+        let _ = writeln!(out, "\nSPLIT BRAIN (per map: merge policy, protection, merges cluster-wide)");
+        let rows: Vec<Vec<String>> = stats
+            .maps
+            .iter()
+            .map(|m| {
+                let min = if m.min_cluster_size == 0 { "off".to_string() } else { m.min_cluster_size.to_string() };
+                vec![
+                    shorten(or_dash(&m.name), MAP_NAME_WIDTH),
+                    or_dash(&m.merge_policy).to_string(),
+                    min,
+                    format_count(m.merge_kept_existing),
+                    format_count(m.merge_took_merging),
+                ]
+            })
+            .collect();
+        let header = ["NAME", "MERGE POLICY", "MIN MEMBERS", "KEPT EXISTING", "TOOK MERGING"];
+        table(&mut out, &header, &rows, &[false, false, true, true, true]);
+    }
+
     if !extra.is_empty() {
         let _ = writeln!(out, "\n(not shown by this version of the CLI: {}; see --json)", extra.join(", "));
     }
@@ -447,7 +478,8 @@ mod tests {
         "port_range": "5701-5800", "admin_addr": "0.0.0.0:5801", "discovery": "static",
         "members": ["10.0.0.1", "10.0.0.2"], "gossip_interval_ms": 1000, "phi_threshold": 8.0,
         "failure_detection_ms": 9000, "dead_member_grace_s": 900, "join_timeout_ms": 5000,
-        "probe_interval_ms": 2000, "net": {"connect_timeout_ms": 1000}}},
+        "probe_interval_ms": 2000, "merge_first_run_delay_s": 20, "merge_run_delay_s": 10,
+        "net": {"connect_timeout_ms": 1000}}},
       "gossip": {"gossip_rounds": 12, "datagrams_in": 30, "datagrams_out": 31, "foreign_cluster_peers": 0,
         "incompatible_members": 0, "events": 3, "view_version": 7, "bytes_in": 99},
       "partitions": {"count": 271, "epoch": 4, "migrating": 2, "owned_by_member": {"web-1": 136, "web-2": 135},
@@ -456,6 +488,8 @@ mod tests {
         {"name": "sessions", "owned_entries": 1234567, "backup_entries": 1234567, "hits": 9876543210,
          "gets": 9999999999, "puts": 123456789, "removes": 4567, "get_p99_us": 850, "put_p99_us": 12345,
          "memory_bytes": 1610612736, "backup_count": 1, "async_backup_count": 0, "near_cache": true,
+         "merge_kept_existing": 12, "merge_took_merging": 3456789, "merge_policy": "latest-update",
+         "min_cluster_size": 2,
          "per_member": [{"node_id": "web-1", "name": "sessions", "owned_entries": 617283}]},
         {"name": "a-map-with-a-rather-long-name", "owned_entries": 0, "backup_entries": 0, "hits": 0,
          "gets": 0, "puts": 0, "removes": 0, "get_p99_us": 2500000, "put_p99_us": 0, "memory_bytes": 1536,
@@ -491,6 +525,8 @@ mod tests {
             "Dead member grace  900 s",
             "Join timeout       5000 ms",
             "Probe interval     2000 ms",
+            "Merge runs         first after 20 s, then every 10 s",
+            "SPLIT BRAIN",
             "MEMBERS",
             "PARTITIONS",
             "Count              271",
@@ -541,6 +577,11 @@ mod tests {
         assert_eq!(long[7..], ["2.50", "s", "0", "µs", "1.5", "KiB", "2+1"]);
         assert_eq!(cells(lines[header + 3])[0], "sparse");
         assert!(lines[header + 3].trim_end().ends_with("0+0"), "{}", lines[header + 3]);
+        // Split brain: policy, protection and merge counts per map.
+        let header = lines.iter().position(|l| l.trim_start().starts_with("NAME") && l.contains("MERGE POLICY")).unwrap();
+        assert_eq!(cells(lines[header + 1]), ["sessions", "latest-update", "2", "12", "3.5M"]);
+        assert_eq!(cells(lines[header + 3]), ["sparse", "-", "off", "0", "0"]);
+        let header = lines.iter().position(|l| l.trim_start().starts_with("NAME")).unwrap();
         let entries_end = lines[header].find("ENTRIES").unwrap() + "ENTRIES".len();
         assert_eq!(lines[header + 1].find("1234567").map(|i| i + 7), Some(entries_end), "{text}");
         for line in &lines {

@@ -58,6 +58,13 @@ pub struct StartArgs {
     /// Log format on stderr (key `log_format`). The level comes from RUST_LOG.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
+    /// Split-brain merge: seconds after start-up before the master first looks for other groups
+    /// of this cluster to merge with (key `merge_first_run_delay_seconds`, default 20).
+    #[arg(long, value_name = "SECONDS")]
+    pub merge_first_run_delay: Option<u64>,
+    /// Split-brain merge: seconds between later looks (key `merge_run_delay_seconds`, default 10).
+    #[arg(long, value_name = "SECONDS")]
+    pub merge_run_delay: Option<u64>,
 }
 
 /// `--log-format`.
@@ -83,6 +90,8 @@ impl StartArgs {
                 LogFormatArg::Text => "text".to_string(),
                 LogFormatArg::Json => "json".to_string(),
             }),
+            merge_first_run_delay_seconds: self.merge_first_run_delay,
+            merge_run_delay_seconds: self.merge_run_delay,
         }
     }
 }

@@ -1,0 +1,329 @@
+//! Merge policies: when two sides of a split brain become one cluster again, the entries of the
+//! side that merges are offered, key by key, to the owner of the key in the cluster it joins, and
+//! the map's policy decides whether the entry the owner holds stays or the merging one replaces
+//! it. [`decide`] is that decision: pure (no clock, no I/O), so that every member reaches the
+//! same verdict from the same two records, and property-tested below.
+//!
+//! The policies are Hazelcast's (`com.hazelcast.spi.merge`), with two differences, both so that
+//! the outcome cannot depend on which side happens to merge into which:
+//!
+//! * **Ties are broken deterministically.** Hazelcast lets the merging entry win a tie
+//!   (`merging.getLastUpdateTime() >= existing.getLastUpdateTime()`), so the survivor of two
+//!   entries written in the same millisecond is whichever side merged. Here the comparing
+//!   policies order two records by their policy's figure, then by update time, then by value
+//!   bytes: the larger survives whichever of the two is the merging one. Records equal in all
+//!   three keep the existing one (nothing to change).
+//! * **An expired merging entry never wins**, under every policy: it would be invisible the
+//!   moment it was written. (Hazelcast leaves that to the record store.)
+//!
+//! The existing entry is given as the owner sees it: `None` when the key is absent *or expired*
+//! (the owner judges its own entries' expiry, which after a take-over restarts the idle clock:
+//! see [`Record::is_expired`]). The merging entry's expiry is judged from its own times.
+//!
+//! Removals are not merged: a policy sees entries, not tombstones, so a key removed on one side
+//! during the split and still present on the other is present after the merge (except under
+//! `discard`, which never adds a key).
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::Record;
+
+/// What a map does with the entries of a side that merges into another after a split brain
+/// (configuration key `merge_policy`, kebab-case names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MergePolicy {
+    /// The merging entry replaces the existing one (or is added), unless it has expired.
+    PassThrough,
+    /// The merging entry is added only when the key is absent; an existing entry stays.
+    PutIfAbsent,
+    /// The entry read more often (owner-side hit count) survives.
+    HigherHits,
+    /// The entry written last (update time) survives. The default: for sessions, the last write
+    /// is the user's latest state (a login, a cart, a logout's cleared fields), whichever side of
+    /// a split the user's requests reached; `put-if-absent` would keep the bigger side's stale
+    /// copy of every session that was used on the smaller side during the split.
+    #[default]
+    LatestUpdate,
+    /// The entry read or written last (access time, kept by owners) survives.
+    LatestAccess,
+    /// The entry that expires last (the earlier of its time-to-live and max-idle deadlines; an
+    /// entry that never expires counts as latest) survives.
+    ExpirationTime,
+    /// The existing entry always stays; merging entries are dropped, also for absent keys.
+    Discard,
+}
+
+impl MergePolicy {
+    /// Every policy, in the order of the documentation.
+    pub const ALL: [MergePolicy; 7] = [
+        MergePolicy::PassThrough,
+        MergePolicy::PutIfAbsent,
+        MergePolicy::HigherHits,
+        MergePolicy::LatestUpdate,
+        MergePolicy::LatestAccess,
+        MergePolicy::ExpirationTime,
+        MergePolicy::Discard,
+    ];
+
+    /// The configuration name (`latest-update`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            MergePolicy::PassThrough => "pass-through",
+            MergePolicy::PutIfAbsent => "put-if-absent",
+            MergePolicy::HigherHits => "higher-hits",
+            MergePolicy::LatestUpdate => "latest-update",
+            MergePolicy::LatestAccess => "latest-access",
+            MergePolicy::ExpirationTime => "expiration-time",
+            MergePolicy::Discard => "discard",
+        }
+    }
+}
+
+impl fmt::Display for MergePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A merge policy name that is not one of [`MergePolicy::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown merge policy {given:?}: expected one of pass-through, put-if-absent, higher-hits, latest-update, \
+     latest-access, expiration-time, discard"
+)]
+pub struct UnknownMergePolicy {
+    /// What was given.
+    pub given: String,
+}
+
+impl FromStr for MergePolicy {
+    type Err = UnknownMergePolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim();
+        MergePolicy::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| UnknownMergePolicy { given: s.to_string() })
+    }
+}
+
+/// Which entry survives a merge of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// The owner keeps what it holds (also: keeps the key absent).
+    KeepExisting,
+    /// The merging entry is stored, with its own times, hits and expiry.
+    TakeMerging,
+}
+
+/// Decides the merge of one key under `policy`: `existing` is the owner's live entry (`None`
+/// when absent or expired), `merging` the entry of the side that merges, `now_ms` the owner's
+/// clock (only used to tell whether `merging` has expired).
+pub fn decide(policy: MergePolicy, existing: Option<&Record>, merging: &Record, now_ms: u64) -> Verdict {
+    if merging.is_expired(now_ms, 0) {
+        return Verdict::KeepExisting;
+    }
+    let take = match (policy, existing) {
+        (MergePolicy::Discard, _) => false,
+        (MergePolicy::PassThrough, _) | (_, None) => true,
+        (MergePolicy::PutIfAbsent, Some(_)) => false,
+        (_, Some(existing)) => rank(policy, merging, existing) == Ordering::Greater,
+    };
+    if take { Verdict::TakeMerging } else { Verdict::KeepExisting }
+}
+
+/// Orders two records for a comparing policy: by the policy's figure, then update time, then value
+/// bytes. A total order on what it looks at, so the larger of two records is the same whichever
+/// side merges.
+fn rank(policy: MergePolicy, a: &Record, b: &Record) -> Ordering {
+    let figure = |r: &Record| match policy {
+        MergePolicy::HigherHits => r.hits,
+        MergePolicy::LatestAccess => r.accessed_ms,
+        MergePolicy::ExpirationTime => r.expires_at_ms(0).unwrap_or(u64::MAX),
+        // The others do not compare; latest-update compares the update time below.
+        _ => 0,
+    };
+    figure(a).cmp(&figure(b)).then(a.updated_ms.cmp(&b.updated_ms)).then_with(|| a.value.cmp(&b.value))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn record(value: &[u8], updated_ms: u64) -> Record {
+        Record {
+            value: value.to_vec(),
+            created_ms: updated_ms,
+            updated_ms,
+            accessed_ms: updated_ms,
+            hits: 0,
+            version: 1,
+            ttl_ms: 0,
+            max_idle_ms: 0,
+        }
+    }
+
+    /// Records around `NOW`, with few distinct values so that ties happen often, and expiry that
+    /// is sometimes already over.
+    fn any_record() -> impl Strategy<Value = Record> {
+        (
+            prop::collection::vec(0u8..3, 0..3),
+            (NOW - 20..NOW + 5, 0u64..15),
+            0u64..4,
+            0u64..4,
+            prop_oneof![Just(0u64), 1u64..30],
+            prop_oneof![Just(0u64), 1u64..30],
+        )
+            .prop_map(|(value, (updated_ms, since_access), hits, version, ttl_ms, max_idle_ms)| Record {
+                value,
+                created_ms: updated_ms.saturating_sub(5),
+                updated_ms,
+                accessed_ms: updated_ms + since_access,
+                hits,
+                version,
+                ttl_ms,
+                max_idle_ms,
+            })
+    }
+
+    fn any_policy() -> impl Strategy<Value = MergePolicy> {
+        prop::sample::select(MergePolicy::ALL.to_vec())
+    }
+
+    /// The owner's view of its own entry: absent when expired.
+    fn live(r: &Record) -> Option<&Record> {
+        (!r.is_expired(NOW, 0)).then_some(r)
+    }
+
+    /// The value readers see after merging `merging` into an owner holding `existing`.
+    fn survivor(policy: MergePolicy, existing: &Record, merging: &Record) -> Option<Vec<u8>> {
+        let existing = live(existing);
+        match decide(policy, existing, merging, NOW) {
+            Verdict::TakeMerging => Some(merging.value.clone()),
+            Verdict::KeepExisting => existing.map(|r| r.value.clone()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_verdict_depends_only_on_its_inputs(
+            policy in any_policy(), existing in prop::option::of(any_record()), merging in any_record(),
+        ) {
+            let first = decide(policy, existing.as_ref(), &merging, NOW);
+            let again = decide(policy, existing.clone().as_ref(), &merging.clone(), NOW);
+            prop_assert_eq!(first, again);
+        }
+
+        #[test]
+        fn comparing_policies_keep_the_same_value_whichever_side_merges(
+            policy in prop::sample::select(vec![
+                MergePolicy::LatestUpdate, MergePolicy::LatestAccess, MergePolicy::HigherHits,
+                MergePolicy::ExpirationTime,
+            ]),
+            a in any_record(),
+            b in any_record(),
+        ) {
+            prop_assert_eq!(survivor(policy, &a, &b), survivor(policy, &b, &a));
+        }
+
+        #[test]
+        fn an_expired_merging_entry_never_wins(
+            policy in any_policy(), existing in prop::option::of(any_record()), merging in any_record(),
+        ) {
+            prop_assume!(merging.is_expired(NOW, 0));
+            prop_assert_eq!(decide(policy, existing.as_ref(), &merging, NOW), Verdict::KeepExisting);
+        }
+
+        #[test]
+        fn discard_always_keeps_the_existing_entry(existing in prop::option::of(any_record()), merging in any_record()) {
+            prop_assert_eq!(decide(MergePolicy::Discard, existing.as_ref(), &merging, NOW), Verdict::KeepExisting);
+        }
+
+        #[test]
+        fn put_if_absent_takes_the_merging_entry_only_for_an_absent_key(
+            existing in prop::option::of(any_record()), merging in any_record(),
+        ) {
+            let verdict = decide(MergePolicy::PutIfAbsent, existing.as_ref(), &merging, NOW);
+            let expected = existing.is_none() && !merging.is_expired(NOW, 0);
+            prop_assert_eq!(verdict == Verdict::TakeMerging, expected);
+        }
+
+        #[test]
+        fn pass_through_takes_every_live_merging_entry(existing in prop::option::of(any_record()), merging in any_record()) {
+            let verdict = decide(MergePolicy::PassThrough, existing.as_ref(), &merging, NOW);
+            prop_assert_eq!(verdict == Verdict::TakeMerging, !merging.is_expired(NOW, 0));
+        }
+
+        #[test]
+        fn an_absent_key_takes_a_live_merging_entry_except_under_discard(policy in any_policy(), merging in any_record()) {
+            prop_assume!(!merging.is_expired(NOW, 0));
+            let expected = if policy == MergePolicy::Discard { Verdict::KeepExisting } else { Verdict::TakeMerging };
+            prop_assert_eq!(decide(policy, None, &merging, NOW), expected);
+        }
+
+        #[test]
+        fn merging_a_record_into_itself_changes_nothing(policy in any_policy(), r in any_record()) {
+            prop_assume!(policy != MergePolicy::PassThrough && live(&r).is_some());
+            prop_assert_eq!(decide(policy, Some(&r), &r, NOW), Verdict::KeepExisting);
+        }
+    }
+
+    #[test]
+    fn each_policy_picks_by_its_own_figure() {
+        let old = Record { hits: 9, accessed_ms: NOW - 1, ..record(b"old", NOW - 100) };
+        let new = Record { hits: 1, accessed_ms: NOW - 50, ..record(b"new", NOW - 10) };
+        let pick = |policy, existing: &Record, merging: &Record| decide(policy, Some(existing), merging, NOW);
+        assert_eq!(pick(MergePolicy::LatestUpdate, &old, &new), Verdict::TakeMerging);
+        assert_eq!(pick(MergePolicy::LatestUpdate, &new, &old), Verdict::KeepExisting);
+        assert_eq!(pick(MergePolicy::HigherHits, &new, &old), Verdict::TakeMerging);
+        assert_eq!(pick(MergePolicy::HigherHits, &old, &new), Verdict::KeepExisting);
+        assert_eq!(pick(MergePolicy::LatestAccess, &new, &old), Verdict::TakeMerging, "old was read last");
+        assert_eq!(pick(MergePolicy::PutIfAbsent, &old, &new), Verdict::KeepExisting);
+        assert_eq!(pick(MergePolicy::PassThrough, &new, &old), Verdict::TakeMerging, "even an older entry");
+        assert_eq!(pick(MergePolicy::Discard, &old, &new), Verdict::KeepExisting);
+        let forever = record(b"a", NOW - 100);
+        let soon = Record { ttl_ms: 1_000, ..record(b"b", NOW - 10) };
+        assert_eq!(pick(MergePolicy::ExpirationTime, &soon, &forever), Verdict::TakeMerging, "never expires: latest");
+        assert_eq!(pick(MergePolicy::ExpirationTime, &forever, &soon), Verdict::KeepExisting);
+    }
+
+    #[test]
+    fn a_tie_goes_to_the_larger_value_whichever_side_merges() {
+        let a = record(b"apple", NOW - 5);
+        let b = record(b"banana", NOW - 5);
+        assert_eq!(decide(MergePolicy::LatestUpdate, Some(&a), &b, NOW), Verdict::TakeMerging);
+        assert_eq!(decide(MergePolicy::LatestUpdate, Some(&b), &a, NOW), Verdict::KeepExisting);
+    }
+
+    #[test]
+    fn an_expired_merging_entry_is_not_added_even_to_an_absent_key() {
+        let expired = Record { ttl_ms: 10, ..record(b"v", NOW - 10) };
+        assert!(expired.is_expired(NOW, 0));
+        for policy in MergePolicy::ALL {
+            assert_eq!(decide(policy, None, &expired, NOW), Verdict::KeepExisting, "{policy}");
+        }
+    }
+
+    #[test]
+    fn names_parse_back_and_unknown_names_list_the_valid_ones() {
+        for policy in MergePolicy::ALL {
+            assert_eq!(policy.name().parse::<MergePolicy>(), Ok(policy));
+            assert_eq!(policy.to_string().to_uppercase().parse::<MergePolicy>(), Ok(policy));
+        }
+        assert_eq!(MergePolicy::default(), MergePolicy::LatestUpdate);
+        let err = "latest_update".parse::<MergePolicy>().unwrap_err().to_string();
+        assert!(err.contains("\"latest_update\"") && err.contains("latest-update, latest-access"), "{err}");
+    }
+}
