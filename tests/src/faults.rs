@@ -194,6 +194,8 @@ pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
     config.partitions.anti_entropy_interval_ms = 300;
     config.partitions.migration_timeout_ms = 5_000;
     config.shutdown_timeout_seconds = 10;
+    config.merge_first_run_delay_seconds = 0.0;
+    config.merge_run_delay_seconds = 0.5;
     config.maps.insert(MAP.to_string(), grapevine::MapConfig { backup_count, ..Default::default() });
     config
 }

@@ -59,6 +59,9 @@ const MEMBER_ENV: &[(&str, &str)] = &[
     ("GRAPEVINE_GOSSIP__PROBE_INTERVAL_MS", "200"),
     ("GRAPEVINE_PARTITIONS__ANTI_ENTROPY_INTERVAL_MS", "500"),
     ("GRAPEVINE_PARTITIONS__OPERATION_TIMEOUT_MS", "15000"),
+    // Sides of a healed cut merge one second after they see each other again.
+    ("GRAPEVINE_MERGE_FIRST_RUN_DELAY_SECONDS", "0"),
+    ("GRAPEVINE_MERGE_RUN_DELAY_SECONDS", "1"),
     // Each member has its namespace to itself: 5701/5801 must be free, and if they are not the
     // member should fail loudly rather than move to another port.
     ("GRAPEVINE_PORT_AUTO_INCREMENT", "false"),

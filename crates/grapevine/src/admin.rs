@@ -636,7 +636,7 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
     let is_master = stats.master.as_deref() == Some(stats.node_id.as_str());
     let active = stats.members.iter().filter(|m| m.state == "active").count();
     let g = &stats.gossip;
-    let samples: [(&str, &str, &str, u64); 12] = [
+    let samples: [(&str, &str, &str, u64); 14] = [
         ("grapevine_members", "gauge", "Members in this member's view of the cluster.", stats.members.len() as u64),
         ("grapevine_members_active", "gauge", "Members in the view that are active.", active as u64),
         ("grapevine_is_master", "gauge", "1 when this member is the master.", u64::from(is_master)),
@@ -657,6 +657,13 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
             "gauge",
             "Members refused for an incompatible protocol version.",
             g.incompatible_members,
+        ),
+        ("grapevine_groups_merged_total", "counter", "Other groups merged into this member's view.", g.groups_merged),
+        (
+            "grapevine_outside_members",
+            "gauge",
+            "Members of this cluster in another group, waiting for the merge timers.",
+            g.outside_members,
         ),
         ("grapevine_uptime_seconds", "gauge", "Seconds since this member started.", stats.local.uptime_s),
     ];

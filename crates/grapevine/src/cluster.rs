@@ -271,6 +271,8 @@ impl Cluster {
         membership_config.dead_member_grace = Duration::from_secs(config.gossip.dead_member_grace_seconds);
         membership_config.probe_interval = Duration::from_millis(config.gossip.probe_interval_ms);
         membership_config.attributes = config.attributes.clone();
+        membership_config.merge_first_run_delay = Duration::from_secs_f64(config.merge_first_run_delay_seconds);
+        membership_config.merge_run_delay = Duration::from_secs_f64(config.merge_run_delay_seconds);
         if let Some(version) = protocol_version {
             membership_config.protocol_version = version;
         }

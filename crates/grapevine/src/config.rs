@@ -72,6 +72,13 @@ pub struct Config {
     pub member_refresh_seconds: u64,
     /// How long a graceful shutdown may take before the member exits anyway. Default 120.
     pub shutdown_timeout_seconds: u64,
+    /// Members of this cluster found in another group (a healed network split, groups formed
+    /// apart at start-up) are not merged before this member has run this long, in seconds.
+    /// Default 20.
+    pub merge_first_run_delay_seconds: f64,
+    /// ... and not before they have been visible without a break for this long, in seconds, so
+    /// that a flapping link does not merge and split the groups over and over. Default 10.
+    pub merge_run_delay_seconds: f64,
     /// `text` or `json` (one JSON object per line). Default text. The level comes from `RUST_LOG`.
     pub log_format: LogFormat,
     /// Gossip and failure detection.
@@ -250,6 +257,8 @@ impl Default for Config {
             members: Vec::new(),
             member_refresh_seconds: 30,
             shutdown_timeout_seconds: 120,
+            merge_first_run_delay_seconds: 20.0,
+            merge_run_delay_seconds: 10.0,
             log_format: LogFormat::Text,
             gossip: GossipSettings::default(),
             net: NetSettings::default(),
@@ -323,6 +332,14 @@ impl Config {
                 "node_id",
                 format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces, `/` or `,`"),
             ));
+        }
+        for (key, value) in [
+            ("merge_first_run_delay_seconds", self.merge_first_run_delay_seconds),
+            ("merge_run_delay_seconds", self.merge_run_delay_seconds),
+        ] {
+            if !(0.0..=86_400.0).contains(&value) {
+                return Err(ConfigError::new(key, format!("{value} is not between 0 and 86400 seconds")));
+            }
         }
         check_port_range("port", self.port, self.port_count)?;
         check_port_range("admin_port", self.admin_port, self.port_count)?;
