@@ -696,7 +696,7 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
 /// Per-map series (label `map`): the cluster-wide totals of `/stats`, as this member collected
 /// them, so every member exports the same values: aggregate them with `max`, not `sum`.
 type MapMetric = (&'static str, &'static str, &'static str, fn(&MapStats) -> u64);
-const MAP_METRICS: [MapMetric; 9] = [
+const MAP_METRICS: [MapMetric; 11] = [
     ("grapevine_map_entries", "gauge", "Entries of the map in the cluster (owned copies).", |m| m.owned_entries),
     ("grapevine_map_backup_entries", "gauge", "Backup copies of the map's entries in the cluster.", |m| {
         m.backup_entries
@@ -714,6 +714,18 @@ const MAP_METRICS: [MapMetric; 9] = [
     ("grapevine_map_memory_bytes", "gauge", "Estimated memory of the map's entries and backups, cluster-wide.", |m| {
         m.memory_bytes
     }),
+    (
+        "grapevine_map_under_replicated_partitions",
+        "gauge",
+        "Partitions whose owner has fewer synchronous backups than backup_count (too few members).",
+        |m| m.under_replicated_partitions,
+    ),
+    (
+        "grapevine_map_under_replicated_writes_total",
+        "counter",
+        "Writes acknowledged with fewer synchronous backups than backup_count, cluster-wide.",
+        |m| m.under_replicated_writes,
+    ),
 ];
 
 /// Label values escape `\`, `"` and newlines.
@@ -762,7 +774,8 @@ mod tests {
                 {
                     "name": "sessions", "owned_entries": 200, "backup_entries": 200, "hits": 7, "gets": 9,
                     "puts": 201, "removes": 1, "get_p99_us": 850, "put_p99_us": 1200, "memory_bytes": 40960,
-                    "backup_count": 1, "async_backup_count": 0, "per_member": []
+                    "backup_count": 1, "async_backup_count": 0, "under_replicated_partitions": 5,
+                    "under_replicated_writes": 17, "per_member": []
                 },
                 {"name": "odd \"name\"", "owned_entries": 1, "backup_entries": 0, "hits": 0, "gets": 0, "puts": 1,
                  "removes": 0, "get_p99_us": 0, "put_p99_us": 0, "memory_bytes": 10, "backup_count": 0,
@@ -803,6 +816,11 @@ mod tests {
             r#"grapevine_map_get_p99_microseconds{cluster="demo \"q\"",node="a",map="sessions"} 850"#.to_string(),
             r#"grapevine_map_put_p99_microseconds{cluster="demo \"q\"",node="a",map="sessions"} 1200"#.to_string(),
             r#"grapevine_map_memory_bytes{cluster="demo \"q\"",node="a",map="sessions"} 40960"#.to_string(),
+            r#"grapevine_map_under_replicated_partitions{cluster="demo \"q\"",node="a",map="sessions"} 5"#.to_string(),
+            r#"grapevine_map_under_replicated_writes_total{cluster="demo \"q\"",node="a",map="sessions"} 17"#
+                .to_string(),
+            r#"grapevine_map_under_replicated_writes_total{cluster="demo \"q\"",node="a",map="odd \"name\""} 0"#
+                .to_string(),
             "# TYPE grapevine_map_gets_total counter".to_string(),
             "# TYPE grapevine_map_entries gauge".to_string(),
         ] {

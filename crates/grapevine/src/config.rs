@@ -620,6 +620,26 @@ mod tests {
     }
 
     #[test]
+    fn more_than_six_backups_of_both_kinds_warn_and_keep_the_synchronous_ones() {
+        let config: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 4\nasync_backup_count = 4").unwrap();
+        let warnings = config.validate().unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("maps.m.backup_count + async_backup_count = 4 + 4 = 8"), "{warnings:?}");
+        assert!(warnings[0].contains("using 2 asynchronous"), "{warnings:?}");
+        let settings = config.map_settings();
+        assert_eq!((settings.map("m").backup_count, settings.map("m").async_backup_count), (4, 2));
+        // Six in all is the maximum, accepted without a warning. Both above six: a warning for each
+        // and one for the total, which leaves no asynchronous backup.
+        let six: Config = toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 2\nasync_backup_count = 4").unwrap();
+        assert_eq!(six.validate().unwrap(), Vec::<String>::new());
+        let both: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 7\nasync_backup_count = 9").unwrap();
+        assert_eq!(both.validate().unwrap().len(), 3);
+        assert_eq!(both.map_settings().map("m").async_backup_count, 0);
+    }
+
+    #[test]
     fn outbound_ports_must_be_a_range() {
         let mut config = valid();
         config.net.outbound_ports = Some("33000-33100".into());
