@@ -26,7 +26,8 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// The interface address to listen on and advertise. Default: listen on every interface and
-    /// advertise the address that routes to the first listed member (127.0.0.1 with no members).
+    /// advertise the source address that reaches the lowest address `members` resolves to
+    /// (127.0.0.1 with no members, or when that address is a loopback address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<IpAddr>,
     /// The address other members should use to reach this one, when it differs from `bind`
@@ -70,7 +71,8 @@ pub struct Config {
     pub members: Vec<String>,
     /// How often host names in `members` are resolved again, in seconds. Default 30.
     pub member_refresh_seconds: u64,
-    /// How long a graceful shutdown may take before the member exits anyway. Default 120.
+    /// How long a graceful shutdown waits for the hand-over of this member's partitions, in
+    /// seconds; then it leaves anyway, logging what was not handed over. Default 120.
     pub shutdown_timeout_seconds: u64,
     /// `text` or `json` (one JSON object per line). Default text. The level comes from `RUST_LOG`.
     pub log_format: LogFormat,
@@ -93,7 +95,7 @@ pub struct GossipSettings {
     /// Time between gossip rounds, in milliseconds. Default 1000.
     pub interval_ms: u64,
     /// Phi-accrual threshold: a silent member is declared dead after about
-    /// `phi_threshold` × `interval_ms` (8 s with the defaults). Default 8.0.
+    /// (`phi_threshold` + 1) × `interval_ms` (9 s with the defaults). Default 8.0.
     pub phi_threshold: f64,
     /// How long a dead member's state is remembered, in seconds. Default 900.
     pub dead_member_grace_seconds: u64,
