@@ -62,7 +62,10 @@ async fn redis_target_runs_and_counts_add_up() {
         }
         if flag("GRAPEVINE_ALLOW_SKIP") {
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED the redis target's smoke test: {why}; GRAPEVINE_ALLOW_SKIP=1 allows it");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED the redis target's smoke test: {why}; GRAPEVINE_ALLOW_SKIP=1 allows it"
+            );
             return;
         }
         panic!("{why}; install it, or set GRAPEVINE_ALLOW_SKIP=1 to skip this test");

@@ -94,7 +94,10 @@ const SCENARIOS: &[(&str, fn())] = &[
         "a_node_cut_off_by_the_network_is_declared_dead_and_rejoins_when_healed",
         a_node_cut_off_by_the_network_is_declared_dead_and_rejoins_when_healed,
     ),
-    ("sigkill_of_the_master_moves_the_master_and_keeps_the_data", sigkill_of_the_master_moves_the_master_and_keeps_the_data),
+    (
+        "sigkill_of_the_master_moves_the_master_and_keeps_the_data",
+        sigkill_of_the_master_moves_the_master_and_keeps_the_data,
+    ),
     ("the_majority_keeps_its_data_across_a_healed_partition", the_majority_keeps_its_data_across_a_healed_partition),
     (
         "the_majority_keeps_its_data_when_the_master_is_the_one_cut_off",

@@ -106,18 +106,18 @@ fn a_hand_over_that_runs_out_of_time_is_logged_and_exits_1() {
 
     b.signal("STOP");
     a.signal("TERM");
-    let (status, body) = wait_until("/health 503 while leaving", WAIT, || {
-        health(28611).filter(|(status, _)| *status != 200)
-    });
+    let (status, body) =
+        wait_until("/health 503 while leaving", WAIT, || health(28611).filter(|(status, _)| *status != 200));
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["healthy"], false, "{body}");
     let status = a.wait_exit(WAIT);
     b.signal("CONT");
     let log = a.log();
     assert_eq!(status.code(), Some(1), "{log}");
-    let line = log.lines().find(|l| l.contains("leaving before every partition was handed over")).unwrap_or_else(
-        || panic!("no warning about the hand-over in\n{log}"),
-    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("leaving before every partition was handed over"))
+        .unwrap_or_else(|| panic!("no warning about the hand-over in\n{log}"));
     for needle in ["shutdown_timeout_seconds = 2", "partitions owned", "their backups take over", "are lost"] {
         assert!(line.contains(needle), "{needle:?} in {line}");
     }

@@ -633,7 +633,8 @@ mod tests {
         assert_eq!((settings.map("m").backup_count, settings.map("m").async_backup_count), (4, 2));
         // Six in all is the maximum, accepted without a warning. Both above six: a warning for each
         // and one for the total, which leaves no asynchronous backup.
-        let six: Config = toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 2\nasync_backup_count = 4").unwrap();
+        let six: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 2\nasync_backup_count = 4").unwrap();
         assert_eq!(six.validate().unwrap(), Vec::<String>::new());
         let both: Config =
             toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 7\nasync_backup_count = 9").unwrap();
