@@ -82,9 +82,6 @@ use crate::DistributedMap;
 use crate::cluster::{Cluster, ClusterError, WeakCluster};
 use crate::stats::{ClusterStats, MapStats};
 
-/// How long `POST /master/handover` waits for the new master to be seen.
-pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The routes, for the 404 answer.
 const ROUTES: &[&str] = &[
     "GET /health",
@@ -464,7 +461,8 @@ async fn handover(State(cluster): State<WeakCluster>, body: Result<Bytes, BytesR
     };
     let Some(cluster) = cluster.upgrade() else { return gone() };
     info!(target_node = %request.node_id, "master hand-over requested through the admin endpoint");
-    match cluster.handover_master(&request.node_id, HANDOVER_TIMEOUT).await {
+    let timeout = Duration::from_millis(cluster.config().admin.handover_timeout_ms);
+    match cluster.handover_master(&request.node_id, timeout).await {
         Ok(master) => Json(json!({ "master": master.node_id.to_string() })).into_response(),
         Err(e) => {
             // Written so that new error variants (added by other layers) default to 500.

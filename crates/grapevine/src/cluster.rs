@@ -467,6 +467,9 @@ impl Cluster {
     /// Makes the member with `node_id` master until it leaves, and waits (up to `timeout`) until
     /// this member sees it as master.
     pub async fn handover_master(&self, node_id: &str, timeout: Duration) -> Result<MemberId, ClusterError> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Err(ClusterError::ShuttingDown);
+        }
         let target = self.inner.membership.request_master_handover(node_id).await?;
         self.inner
             .membership

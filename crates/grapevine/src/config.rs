@@ -167,11 +167,19 @@ pub struct AdminSettings {
     /// How long a client may take to send a request's body, from the end of its headers, in ms;
     /// then it gets 408 and the connection is closed. Default 10000.
     pub body_read_timeout_ms: u64,
+    /// How long `POST /master/handover` waits for this member to see the new master, in ms; then
+    /// it answers 504 (the hand-over may still complete). Default 30000.
+    pub handover_timeout_ms: u64,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        AdminSettings { connections_max: 64, header_read_timeout_ms: 5_000, body_read_timeout_ms: 10_000 }
+        AdminSettings {
+            connections_max: 64,
+            header_read_timeout_ms: 5_000,
+            body_read_timeout_ms: 10_000,
+            handover_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -365,6 +373,7 @@ impl Config {
         for (key, value) in [
             ("admin.header_read_timeout_ms", a.header_read_timeout_ms),
             ("admin.body_read_timeout_ms", a.body_read_timeout_ms),
+            ("admin.handover_timeout_ms", a.handover_timeout_ms),
         ] {
             if !(1..=ADMIN_TIMEOUT_MS_MAX).contains(&value) {
                 return Err(ConfigError::new(key, "must be between 1 and 86400000 milliseconds (one day)"));
