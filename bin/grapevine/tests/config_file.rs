@@ -141,7 +141,8 @@ fn every_commented_out_key_is_a_real_key_with_a_valid_value() {
             generic(&if section.is_empty() { key.to_string() } else { format!("{section}.{key}") })
         })
         .collect();
-    for key in ["node_id", "bind", "public_address", "admin_bind", "resp_bind", "net.outbound_ports", "maps.*.backup_count"]
+    for key in
+        ["node_id", "bind", "public_address", "admin_bind", "resp_bind", "net.outbound_ports", "maps.*.backup_count"]
     {
         assert!(shown.contains(key), "{key} has no commented-out example: {shown:?}");
     }
