@@ -170,7 +170,7 @@ async fn health_is_503_while_the_partition_table_is_behind_the_masters() {
     };
     cut(true);
     // A fourth member makes the master publish new tables.
-    let d = start_member(test_config(&a.name().to_string()), &[a]).await;
+    let d = start_member(test_config(a.name()), &[a]).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let body = loop {
         let (status, body) = http(admin(c), "GET", "/health", b"").await;
