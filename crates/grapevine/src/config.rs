@@ -94,8 +94,9 @@ pub struct Config {
 pub struct GossipSettings {
     /// Time between gossip rounds, in milliseconds. Default 1000.
     pub interval_ms: u64,
-    /// Phi-accrual threshold: a silent member is declared dead after about
-    /// (`phi_threshold` + 1) × `interval_ms` (9 s with the defaults). Default 8.0.
+    /// Phi-accrual threshold: a silent member is declared dead after `phi_threshold` times the
+    /// mean interval between its heartbeats, at most about (`phi_threshold` + 1) × `interval_ms`
+    /// (9 s with the defaults). Default 8.0.
     pub phi_threshold: f64,
     /// How long a dead member's state is remembered, in seconds. Default 900.
     pub dead_member_grace_seconds: u64,
