@@ -82,9 +82,6 @@ use crate::DistributedMap;
 use crate::cluster::{Cluster, ClusterError, WeakCluster};
 use crate::stats::{ClusterStats, MapStats};
 
-/// How long `POST /master/handover` waits for the new master to be seen.
-pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The routes, for the 404 answer.
 const ROUTES: &[&str] = &[
     "GET /health",
@@ -464,7 +461,8 @@ async fn handover(State(cluster): State<WeakCluster>, body: Result<Bytes, BytesR
     };
     let Some(cluster) = cluster.upgrade() else { return gone() };
     info!(target_node = %request.node_id, "master hand-over requested through the admin endpoint");
-    match cluster.handover_master(&request.node_id, HANDOVER_TIMEOUT).await {
+    let timeout = Duration::from_millis(cluster.config().admin.handover_timeout_ms);
+    match cluster.handover_master(&request.node_id, timeout).await {
         Ok(master) => Json(json!({ "master": master.node_id.to_string() })).into_response(),
         Err(e) => {
             // Written so that new error variants (added by other layers) default to 500.
@@ -703,7 +701,7 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
 /// Per-map series (label `map`): the cluster-wide totals of `/stats`, as this member collected
 /// them, so every member exports the same values: aggregate them with `max`, not `sum`.
 type MapMetric = (&'static str, &'static str, &'static str, fn(&MapStats) -> u64);
-const MAP_METRICS: [MapMetric; 9] = [
+const MAP_METRICS: [MapMetric; 11] = [
     ("grapevine_map_entries", "gauge", "Entries of the map in the cluster (owned copies).", |m| m.owned_entries),
     ("grapevine_map_backup_entries", "gauge", "Backup copies of the map's entries in the cluster.", |m| {
         m.backup_entries
@@ -721,6 +719,18 @@ const MAP_METRICS: [MapMetric; 9] = [
     ("grapevine_map_memory_bytes", "gauge", "Estimated memory of the map's entries and backups, cluster-wide.", |m| {
         m.memory_bytes
     }),
+    (
+        "grapevine_map_under_replicated_partitions",
+        "gauge",
+        "Partitions whose owner has fewer synchronous backups than backup_count (too few members).",
+        |m| m.under_replicated_partitions,
+    ),
+    (
+        "grapevine_map_under_replicated_writes_total",
+        "counter",
+        "Writes acknowledged with fewer synchronous backups than backup_count, cluster-wide.",
+        |m| m.under_replicated_writes,
+    ),
 ];
 
 /// Label values escape `\`, `"` and newlines.
@@ -769,7 +779,8 @@ mod tests {
                 {
                     "name": "sessions", "owned_entries": 200, "backup_entries": 200, "hits": 7, "gets": 9,
                     "puts": 201, "removes": 1, "get_p99_us": 850, "put_p99_us": 1200, "memory_bytes": 40960,
-                    "backup_count": 1, "async_backup_count": 0, "per_member": []
+                    "backup_count": 1, "async_backup_count": 0, "under_replicated_partitions": 5,
+                    "under_replicated_writes": 17, "per_member": []
                 },
                 {"name": "odd \"name\"", "owned_entries": 1, "backup_entries": 0, "hits": 0, "gets": 0, "puts": 1,
                  "removes": 0, "get_p99_us": 0, "put_p99_us": 0, "memory_bytes": 10, "backup_count": 0,
@@ -810,6 +821,11 @@ mod tests {
             r#"grapevine_map_get_p99_microseconds{cluster="demo \"q\"",node="a",map="sessions"} 850"#.to_string(),
             r#"grapevine_map_put_p99_microseconds{cluster="demo \"q\"",node="a",map="sessions"} 1200"#.to_string(),
             r#"grapevine_map_memory_bytes{cluster="demo \"q\"",node="a",map="sessions"} 40960"#.to_string(),
+            r#"grapevine_map_under_replicated_partitions{cluster="demo \"q\"",node="a",map="sessions"} 5"#.to_string(),
+            r#"grapevine_map_under_replicated_writes_total{cluster="demo \"q\"",node="a",map="sessions"} 17"#
+                .to_string(),
+            r#"grapevine_map_under_replicated_writes_total{cluster="demo \"q\"",node="a",map="odd \"name\""} 0"#
+                .to_string(),
             "# TYPE grapevine_map_gets_total counter".to_string(),
             "# TYPE grapevine_map_entries gauge".to_string(),
         ] {

@@ -72,6 +72,29 @@ pub enum ClusterError {
     ShuttingDown,
 }
 
+/// A graceful shutdown that left before every partition was handed over: the hand-over did not
+/// finish within `shutdown_timeout_seconds`, and the member left anyway. The other members take
+/// over as after a crash (but at once, without waiting for failure detection): each partition it
+/// still owned is served by its first synchronous backup, which holds every acknowledged write;
+/// entries of maps without backups in those partitions are lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the partitions were not all handed over within shutdown_timeout_seconds = {timeout_seconds}: {owned_partitions} \
+     partitions owned and {backup_partitions} backup replicas were still on this member; it left anyway, so their \
+     backups take over, and the {unprotected_entries} entries of maps without backups in them are lost"
+)]
+pub struct HandoverIncomplete {
+    /// The hand-over wait, `shutdown_timeout_seconds`.
+    pub timeout_seconds: u64,
+    /// Partitions this member still owned.
+    pub owned_partitions: u32,
+    /// Partitions this member still held a backup replica of.
+    pub backup_partitions: u32,
+    /// Entries of maps with `backup_count = 0` in the partitions it still owned: no other member
+    /// has them.
+    pub unprotected_entries: u64,
+}
+
 /// The addresses a running member uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addresses {
@@ -446,6 +469,9 @@ impl Cluster {
     /// Makes the member with `node_id` master until it leaves, and waits (up to `timeout`) until
     /// this member sees it as master.
     pub async fn handover_master(&self, node_id: &str, timeout: Duration) -> Result<MemberId, ClusterError> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Err(ClusterError::ShuttingDown);
+        }
         let target = self.inner.membership.request_master_handover(node_id).await?;
         self.inner
             .membership
@@ -552,6 +578,8 @@ impl Cluster {
                 total.puts += m.puts;
                 total.removes += m.removes;
                 total.memory_bytes += m.memory_bytes;
+                total.under_replicated_partitions += m.under_replicated_partitions;
+                total.under_replicated_writes += m.under_replicated_writes;
                 total.get_p99_us = total.get_p99_us.max(m.get_p99_us);
                 total.put_p99_us = total.put_p99_us.max(m.put_p99_us);
                 total.backup_count = m.backup_count;
@@ -564,16 +592,41 @@ impl Cluster {
 
     /// Leaves the cluster gracefully: announces the departure so peers see `Left` within a gossip
     /// round or two, then stops every task of this member.
+    ///
+    /// The hand-over waits at most `shutdown_timeout_seconds`; past that the member leaves
+    /// anyway, logging what it still held ([`Cluster::shutdown_reporting`] also returns it).
     pub async fn shutdown(&self) {
+        let _ = self.shutdown_reporting().await;
+    }
+
+    /// [`Cluster::shutdown`], telling whether every partition was handed over before the member
+    /// left. `Ok` also when another call already shut it down.
+    pub async fn shutdown_reporting(&self) -> Result<(), HandoverIncomplete> {
         if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
-            return;
+            return Ok(());
         }
         info!(node = %self.local(), "shutting down gracefully");
         self.inner.membership.set_state(MemberState::Leaving).await;
         let timeout = Duration::from_secs(self.inner.config.shutdown_timeout_seconds);
-        if let Err(error) = self.inner.maps.wait_handoff(timeout).await {
-            warn!(%error, "shutting down before every partition was handed over");
-        }
+        let outcome = match self.inner.maps.wait_handoff(timeout).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let local = self.inner.maps.local_stats();
+                let incomplete = HandoverIncomplete {
+                    timeout_seconds: timeout.as_secs(),
+                    owned_partitions: local.owned_partitions,
+                    backup_partitions: local.backup_partitions,
+                    unprotected_entries: local
+                        .maps
+                        .iter()
+                        .filter(|m| m.backup_count == 0)
+                        .map(|m| m.owned_entries)
+                        .sum(),
+                };
+                warn!(%error, "leaving before every partition was handed over: {incomplete}");
+                Err(incomplete)
+            }
+        };
         // Members still using a table from before the hand-over get "wrong owner" answers and
         // retry elsewhere; give requests already on the wire a moment to be answered.
         tokio::time::sleep(self.inner.config.gossip_interval().min(Duration::from_millis(500)) * 2).await;
@@ -582,6 +635,7 @@ impl Cluster {
         self.inner.net.shutdown().await;
         self.stop_tasks().await;
         info!(node = %self.local(), "shut down");
+        outcome
     }
 
     /// Stops at once without telling peers, as a crash would (they detect it as dead). For tests,

@@ -26,7 +26,8 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// The interface address to listen on and advertise. Default: listen on every interface and
-    /// advertise the address that routes to the first listed member (127.0.0.1 with no members).
+    /// advertise the source address that reaches the lowest address `members` resolves to
+    /// (127.0.0.1 with no members, or when that address is a loopback address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<IpAddr>,
     /// The address other members should use to reach this one, when it differs from `bind`
@@ -70,7 +71,8 @@ pub struct Config {
     pub members: Vec<String>,
     /// How often host names in `members` are resolved again, in seconds. Default 30.
     pub member_refresh_seconds: u64,
-    /// How long a graceful shutdown may take before the member exits anyway. Default 120.
+    /// How long a graceful shutdown waits for the hand-over of this member's partitions, in
+    /// seconds; then it leaves anyway, logging what was not handed over. Default 120.
     pub shutdown_timeout_seconds: u64,
     /// Members of this cluster found in another group (a healed network split, groups formed
     /// apart at start-up) are not merged before this member has run this long, in seconds.
@@ -99,8 +101,9 @@ pub struct Config {
 pub struct GossipSettings {
     /// Time between gossip rounds, in milliseconds. Default 1000.
     pub interval_ms: u64,
-    /// Phi-accrual threshold: a silent member is declared dead after about
-    /// `phi_threshold` × `interval_ms` (8 s with the defaults). Default 8.0.
+    /// Phi-accrual threshold: a silent member is declared dead after `phi_threshold` times the
+    /// mean interval between its heartbeats, at most about (`phi_threshold` + 1) × `interval_ms`
+    /// (9 s with the defaults). Default 8.0.
     pub phi_threshold: f64,
     /// How long a dead member's state is remembered, in seconds. Default 900.
     pub dead_member_grace_seconds: u64,
@@ -172,11 +175,19 @@ pub struct AdminSettings {
     /// How long a client may take to send a request's body, from the end of its headers, in ms;
     /// then it gets 408 and the connection is closed. Default 10000.
     pub body_read_timeout_ms: u64,
+    /// How long `POST /master/handover` waits for this member to see the new master, in ms; then
+    /// it answers 504 (the hand-over may still complete). Default 30000.
+    pub handover_timeout_ms: u64,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        AdminSettings { connections_max: 64, header_read_timeout_ms: 5_000, body_read_timeout_ms: 10_000 }
+        AdminSettings {
+            connections_max: 64,
+            header_read_timeout_ms: 5_000,
+            body_read_timeout_ms: 10_000,
+            handover_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -380,6 +391,7 @@ impl Config {
         for (key, value) in [
             ("admin.header_read_timeout_ms", a.header_read_timeout_ms),
             ("admin.body_read_timeout_ms", a.body_read_timeout_ms),
+            ("admin.handover_timeout_ms", a.handover_timeout_ms),
         ] {
             if !(1..=ADMIN_TIMEOUT_MS_MAX).contains(&value) {
                 return Err(ConfigError::new(key, "must be between 1 and 86400000 milliseconds (one day)"));
@@ -634,6 +646,27 @@ mod tests {
         assert_eq!(settings.map("sessions").backup_count, 6);
         assert_eq!(settings.map("sessions").max_idle_seconds, 1800);
         assert_eq!(settings.map("other").backup_count, 1, "maps without a section use the defaults");
+    }
+
+    #[test]
+    fn more_than_six_backups_of_both_kinds_warn_and_keep_the_synchronous_ones() {
+        let config: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 4\nasync_backup_count = 4").unwrap();
+        let warnings = config.validate().unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("maps.m.backup_count + async_backup_count = 4 + 4 = 8"), "{warnings:?}");
+        assert!(warnings[0].contains("using 2 asynchronous"), "{warnings:?}");
+        let settings = config.map_settings();
+        assert_eq!((settings.map("m").backup_count, settings.map("m").async_backup_count), (4, 2));
+        // Six in all is the maximum, accepted without a warning. Both above six: a warning for each
+        // and one for the total, which leaves no asynchronous backup.
+        let six: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 2\nasync_backup_count = 4").unwrap();
+        assert_eq!(six.validate().unwrap(), Vec::<String>::new());
+        let both: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 7\nasync_backup_count = 9").unwrap();
+        assert_eq!(both.validate().unwrap().len(), 3);
+        assert_eq!(both.map_settings().map("m").async_backup_count, 0);
     }
 
     #[test]

@@ -28,7 +28,9 @@ mod ports;
 mod singleton;
 pub mod stats;
 
-pub use cluster::{Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, Health, StartError};
+pub use cluster::{
+    Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, HandoverIncomplete, Health, StartError,
+};
 pub use config::{Config, ConfigError, RespLimits};
 pub use grapevine_map::{
     EntryEventKind, Expiry, MapConfig, MapError, MapService, PartitionSummary, PutMode, SetExpiry,

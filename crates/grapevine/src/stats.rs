@@ -60,6 +60,14 @@ pub struct MapStats {
     pub backup_count: u8,
     /// Asynchronous backups configured.
     pub async_backup_count: u8,
+    /// Partitions whose owner has fewer synchronous backups than `backup_count` in its row: the
+    /// cluster has fewer members than `1 + backup_count`. 0 once enough members are active.
+    #[serde(default)]
+    pub under_replicated_partitions: u64,
+    /// Writes acknowledged with fewer synchronous backups than `backup_count`, since the owners
+    /// started (each also logs a warning once, until the map recovers).
+    #[serde(default)]
+    pub under_replicated_writes: u64,
     /// Each member's part.
     pub per_member: Vec<MemberMapStats>,
 }

@@ -41,7 +41,8 @@ impl MapConfig {
         1 + usize::from(self.backup_count)
     }
 
-    /// Clamps backup counts to [`BACKUP_COUNT_MAX`]; returns a warning for each clamped value.
+    /// Clamps backup counts to [`BACKUP_COUNT_MAX`], each and both together (asynchronous backups
+    /// give way to synchronous ones); returns a warning for each adjustment.
     pub fn clamp(&mut self, map: &str) -> Vec<String> {
         let mut warnings = Vec::new();
         for (key, value) in
@@ -53,6 +54,19 @@ impl MapConfig {
                 ));
                 *value = BACKUP_COUNT_MAX;
             }
+        }
+        // A partition's row names at most 1 + BACKUP_COUNT_MAX members: backups of both kinds
+        // share those places, synchronous ones first.
+        let total = self.backup_count + self.async_backup_count;
+        if total > BACKUP_COUNT_MAX {
+            let kept = BACKUP_COUNT_MAX - self.backup_count;
+            warnings.push(format!(
+                "maps.{map}.backup_count + async_backup_count = {} + {} = {total} is above the maximum of \
+                 {BACKUP_COUNT_MAX} backups per partition; using {kept} asynchronous backup(s) (lower \
+                 async_backup_count to {kept} to silence this)",
+                self.backup_count, self.async_backup_count
+            ));
+            self.async_backup_count = kept;
         }
         warnings
     }

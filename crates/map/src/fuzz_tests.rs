@@ -143,7 +143,7 @@ fn event() -> impl Strategy<Value = RawEntryEvent> {
 
 fn local_stats() -> impl Strategy<Value = LocalStats> {
     let map =
-        (name(), any::<[u64; 9]>(), any::<(u8, u8)>()).prop_map(|(name, f, (backup_count, async_backup_count))| {
+        (name(), any::<[u64; 11]>(), any::<(u8, u8)>()).prop_map(|(name, f, (backup_count, async_backup_count))| {
             LocalMapStats {
                 name,
                 owned_entries: f[0],
@@ -157,6 +157,8 @@ fn local_stats() -> impl Strategy<Value = LocalStats> {
                 memory_bytes: f[8],
                 backup_count,
                 async_backup_count,
+                under_replicated_partitions: f[9],
+                under_replicated_writes: f[10],
             }
         });
     (name(), any::<(u64, u32, u32, u64)>(), prop::collection::vec(map, 0..3)).prop_map(

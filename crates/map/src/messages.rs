@@ -208,6 +208,14 @@ pub struct LocalMapStats {
     pub backup_count: u8,
     /// Asynchronous backups configured (on this member).
     pub async_backup_count: u8,
+    /// Partitions this member owns whose row has fewer members than `1 + backup_count` (the
+    /// cluster is too small): writes to them are acknowledged with fewer synchronous backups.
+    #[serde(default)]
+    pub under_replicated_partitions: u64,
+    /// Writes this member acknowledged, as owner, with fewer synchronous backups than
+    /// `backup_count`.
+    #[serde(default)]
+    pub under_replicated_writes: u64,
 }
 
 /// A member's map-service statistics.

@@ -135,6 +135,7 @@ impl Node {
         let events = vec![event_of(map, &change)];
         let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
         drop(data);
+        counters.note_sync_backups(map, config.backup_count, acks.len());
         if acks.is_empty() {
             drop(guard);
             return Executed::Now(Reply::Done(result));

@@ -145,6 +145,8 @@ pub struct MapRow {
     pub memory_bytes: u64,
     pub backup_count: u8,
     pub async_backup_count: u8,
+    pub under_replicated_partitions: u64,
+    pub under_replicated_writes: u64,
     pub per_member: Vec<Value>,
 }
 
@@ -414,6 +416,17 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
         table(&mut out, &header, &rows, &numeric);
         if !rows.is_empty() {
             let _ = writeln!(out, "{MAP_LEGEND}");
+        }
+        for m in stats.maps.iter().filter(|m| m.under_replicated_partitions > 0 || m.under_replicated_writes > 0) {
+            let _ = writeln!(
+                out,
+                "  UNDER-REPLICATED {}: {} partitions have fewer than {} synchronous backups, {} writes were \
+                 acknowledged with fewer (too few members: start more, or lower backup_count)",
+                or_dash(&m.name),
+                m.under_replicated_partitions,
+                m.backup_count,
+                m.under_replicated_writes
+            );
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! The first signal leaves the cluster gracefully (bounded by `shutdown_timeout_seconds`) and
 //! exits 0; a second signal during that shutdown stops at once and exits 128 + the signal number
-//! (130 for SIGINT, 143 for SIGTERM). A graceful shutdown that runs out of time exits 1. A signal
+//! (130 for SIGINT, 143 for SIGTERM). A graceful shutdown whose hand-over runs out of time
+//! (`shutdown_timeout_seconds`) leaves anyway, logs what was not handed over, and exits 1. A signal
 //! that arrives while the member is still starting (looking for the cluster) stops it at once and
 //! exits 0.
 
@@ -20,6 +21,10 @@ use crate::{Failure, logging};
 
 /// How long an immediate stop (second signal, shutdown timeout) may take before the process exits.
 const KILL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long leaving may take once the hand-over is over (or its wait ran out): announcing the
+/// departure and stopping the member's tasks.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Run a cluster member until SIGTERM or SIGINT.
 ///
@@ -145,16 +150,25 @@ async fn serve(config: Config) -> Result<(), Failure> {
     if let Some(resp) = &resp {
         resp.shutdown().await;
     }
+    // The hand-over wait inside is bounded by shutdown_timeout_seconds; past it the member leaves
+    // anyway (announcing it, so peers take over at once) and says what it still held. The outer
+    // bound only catches a leave that hangs after that.
     tokio::select! {
-        finished = tokio::time::timeout(shutdown_timeout, cluster.shutdown()) => match finished {
-            Ok(()) => {
+        finished = tokio::time::timeout(shutdown_timeout + LEAVE_TIMEOUT, cluster.shutdown_reporting()) => match finished {
+            Ok(Ok(())) => {
                 info!("stopped");
                 Ok(())
             }
+            Ok(Err(_incomplete)) => {
+                // Cluster::shutdown_reporting logged what was not handed over and what that means.
+                warn!("stopped after leaving without a complete hand-over; exiting with status 1");
+                Err(Failure::exit(1))
+            }
             Err(_) => {
                 warn!(
-                    "graceful shutdown did not finish within shutdown_timeout_seconds = {}; stopping at once",
-                    shutdown_timeout.as_secs()
+                    "graceful shutdown did not finish within shutdown_timeout_seconds = {} + {} s; stopping at once",
+                    shutdown_timeout.as_secs(),
+                    LEAVE_TIMEOUT.as_secs()
                 );
                 kill(&cluster).await;
                 Err(Failure::exit(1))
