@@ -80,6 +80,8 @@ pub struct PartitionSummary {
 #[derive(Debug)]
 pub struct MapService {
     node: Arc<Node>,
+    /// Whether the table with this id is balanced for these members, for [`MapService::is_settled`].
+    balanced: std::sync::Mutex<Option<(TableId, Vec<MemberId>, bool)>>,
 }
 
 impl Drop for MapService {
@@ -132,7 +134,7 @@ impl MapService {
         node.tasks.spawn(tasks::anti_entropy_loop(node.clone()));
         node.tasks.spawn(tasks::sweep_loop(node.clone()));
         node.tasks.spawn(tasks::confirm_loop(node.clone()));
-        MapService { node }
+        MapService { node, balanced: std::sync::Mutex::new(None) }
     }
 
     /// The settings in use.
@@ -402,7 +404,21 @@ impl MapService {
             return false;
         }
         let table = node.table();
-        if *node.target_rows(&table, &active) != table.rows {
+        // Whether the table is its own balanced plan, not whether it reached the master's target
+        // (`Node::target_rows`): a member that planned from an older table may hold a stale target.
+        let balanced = {
+            let mut cache = self.balanced.lock().unwrap();
+            match cache.as_ref() {
+                Some((id, members, balanced)) if *id == table.id() && *members == active => *balanced,
+                _ => {
+                    let replicas = active.len().min(assign::REPLICAS_MAX);
+                    let balanced = assign::plan(&table.rows, &active, replicas) == table.rows;
+                    *cache = Some((table.id(), active.clone(), balanced));
+                    balanced
+                }
+            }
+        };
+        if !balanced {
             return false;
         }
         if node.master.lock().unwrap().migrating() > 0 {
