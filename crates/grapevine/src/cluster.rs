@@ -534,10 +534,12 @@ impl Cluster {
                     attributes: m.attributes.clone(),
                 })
                 .collect(),
+            excluded: view.excluded.iter().map(|m| m.node_id.to_string()).collect(),
             local: LocalStats {
                 state: health.state.to_string(),
                 healthy: health.healthy,
                 health_reason: health.reason,
+                settled: self.inner.maps.is_settled(),
                 uptime_s: self.inner.started.elapsed().as_secs(),
                 config: RuntimeConfig {
                     bind: addresses.bind.to_string(),

@@ -21,6 +21,11 @@ pub struct ClusterStats {
     pub view_version: u64,
     /// Members in the view, oldest first.
     pub members: Vec<MemberStats>,
+    /// Node ids of the active members this member treats as excluded from ownership and
+    /// mastership: gossip says they are alive, but other members cannot reach them over the data
+    /// plane. Empty in a healthy cluster.
+    #[serde(default)]
+    pub excluded: Vec<String>,
     /// The answering member's own state and runtime configuration.
     pub local: LocalStats,
     /// Gossip counters of the answering member.
@@ -116,6 +121,11 @@ pub struct LocalStats {
     pub healthy: bool,
     /// Why it is not healthy, if it is not.
     pub health_reason: Option<String>,
+    /// Whether replication has settled as far as this member can tell: it holds the newest
+    /// table, that table is the balanced plan for the eligible members (nothing left to migrate),
+    /// and the backups of every partition it owns have confirmed their data.
+    #[serde(default)]
+    pub settled: bool,
     /// Seconds since it started.
     pub uptime_s: u64,
     /// The effective runtime configuration.
