@@ -26,6 +26,8 @@ const STRING_KEYS: &[&str] = &[
     "cluster_name",
     "node_id",
     "members",
+    "discovery",
+    "mdns_interfaces",
     "log_format",
     "bind",
     "public_address",
@@ -49,6 +51,8 @@ pub struct FlagOverrides {
     pub resp_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -314,6 +318,17 @@ mod tests {
         assert!(err.contains("`members`") && err.contains("flag --members"), "{err}");
         let err = load(None, &FlagOverrides::default()).unwrap_err().0;
         assert!(err.contains("`cluster_name`") && err.contains("built-in default"), "{err}");
+        let flags = FlagOverrides {
+            cluster_name: Some("x".into()),
+            members: Some("10.0.0.1".into()),
+            discovery: Some("mdns".into()),
+            ..Default::default()
+        };
+        let err = load(None, &flags).unwrap_err().0;
+        assert!(
+            err.contains("`discovery`") && err.contains("flag --discovery") && err.contains("mutually exclusive"),
+            "{err}"
+        );
     }
 
     #[test]

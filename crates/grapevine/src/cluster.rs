@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use grapevine_discovery::mdns::{self, Announcement, InterfaceError, MdnsDiscovery, MdnsError, MdnsSettings};
 use grapevine_discovery::{DiscoveryHandle, StaticDiscovery};
 use grapevine_map::{MapError, MapService};
 use grapevine_membership::{
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::map::DistributedMap;
 use crate::ports;
 use crate::singleton::MasterTask;
@@ -59,6 +60,9 @@ pub enum StartError {
     /// Gossip failed to start.
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    /// mDNS discovery could not start.
+    #[error(transparent)]
+    Mdns(#[from] MdnsError),
 }
 
 /// Errors of cluster operations (not start-up).
@@ -123,10 +127,12 @@ pub struct Health {
     pub master: Option<String>,
 }
 
-/// Static discovery for the builder: the peers to look for.
+/// Discovery for the builder: a static list of peers, or mDNS.
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
     members: Vec<String>,
+    mode: DiscoveryMode,
+    mdns_interfaces: Vec<String>,
 }
 
 impl Discovery {
@@ -136,7 +142,22 @@ impl Discovery {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Discovery { members: members.into_iter().map(Into::into).collect() }
+        Discovery { members: members.into_iter().map(Into::into).collect(), ..Discovery::default() }
+    }
+
+    /// mDNS on the local network, on the default interfaces (see `mdns_interfaces` in
+    /// [`Config`]).
+    pub fn mdns() -> Self {
+        Discovery { mode: DiscoveryMode::Mdns, ..Discovery::default() }
+    }
+
+    /// mDNS on these interfaces only (names like `eth1`, or addresses).
+    pub fn mdns_on<I, S>(interfaces: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Discovery { mdns_interfaces: interfaces.into_iter().map(Into::into).collect(), ..Discovery::mdns() }
     }
 
     /// No discovery: a single-node cluster until others list this member.
@@ -168,6 +189,8 @@ impl ClusterBuilder {
     /// How to find peers.
     pub fn discovery(mut self, discovery: Discovery) -> Self {
         self.config.members = discovery.members;
+        self.config.discovery = discovery.mode;
+        self.config.mdns_interfaces = discovery.mdns_interfaces;
         self
     }
 
@@ -256,17 +279,36 @@ impl Cluster {
         for warning in config.validate()? {
             warn!("{warning}");
         }
-        let seeds = config.seeds().map_err(|e| ConfigError { key: "members".into(), message: e.to_string() })?;
-        let discovery = StaticDiscovery::new(seeds, Duration::from_secs(config.member_refresh_seconds)).start().await;
-        let first_candidate = discovery.candidates().borrow().first().copied();
+        // mDNS chooses its interfaces first: when `bind` is unset, they say what to advertise.
+        let mdns_interfaces = match config.discovery {
+            DiscoveryMode::Mdns => Some(select_mdns_interfaces(&config)?),
+            DiscoveryMode::Static => None,
+        };
+        let static_discovery = match config.discovery {
+            DiscoveryMode::Static => {
+                let seeds =
+                    config.seeds().map_err(|e| ConfigError { key: "members".into(), message: e.to_string() })?;
+                if seeds.is_empty() {
+                    info!(
+                        "static discovery with an empty member list: running as a single-node cluster until other \
+                         members list this one (set `members`, or `discovery = \"mdns\"` on every member)"
+                    );
+                }
+                Some(StaticDiscovery::new(seeds, Duration::from_secs(config.member_refresh_seconds)).start().await)
+            }
+            DiscoveryMode::Mdns => None,
+        };
+        let first_candidate = static_discovery.as_ref().and_then(|d| d.candidates().borrow().first().copied());
 
         let listen_ip = config.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let (data_listener, gossip_socket) = ports::bind_member_ports(listen_ip, config.port_range()).await?;
         let port = gossip_socket.local_addr().port();
-        let advertise_ip = config
-            .public_address
-            .or(config.bind.filter(|ip| !ip.is_unspecified()))
-            .unwrap_or_else(|| ports::default_advertise_ip(first_candidate));
+        let advertise_ip =
+            match (config.public_address.or(config.bind.filter(|ip| !ip.is_unspecified())), &mdns_interfaces) {
+                (Some(ip), _) => ip,
+                (None, Some(interfaces)) => mdns::interfaces::advertise_ip(interfaces).map_err(mdns_config_error)?,
+                (None, None) => ports::default_advertise_ip(first_candidate),
+            };
         let advertised = SocketAddr::new(advertise_ip, port);
 
         let admin_listener = if config.admin_enabled {
@@ -299,6 +341,29 @@ impl Cluster {
         if let Some(version) = protocol_version {
             membership_config.protocol_version = version;
         }
+        let discovery = match (static_discovery, mdns_interfaces) {
+            (Some(discovery), _) => discovery,
+            (None, interfaces) => {
+                let version = membership_config.protocol_version;
+                let announcement = Announcement {
+                    cluster_name: config.cluster_name.clone(),
+                    node_id: membership_config.node_id.clone(),
+                    generation,
+                    gossip_addr: advertised,
+                    data_addr: advertised,
+                    protocol_version: (version.major, version.minor),
+                };
+                let settings = MdnsSettings {
+                    interfaces: interfaces.unwrap_or_default(),
+                    query_interval: Duration::from_millis(config.mdns_query_interval_ms),
+                    // Long enough for a running cluster to answer (responders answer within 120 ms),
+                    // short enough not to delay a lone member's start much.
+                    initial_wait: Duration::from_millis(config.gossip.join_timeout_ms).min(Duration::from_secs(2)),
+                    candidates_max: mdns::CANDIDATES_MAX,
+                };
+                MdnsDiscovery::new(announcement, settings)?.start().await?
+            }
+        };
         let membership = Membership::start(membership_config, gossip_socket, discovery.candidates()).await?;
 
         let mut net_config = NetConfig::new(
@@ -547,7 +612,11 @@ impl Cluster {
                     port: addresses.gossip.port(),
                     port_range: format!("{}-{}", range.start(), range.end()),
                     admin_addr: addresses.admin.map(|a| a.to_string()),
-                    discovery: if config.members.is_empty() { "none (single node)".into() } else { "static".into() },
+                    discovery: match config.discovery {
+                        DiscoveryMode::Mdns => "mdns".into(),
+                        DiscoveryMode::Static if config.members.is_empty() => "none (single node)".into(),
+                        DiscoveryMode::Static => "static".into(),
+                    },
                     members: config.members.clone(),
                     gossip_interval_ms: config.gossip.interval_ms,
                     phi_threshold: config.gossip.phi_threshold,
@@ -670,6 +739,36 @@ impl Cluster {
     pub fn block_gossip(&self, addr: SocketAddr, outbound: bool, inbound: bool, blocked: bool) {
         self.inner.membership.block_gossip(addr, outbound, inbound, blocked);
     }
+}
+
+/// The interfaces mDNS runs on; a problem is a configuration error naming the key to change.
+fn select_mdns_interfaces(config: &Config) -> Result<Vec<mdns::HostInterface>, StartError> {
+    let specs =
+        config.mdns_interface_specs().map_err(|message| ConfigError { key: "mdns_interfaces".into(), message })?;
+    let host = mdns::interfaces::host_interfaces()
+        .map_err(|e| MdnsError::Daemon(format!("cannot list the network interfaces: {e}")))?;
+    let selected = mdns::interfaces::select(&specs, config.bind, &host).map_err(mdns_config_error)?;
+    if let Some(bind) = config.bind.filter(|ip| !ip.is_unspecified())
+        && !mdns::interfaces::holds(&selected, bind)
+    {
+        warn!(
+            %bind,
+            "the bind address is on none of the mDNS interfaces ({}): peers find this member there but must \
+             route to {bind}; set `mdns_interfaces` to the interface of `bind` unless that is intended",
+            selected.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(selected)
+}
+
+fn mdns_config_error(error: InterfaceError) -> StartError {
+    let key = match error {
+        InterfaceError::Ambiguous { .. }
+        | InterfaceError::NoUsableAddress { .. }
+        | InterfaceError::BindNotFound { .. } => "bind",
+        InterfaceError::NoSuchInterface { .. } | InterfaceError::NoInterface { .. } => "mdns_interfaces",
+    };
+    StartError::Config(ConfigError { key: key.into(), message: error.to_string() })
 }
 
 /// Keeps the data plane's directory of member addresses in step with the view, and drops

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use grapevine_discovery::mdns::{CLUSTER_NAME_BYTES_MAX, InterfaceSpec};
 use grapevine_discovery::{SeedSpec, parse_member_list};
 pub use grapevine_map::MapConfig;
 use grapevine_map::MapSettings;
@@ -71,6 +72,17 @@ pub struct Config {
     pub members: Vec<String>,
     /// How often host names in `members` are resolved again, in seconds. Default 30.
     pub member_refresh_seconds: u64,
+    /// How members find each other: `static` (the `members` list; the default) or `mdns`
+    /// (multicast DNS on the local network). Exactly one: `mdns` with `members` is an error.
+    pub discovery: DiscoveryMode,
+    /// mDNS: the interfaces to announce and browse on, by name (`eth1`) or address. Default
+    /// (empty): the interface holding `bind`, or every interface that is up except loopback when
+    /// `bind` is unset. A TOML array or a comma-separated string.
+    #[serde(deserialize_with = "member_list")]
+    pub mdns_interfaces: Vec<String>,
+    /// mDNS: how often a member queries the network again, so that members that missed each other
+    /// are found, in ms. Default 10000.
+    pub mdns_query_interval_ms: u64,
     /// How long a graceful shutdown waits for the hand-over of this member's partitions, in
     /// seconds; then it leaves anyway, logging what was not handed over. Default 120.
     pub shutdown_timeout_seconds: u64,
@@ -235,6 +247,29 @@ impl Default for PartitionSettings {
     }
 }
 
+/// How members find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// The static `members` list (empty: a single-node cluster).
+    #[default]
+    Static,
+    /// Multicast DNS (`_grapevine._udp.local.`) on the local network.
+    Mdns,
+}
+
+impl fmt::Display for DiscoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DiscoveryMode::Static => "static",
+            DiscoveryMode::Mdns => "mdns",
+        })
+    }
+}
+
+/// The most entries `mdns_interfaces` may have.
+const MDNS_INTERFACES_MAX: usize = 64;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -267,6 +302,9 @@ impl Default for Config {
             admin: AdminSettings::default(),
             members: Vec::new(),
             member_refresh_seconds: 30,
+            discovery: DiscoveryMode::Static,
+            mdns_interfaces: Vec::new(),
+            mdns_query_interval_ms: 10_000,
             shutdown_timeout_seconds: 120,
             merge_first_run_delay_seconds: 20.0,
             merge_run_delay_seconds: 10.0,
@@ -384,6 +422,36 @@ impl Config {
             ));
         }
         self.seeds().map_err(|e| ConfigError::new("members", e))?;
+        if self.discovery == DiscoveryMode::Mdns {
+            if !self.members.is_empty() {
+                return Err(ConfigError::new(
+                    "discovery",
+                    "`discovery = \"mdns\"` and a static `members` list are mutually exclusive: remove `members` \
+                     (mDNS finds the members) or set `discovery = \"static\"`",
+                ));
+            }
+            if self.cluster_name.len() > CLUSTER_NAME_BYTES_MAX {
+                return Err(ConfigError::new(
+                    "cluster_name",
+                    format!(
+                        "with `discovery = \"mdns\"` it must be at most {CLUSTER_NAME_BYTES_MAX} bytes: it travels in \
+                         a DNS TXT string of 255"
+                    ),
+                ));
+            }
+        } else if !self.mdns_interfaces.is_empty() {
+            warnings.push(format!(
+                "`mdns_interfaces` is set but `discovery` is \"{}\": it is ignored (set `discovery = \"mdns\"` to use it)",
+                self.discovery
+            ));
+        }
+        self.mdns_interface_specs().map_err(|m| ConfigError::new("mdns_interfaces", m))?;
+        if !(100..=3_600_000).contains(&self.mdns_query_interval_ms) {
+            return Err(ConfigError::new(
+                "mdns_query_interval_ms",
+                "must be between 100 and 3600000 milliseconds (default 10000)",
+            ));
+        }
         let a = &self.admin;
         if !(1..=65_536).contains(&a.connections_max) {
             return Err(ConfigError::new("admin.connections_max", "must be between 1 and 65536 (default 64)"));
@@ -483,6 +551,14 @@ impl Config {
         // With port 0 (any free port) a bare host cannot name a range: use the default one.
         let first = if self.port == 0 { Config::default().port } else { self.port };
         parse_member_list(&self.members.join(","), range_of(first, self.port_count))
+    }
+
+    /// The parsed `mdns_interfaces`.
+    pub fn mdns_interface_specs(&self) -> Result<Vec<InterfaceSpec>, String> {
+        if self.mdns_interfaces.len() > MDNS_INTERFACES_MAX {
+            return Err(format!("at most {MDNS_INTERFACES_MAX} interfaces may be listed"));
+        }
+        self.mdns_interfaces.iter().map(|entry| InterfaceSpec::parse(entry)).collect()
     }
 
     /// The configuration with adjustments applied (backup counts clamped to 6).
@@ -588,6 +664,11 @@ mod tests {
             (Config { port: 65500, ..valid() }, "port"),
             (Config { port_count: 0, ..valid() }, "port_count"),
             (Config { members: vec!["10.0.0.1:99999".into()], ..valid() }, "members"),
+            (Config { discovery: DiscoveryMode::Mdns, members: vec!["10.0.0.1".into()], ..valid() }, "discovery"),
+            (Config { discovery: DiscoveryMode::Mdns, cluster_name: "c".repeat(248), ..valid() }, "cluster_name"),
+            (Config { mdns_interfaces: vec!["not an interface".into()], ..valid() }, "mdns_interfaces"),
+            (Config { mdns_interfaces: vec!["0.0.0.0".into()], ..valid() }, "mdns_interfaces"),
+            (Config { mdns_query_interval_ms: 0, ..valid() }, "mdns_query_interval_ms"),
             (
                 Config { gossip: GossipSettings { interval_ms: 1, ..Default::default() }, ..valid() },
                 "gossip.interval_ms",
@@ -633,6 +714,26 @@ mod tests {
         let from_text: Config = toml::from_str("cluster_name = 'x'\nmembers = 'a, b:1,'").unwrap();
         assert_eq!(from_list.members, vec!["a", "b:1"]);
         assert_eq!(from_text.members, from_list.members);
+    }
+
+    #[test]
+    fn mdns_is_exclusive_with_members_and_its_interfaces_take_names_or_addresses() {
+        let err = Config { discovery: DiscoveryMode::Mdns, members: vec!["10.0.0.1".into()], ..valid() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mutually exclusive") && err.contains("`members`"), "{err}");
+        let config: Config =
+            toml::from_str("cluster_name = 'x'\ndiscovery = 'mdns'\nmdns_interfaces = 'eth1, 10.0.0.5'").unwrap();
+        assert_eq!(config.validate(), Ok(vec![]));
+        assert_eq!(
+            config.mdns_interface_specs().unwrap(),
+            vec![InterfaceSpec::Name("eth1".into()), InterfaceSpec::Addr("10.0.0.5".parse().unwrap())]
+        );
+        assert!(toml::from_str::<Config>("cluster_name = 'x'\ndiscovery = 'multicast'").is_err());
+        // Interfaces without mDNS are accepted with a warning (a shared file may set them).
+        let warnings = Config { mdns_interfaces: vec!["eth1".into()], ..valid() }.validate().unwrap();
+        assert!(warnings.len() == 1 && warnings[0].contains("ignored"), "{warnings:?}");
     }
 
     #[test]

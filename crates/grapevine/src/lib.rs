@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A member finds its peers (static list), agrees on membership by gossip, computes the master
+//! A member finds its peers (a static list, or mDNS on the local network), agrees on membership by gossip, computes the master
 //! (the oldest member), holds its share of the partitioned maps with their backups
 //! ([`Cluster::map`]), and serves an admin HTTP endpoint with `/health`, `/stats` and `/metrics`.
 
@@ -31,7 +31,7 @@ pub mod stats;
 pub use cluster::{
     Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, HandoverIncomplete, Health, StartError,
 };
-pub use config::{Config, ConfigError, RespLimits};
+pub use config::{Config, ConfigError, DiscoveryMode, RespLimits};
 pub use grapevine_map::{
     EntryEventKind, Expiry, MapConfig, MapError, MapService, PartitionSummary, PutMode, SetExpiry,
 };

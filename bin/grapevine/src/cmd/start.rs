@@ -56,6 +56,10 @@ pub struct StartArgs {
     /// Static discovery: comma-separated `host`, `host:port` or `host:first-last` (key `members`).
     #[arg(long, value_name = "LIST")]
     pub members: Option<String>,
+    /// How members find each other (key `discovery`, default static): `static` (the `members`
+    /// list) or `mdns` (multicast DNS on the local network; not together with `members`).
+    #[arg(long, value_enum, value_name = "MECHANISM")]
+    pub discovery: Option<DiscoveryArg>,
     /// This member's id, unique in the cluster (key `node_id`). Default: `<hostname>-<port>`
     /// (`<hostname>-<bind>-<port>` when `--bind` is set).
     #[arg(long, value_name = "ID")]
@@ -63,6 +67,15 @@ pub struct StartArgs {
     /// Log format on stderr (key `log_format`). The level comes from RUST_LOG.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
+}
+
+/// `--discovery`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DiscoveryArg {
+    /// The `members` list.
+    Static,
+    /// Multicast DNS on the local network.
+    Mdns,
 }
 
 /// `--log-format`.
@@ -83,6 +96,10 @@ impl StartArgs {
             admin_port: self.admin_port,
             resp_port: self.resp_port,
             members: self.members.clone(),
+            discovery: self.discovery.map(|d| match d {
+                DiscoveryArg::Static => "static".to_string(),
+                DiscoveryArg::Mdns => "mdns".to_string(),
+            }),
             node_id: self.node_id.clone(),
             log_format: self.log_format.map(|f| match f {
                 LogFormatArg::Text => "text".to_string(),
