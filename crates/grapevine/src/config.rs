@@ -10,8 +10,10 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use grapevine_discovery::{SeedSpec, parse_member_list};
-pub use grapevine_map::MapConfig;
-use grapevine_map::MapSettings;
+use grapevine_map::{InvalidationSettings, MapSettings, RELIABLE_TOPIC_MAP_PREFIX};
+pub use grapevine_map::{MapConfig, NearCacheConfig};
+use grapevine_topic::TopicSettings;
+pub use grapevine_topic::{OverloadPolicy, ReliableTopicConfig, TopicConfig};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// A member's whole configuration. `Default` gives the documented defaults, with an empty
@@ -82,6 +84,17 @@ pub struct Config {
     pub partitions: PartitionSettings,
     /// Per-map settings: `[maps.sessions]`; `[maps.default]` applies to maps without a section.
     pub maps: BTreeMap<String, MapConfig>,
+    /// Near caches are kept fresh by the owners' invalidation events (the seed's
+    /// `eventInvalidation`). false: owners send none and near-cached entries only expire by their
+    /// `ttl_seconds`, which must then be set. The same on every member. Default true.
+    pub event_invalidation: bool,
+    /// Batching and position reports of invalidation events.
+    pub invalidation: InvalidationConfig,
+    /// Per-topic settings: `[topics.news]`; `[topics.default]` applies to topics without a section.
+    pub topics: BTreeMap<String, TopicConfig>,
+    /// Per-reliable-topic settings: `[reliable_topics.orders]`; `[reliable_topics.default]`
+    /// applies to reliable topics without a section. The same on every member.
+    pub reliable_topics: BTreeMap<String, ReliableTopicConfig>,
     /// Free-form attributes published with the member (e.g. `zone = "eu-1"`).
     pub attributes: BTreeMap<String, String>,
 }
@@ -217,6 +230,26 @@ impl Default for PartitionSettings {
     }
 }
 
+/// Batching and position reports of the near caches' invalidation events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InvalidationConfig {
+    /// An owner sends a member's pending invalidations once this many are queued. Default 100.
+    pub batch_size: usize,
+    /// ... or once the oldest has waited this long, in ms. Default 10.
+    pub batch_delay_ms: u64,
+    /// How often owners send near-caching members the position of each partition they own, in
+    /// ms. A near cache purges a partition whose position is ahead of the events it received, and
+    /// those of an owner silent for three intervals. Default 1000.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig { batch_size: 100, batch_delay_ms: 10, heartbeat_ms: 1000 }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -255,6 +288,10 @@ impl Default for Config {
             net: NetSettings::default(),
             partitions: PartitionSettings::default(),
             maps: BTreeMap::new(),
+            event_invalidation: true,
+            invalidation: InvalidationConfig::default(),
+            topics: BTreeMap::new(),
+            reliable_topics: BTreeMap::new(),
             attributes: BTreeMap::new(),
         }
     }
@@ -420,7 +457,53 @@ impl Config {
                     "map names must be 1 to 255 printable characters",
                 ));
             }
+            if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) {
+                return Err(ConfigError::new(
+                    format!("maps.{name}"),
+                    format!(
+                        "map names starting with {RELIABLE_TOPIC_MAP_PREFIX:?} are reserved for reliable topics; configure them in [reliable_topics.NAME]"
+                    ),
+                ));
+            }
+            if let Some(near) = &map.near_cache {
+                let key = |k: &str| format!("maps.{name}.near_cache.{k}");
+                if !(1..=1 << 32).contains(&near.max_entries) {
+                    return Err(ConfigError::new(
+                        key("max_entries"),
+                        "must be between 1 and 4294967296 (default 10000)",
+                    ));
+                }
+                if near.ttl_seconds > 365 * 86_400 {
+                    return Err(ConfigError::new(key("ttl_seconds"), "must be at most a year (31536000)"));
+                }
+                let by_events = self.event_invalidation && near.invalidate_on_change;
+                if !by_events && near.ttl_seconds == 0 {
+                    return Err(ConfigError::new(
+                        key("ttl_seconds"),
+                        "must be above 0 when event_invalidation or invalidate_on_change is false: entries would \
+                         never be refreshed",
+                    ));
+                }
+            }
             warnings.extend(map.clone().clamp(name));
+        }
+        let i = &self.invalidation;
+        if !(1..=100_000).contains(&i.batch_size) {
+            return Err(ConfigError::new("invalidation.batch_size", "must be between 1 and 100000 (default 100)"));
+        }
+        if !(1..=10_000).contains(&i.batch_delay_ms) {
+            return Err(ConfigError::new("invalidation.batch_delay_ms", "must be between 1 and 10000 milliseconds"));
+        }
+        if !(10..=60_000).contains(&i.heartbeat_ms) {
+            return Err(ConfigError::new("invalidation.heartbeat_ms", "must be between 10 and 60000 milliseconds"));
+        }
+        for (name, topic) in &self.topics {
+            grapevine_topic::check_name(name).map_err(|m| ConfigError::new(format!("topics.{name}"), m))?;
+            grapevine_topic::validate_topic(name, topic).map_err(|(k, m)| ConfigError::new(k, m))?;
+        }
+        for (name, topic) in &self.reliable_topics {
+            grapevine_topic::check_name(name).map_err(|m| ConfigError::new(format!("reliable_topics.{name}"), m))?;
+            grapevine_topic::validate_reliable_topic(name, topic).map_err(|(k, m)| ConfigError::new(k, m))?;
         }
         for key in self.attributes.keys() {
             if key.is_empty() || key.contains(':') || key.chars().any(char::is_whitespace) {
@@ -492,7 +575,39 @@ impl Config {
             expiry_sweep_interval: ms(p.expiry_sweep_interval_ms),
             migration_parallelism: p.migration_parallelism,
             migration_timeout: ms(p.migration_timeout_ms),
-            maps: self.normalized().maps,
+            maps: self.map_configs(),
+            invalidation: InvalidationSettings {
+                enabled: self.event_invalidation,
+                batch_size: self.invalidation.batch_size,
+                batch_delay: ms(self.invalidation.batch_delay_ms),
+                heartbeat_interval: ms(self.invalidation.heartbeat_ms),
+            },
+        }
+    }
+
+    /// Every map's settings: the `[maps]` sections, and the ring buffer maps of the reliable
+    /// topics (`__topic:<name>`, with the topic's backup counts).
+    fn map_configs(&self) -> BTreeMap<String, MapConfig> {
+        let mut maps = self.normalized().maps;
+        // Without `[reliable_topics.default]` the map crate's defaults apply: one synchronous
+        // backup, as a reliable topic's.
+        for (name, topic) in &self.reliable_topics {
+            let ring = MapConfig {
+                backup_count: topic.backup_count,
+                async_backup_count: topic.async_backup_count,
+                ..MapConfig::default()
+            };
+            maps.insert(format!("{RELIABLE_TOPIC_MAP_PREFIX}{name}"), ring);
+        }
+        maps
+    }
+
+    /// The topic service settings derived from this configuration.
+    pub fn topic_settings(&self) -> TopicSettings {
+        TopicSettings {
+            topics: self.topics.clone(),
+            reliable_topics: self.reliable_topics.clone(),
+            operation_timeout: Duration::from_millis(self.partitions.operation_timeout_ms),
         }
     }
 

@@ -70,7 +70,8 @@ use messages::{Msg, MultiOp, Op, OpResult, Reply};
 use node::{MAP_SERVICE, MapHandler, Node};
 
 /// The partition part of the `/stats` document.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PartitionSummary {
     /// Number of partitions.
     pub count: u32,

@@ -234,8 +234,10 @@ pub struct RawEntryEvent {
     pub old_value: Option<Vec<u8>>,
 }
 
-/// One map's statistics on one member.
+/// One map's statistics on one member. (Every field has a default, so that readers of the JSON
+/// `/stats` of another version can read it; bincode always carries every field.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LocalMapStats {
     /// The map name.
     pub name: String,

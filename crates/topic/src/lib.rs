@@ -534,6 +534,13 @@ impl TopicService {
         all
     }
 
+    /// Test hook: the body of a plain topic message for `topic` whose envelope is `envelope` (any
+    /// bytes), to send with `Net::send` to [`TOPIC_SERVICE`].
+    #[doc(hidden)]
+    pub fn publish_body_for_tests(topic: &str, envelope: Vec<u8>) -> Bytes {
+        encode(&TopicMsg::Publish { topic: topic.to_string(), envelope })
+    }
+
     /// Stops the service: subscriptions end (their next `recv` returns `None`) and background
     /// tasks are awaited (bounded).
     pub async fn shutdown(&self) {
