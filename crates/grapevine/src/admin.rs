@@ -1068,11 +1068,19 @@ mod tests {
                 {
                     "name": "sessions", "owned_entries": 200, "backup_entries": 200, "hits": 7, "gets": 9,
                     "puts": 201, "removes": 1, "get_p99_us": 850, "put_p99_us": 1200, "memory_bytes": 40960,
-                    "backup_count": 1, "async_backup_count": 0, "per_member": []
+                    "backup_count": 1, "async_backup_count": 0, "per_member": [],
+                    "near_cache": {"map": "sessions", "entries": 30, "hits": 70, "misses": 12, "invalidations": 5,
+                                   "purges": 2}
                 },
                 {"name": "odd \"name\"", "owned_entries": 1, "backup_entries": 0, "hits": 0, "gets": 0, "puts": 1,
                  "removes": 0, "get_p99_us": 0, "put_p99_us": 0, "memory_bytes": 10, "backup_count": 0,
                  "async_backup_count": 0, "per_member": []}
+            ],
+            "topics": [
+                {"name": "news", "kind": "topic", "published": 10, "received": 30, "subscribers": 3, "dropped": 1,
+                 "lost": 0, "malformed": 0, "stored": 0, "memory_bytes": 0, "per_member": []},
+                {"name": "orders", "kind": "reliable", "published": 5, "received": 10, "subscribers": 2,
+                 "dropped": 0, "lost": 4, "malformed": 1, "stored": 5, "memory_bytes": 900, "per_member": []}
             ]
         }))
         .expect("a /stats document")
@@ -1111,6 +1119,20 @@ mod tests {
             r#"grapevine_map_memory_bytes{cluster="demo \"q\"",node="a",map="sessions"} 40960"#.to_string(),
             "# TYPE grapevine_map_gets_total counter".to_string(),
             "# TYPE grapevine_map_entries gauge".to_string(),
+            r#"grapevine_near_cache_hits_total{cluster="demo \"q\"",node="a",map="sessions"} 70"#.to_string(),
+            r#"grapevine_near_cache_misses_total{cluster="demo \"q\"",node="a",map="sessions"} 12"#.to_string(),
+            r#"grapevine_near_cache_entries{cluster="demo \"q\"",node="a",map="sessions"} 30"#.to_string(),
+            r#"grapevine_near_cache_invalidations_total{cluster="demo \"q\"",node="a",map="sessions"} 5"#.to_string(),
+            r#"grapevine_near_cache_purges_total{cluster="demo \"q\"",node="a",map="sessions"} 2"#.to_string(),
+            r#"grapevine_topic_published_total{cluster="demo \"q\"",node="a",topic="news",kind="topic"} 10"#
+                .to_string(),
+            r#"grapevine_topic_received_total{cluster="demo \"q\"",node="a",topic="news",kind="topic"} 30"#.to_string(),
+            r#"grapevine_topic_subscribers{cluster="demo \"q\"",node="a",topic="orders",kind="reliable"} 2"#
+                .to_string(),
+            r#"grapevine_topic_dropped_total{cluster="demo \"q\"",node="a",topic="news",kind="topic"} 1"#.to_string(),
+            r#"grapevine_topic_lost_total{cluster="demo \"q\"",node="a",topic="orders",kind="reliable"} 4"#.to_string(),
+            r#"grapevine_topic_stored{cluster="demo \"q\"",node="a",topic="orders",kind="reliable"} 5"#.to_string(),
+            "# TYPE grapevine_topic_published_total counter".to_string(),
         ] {
             assert!(text.lines().any(|l| l.starts_with(&line)), "missing {line:?} in\n{text}");
         }
@@ -1134,8 +1156,10 @@ mod tests {
         let mut stats = stats();
         stats.maps.clear();
         stats.partitions = None;
+        stats.topics.clear();
         let text = render_metrics(&stats);
         assert!(!text.contains("grapevine_map_") && !text.contains("grapevine_partition"), "{text}");
+        assert!(!text.contains("grapevine_near_cache_") && !text.contains("grapevine_topic_"), "{text}");
     }
 
     #[test]

@@ -735,6 +735,61 @@ mod tests {
     }
 
     #[test]
+    fn near_caches_topics_and_reliable_topics_are_configured_and_checked() {
+        let config: Config = toml::from_str(
+            "cluster_name = 'x'\n\
+             [maps.sessions.near_cache]\nmax_entries = 500\n\
+             [invalidation]\nbatch_size = 10\nbatch_delay_ms = 2\nheartbeat_ms = 250\n\
+             [topics.news]\nqueue_capacity = 16\n\
+             [reliable_topics.orders]\ncapacity = 100\nbackup_count = 2\noverload_policy = 'discard_newest'\n",
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(vec![]));
+        let settings = config.map_settings();
+        let near = settings.map("sessions").near_cache.unwrap();
+        assert_eq!((near.max_entries, near.ttl_seconds, near.invalidate_on_change), (500, 0, true));
+        assert_eq!(settings.invalidation.batch_size, 10);
+        assert_eq!(settings.invalidation.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(settings.map("__topic:orders").backup_count, 2, "the ring buffer map has the topic's backups");
+        assert_eq!(settings.map("__topic:other").backup_count, 1, "the default: one synchronous backup");
+        let topics = config.topic_settings();
+        assert_eq!(topics.topic("news").queue_capacity, 16);
+        assert_eq!(topics.reliable_topic("orders").overload_policy, OverloadPolicy::DiscardNewest);
+        assert_eq!(topics.reliable_topic("other").capacity, 10_000);
+
+        let near = |ttl_seconds, invalidate_on_change| MapConfig {
+            near_cache: Some(NearCacheConfig { ttl_seconds, invalidate_on_change, ..NearCacheConfig::default() }),
+            ..MapConfig::default()
+        };
+        let with_map = |config: MapConfig, events: bool| {
+            let mut c = valid();
+            c.maps.insert("m".into(), config);
+            c.event_invalidation = events;
+            c
+        };
+        assert_eq!(with_map(near(0, true), true).validate(), Ok(vec![]));
+        assert_eq!(with_map(near(0, true), false).validate().unwrap_err().key, "maps.m.near_cache.ttl_seconds");
+        assert_eq!(with_map(near(0, false), true).validate().unwrap_err().key, "maps.m.near_cache.ttl_seconds");
+        assert_eq!(with_map(near(5, false), false).validate(), Ok(vec![]));
+        let mut reserved = valid();
+        reserved.maps.insert("__topic:x".into(), MapConfig::default());
+        assert_eq!(reserved.validate().unwrap_err().key, "maps.__topic:x");
+        let mut bad = valid();
+        bad.reliable_topics.insert("t".into(), ReliableTopicConfig { capacity: 0, ..Default::default() });
+        assert_eq!(bad.validate().unwrap_err().key, "reliable_topics.t.capacity");
+        let mut bad = valid();
+        bad.topics.insert("t".into(), TopicConfig { queue_capacity: 0 });
+        assert_eq!(bad.validate().unwrap_err().key, "topics.t.queue_capacity");
+        let mut bad = valid();
+        bad.invalidation.heartbeat_ms = 0;
+        assert_eq!(bad.validate().unwrap_err().key, "invalidation.heartbeat_ms");
+        let err = toml::from_str::<Config>("cluster_name = 'x'\n[reliable_topics.t]\noverload_policy = 'drop'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drop"), "{err}");
+    }
+
+    #[test]
     fn outbound_ports_must_be_a_range() {
         let mut config = valid();
         config.net.outbound_ports = Some("33000-33100".into());

@@ -92,12 +92,12 @@ pub fn format_uptime(seconds: u64) -> String {
 }
 
 /// The line under the near-cache table.
-const NEAR_CACHE_LEGEND: &str = "  (summed over the members with a near cache of the map; PURGES: partitions dropped \
-                                 at once after a missed event, an owner change or a silent owner)";
+const NEAR_CACHE_LEGEND: &str = "  (summed over members; PURGES: partitions dropped at once after a missed event, \
+                                 an owner change or a silent owner)";
 
 /// The line under the topics table.
-const TOPIC_LEGEND: &str = "  (RECEIVED: once per subscriber; DROPPED: slow subscribers (reliable: discard_newest); \
-                            LOST: reliable subscribers that fell behind the ring buffer)";
+const TOPIC_LEGEND: &str = "  (RECEIVED: once per subscriber; DROPPED: slow subscribers, or discard_newest; \
+                            LOST: behind the ring buffer)";
 
 /// The line under the maps table.
 const MAP_LEGEND: &str = "  (ENTRIES: owned copies; BACKUP: backup copies; P99: the highest of any member; \
