@@ -1,5 +1,6 @@
 //! `Cluster`: one member, tying discovery, membership and the admin endpoint together.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -8,12 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use grapevine_discovery::mdns::{self, Announcement, InterfaceError, MdnsDiscovery, MdnsError, MdnsSettings};
 use grapevine_discovery::{DiscoveryHandle, StaticDiscovery};
-use grapevine_map::{MapError, MapService};
+use grapevine_map::{LocalMapStats, MapError, MapService, NearCacheStats, RELIABLE_TOPIC_MAP_PREFIX};
 use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, Membership, MembershipConfig, MembershipError,
     ProtocolVersion,
 };
 use grapevine_net::{Net, NetConfig};
+use grapevine_topic::{ReliableTopic, Topic, TopicError, TopicKind, TopicService};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -26,7 +28,10 @@ use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::map::DistributedMap;
 use crate::ports;
 use crate::singleton::MasterTask;
-use crate::stats::{ClusterStats, LocalStats, MapStats, MemberMapStats, MemberStats, RuntimeConfig};
+use crate::stats::{
+    ClusterStats, LocalStats, MapStats, MemberMapStats, MemberStats, MemberTopicStats, RuntimeConfig, TopicSummary,
+    add_near_cache,
+};
 
 /// Why a member could not start.
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +251,7 @@ struct Inner {
     discovery: tokio::sync::Mutex<DiscoveryHandle>,
     net: Net,
     maps: Arc<MapService>,
+    topics: TopicService,
     started: Instant,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -380,6 +386,7 @@ impl Cluster {
         net_config.ping_interval = Some(config.gossip_interval());
         let net = Net::start(net_config, data_listener);
         let maps = Arc::new(MapService::start(net.clone(), membership.clone(), config.map_settings()));
+        let topics = TopicService::start(net.clone(), membership.clone(), maps.clone(), config.topic_settings());
 
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -389,6 +396,7 @@ impl Cluster {
                 discovery: tokio::sync::Mutex::new(discovery),
                 net,
                 maps,
+                topics,
                 started: Instant::now(),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -438,6 +446,12 @@ impl Cluster {
             drop(listener);
             warn!("admin_enabled is set but grapevine was built without the `admin` feature; no admin endpoint");
         }
+    }
+
+    /// Runs `task` as one of the member's background tasks (awaited on shutdown).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.inner.tasks.spawn(task);
     }
 
     /// A handle that does not keep the member alive (for its own background tasks).
@@ -525,6 +539,31 @@ impl Cluster {
         &self.inner.maps
     }
 
+    /// The topic `name`: publish messages of type `T` to every subscriber in the cluster. Its
+    /// subscribers' queue size comes from `[topics.<name>]` (or `[topics.default]`).
+    pub fn topic<T>(&self, name: &str) -> Result<Topic<T>, TopicError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.inner.topics.topic(name)
+    }
+
+    /// The reliable topic `name`: messages of type `T` kept in a ring buffer in the partition that
+    /// owns the name, with that partition's backups, each with a sequence number. Its settings
+    /// (capacity, backups, overload policy) come from `[reliable_topics.<name>]` (or
+    /// `[reliable_topics.default]`): keep them the same on every member.
+    pub fn reliable_topic<T>(&self, name: &str) -> Result<ReliableTopic<T>, TopicError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.inner.topics.reliable_topic(name)
+    }
+
+    /// The topic service (statistics, raw access for tools).
+    pub fn topic_service(&self) -> &TopicService {
+        &self.inner.topics
+    }
+
     /// The data plane, for tests that inject faults.
     #[doc(hidden)]
     pub fn net(&self) -> &Net {
@@ -570,6 +609,7 @@ impl Cluster {
 
     /// The `/stats` document as this member sees the cluster.
     pub async fn stats(&self) -> ClusterStats {
+        let (maps, topics) = self.map_and_topic_stats().await;
         let view = self.view();
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let health = self.health();
@@ -624,21 +664,37 @@ impl Cluster {
                     dead_member_grace_s: config.gossip.dead_member_grace_seconds,
                     join_timeout_ms: config.gossip.join_timeout_ms,
                     probe_interval_ms: config.gossip.probe_interval_ms,
+                    event_invalidation: config.event_invalidation,
                 },
             },
             gossip: self.inner.membership.stats(),
             partitions: Some(self.inner.maps.partition_summary()),
-            maps: self.map_stats().await,
+            maps,
+            topics,
         }
     }
 
-    /// Per-map statistics, summed over members, with each member's part.
-    async fn map_stats(&self) -> Vec<MapStats> {
-        let per_member = self.inner.maps.cluster_stats(Duration::from_secs(2)).await;
-        let mut maps: std::collections::BTreeMap<String, MapStats> = std::collections::BTreeMap::new();
+    /// Per-map and per-topic statistics, summed over members, with each member's part. The ring
+    /// buffer maps of reliable topics are counted with their topics.
+    async fn map_and_topic_stats(&self) -> (Vec<MapStats>, Vec<TopicSummary>) {
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let (per_member, near_caches, topic_stats) = tokio::join!(
+            self.inner.maps.cluster_stats(TIMEOUT),
+            self.inner.maps.near_cache_cluster_stats(TIMEOUT),
+            self.inner.topics.cluster_stats(TIMEOUT),
+        );
+        let mut maps: BTreeMap<String, MapStats> = BTreeMap::new();
+        let mut rings: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for (member, outcome) in per_member {
             let Ok(local) = outcome else { continue };
             for m in local.maps {
+                if let Some(topic) = m.name.strip_prefix(RELIABLE_TOPIC_MAP_PREFIX) {
+                    let ring = rings.entry(topic.to_string()).or_default();
+                    // The bounds entry of each ring is not a message.
+                    ring.0 += m.owned_entries.saturating_sub(1);
+                    ring.1 += m.memory_bytes;
+                    continue;
+                }
                 let total = maps
                     .entry(m.name.clone())
                     .or_insert_with(|| MapStats { name: m.name.clone(), ..Default::default() });
@@ -655,10 +711,63 @@ impl Cluster {
                 total.put_p99_us = total.put_p99_us.max(m.put_p99_us);
                 total.backup_count = m.backup_count;
                 total.async_backup_count = m.async_backup_count;
-                total.per_member.push(MemberMapStats { node_id: member.node_id.to_string(), stats: m });
+                total.per_member.push(MemberMapStats {
+                    node_id: member.node_id.to_string(),
+                    stats: m,
+                    near_cache: None,
+                });
             }
         }
-        maps.into_values().collect()
+        for (member, outcome) in near_caches {
+            let Ok(caches) = outcome else { continue };
+            for cache in caches {
+                let total = maps
+                    .entry(cache.map.clone())
+                    .or_insert_with(|| MapStats { name: cache.map.clone(), ..Default::default() });
+                let sum = total
+                    .near_cache
+                    .get_or_insert_with(|| NearCacheStats { map: cache.map.clone(), ..Default::default() });
+                add_near_cache(sum, &cache);
+                let node_id = member.node_id.to_string();
+                match total.per_member.iter_mut().find(|p| p.node_id == node_id) {
+                    Some(part) => part.near_cache = Some(cache),
+                    None => total.per_member.push(MemberMapStats {
+                        node_id,
+                        stats: LocalMapStats { name: cache.map.clone(), ..Default::default() },
+                        near_cache: Some(cache),
+                    }),
+                }
+            }
+        }
+        let mut topics: BTreeMap<(String, String), TopicSummary> = BTreeMap::new();
+        for (member, outcome) in topic_stats {
+            let Ok(stats) = outcome else { continue };
+            for t in stats {
+                let total = topics.entry((t.name.clone(), t.kind.clone())).or_insert_with(|| TopicSummary {
+                    name: t.name.clone(),
+                    kind: t.kind.clone(),
+                    ..Default::default()
+                });
+                total.published += t.published;
+                total.received += t.received;
+                total.subscribers += t.subscribers;
+                total.dropped += t.dropped;
+                total.lost += t.lost;
+                total.malformed += t.malformed;
+                total.per_member.push(MemberTopicStats { node_id: member.node_id.to_string(), stats: t });
+            }
+        }
+        for (name, (stored, memory_bytes)) in rings {
+            let key = (name.clone(), TopicKind::Reliable.as_str().to_string());
+            let total = topics.entry(key).or_insert_with(|| TopicSummary {
+                name,
+                kind: TopicKind::Reliable.as_str().to_string(),
+                ..Default::default()
+            });
+            total.stored = stored;
+            total.memory_bytes = memory_bytes;
+        }
+        (maps.into_values().collect(), topics.into_values().collect())
     }
 
     /// Leaves the cluster gracefully: announces the departure so peers see `Left` within a gossip
@@ -702,6 +811,7 @@ impl Cluster {
         // retry elsewhere; give requests already on the wire a moment to be answered.
         tokio::time::sleep(self.inner.config.gossip_interval().min(Duration::from_millis(500)) * 2).await;
         self.inner.membership.shutdown().await;
+        self.inner.topics.shutdown().await;
         self.inner.maps.shutdown().await;
         self.inner.net.shutdown().await;
         self.stop_tasks().await;
@@ -714,6 +824,7 @@ impl Cluster {
     pub async fn kill(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         self.inner.membership.kill().await;
+        self.inner.topics.shutdown().await;
         self.inner.maps.shutdown().await;
         self.inner.net.shutdown().await;
         self.stop_tasks().await;

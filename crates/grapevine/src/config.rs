@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use grapevine_discovery::mdns::{CLUSTER_NAME_BYTES_MAX, InterfaceSpec};
 use grapevine_discovery::{SeedSpec, parse_member_list};
-pub use grapevine_map::MapConfig;
-use grapevine_map::MapSettings;
+use grapevine_map::{InvalidationSettings, MapSettings, RELIABLE_TOPIC_MAP_PREFIX};
+pub use grapevine_map::{MapConfig, NearCacheConfig};
+use grapevine_topic::TopicSettings;
+pub use grapevine_topic::{OverloadPolicy, ReliableTopicConfig, TopicConfig};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// A member's whole configuration. `Default` gives the documented defaults, with an empty
@@ -103,6 +105,17 @@ pub struct Config {
     pub partitions: PartitionSettings,
     /// Per-map settings: `[maps.sessions]`; `[maps.default]` applies to maps without a section.
     pub maps: BTreeMap<String, MapConfig>,
+    /// Near caches are kept fresh by the owners' invalidation events (the seed's
+    /// `eventInvalidation`). false: owners send none and near-cached entries only expire by their
+    /// `ttl_seconds`, which must then be set. The same on every member. Default true.
+    pub event_invalidation: bool,
+    /// Batching and position reports of invalidation events.
+    pub invalidation: InvalidationConfig,
+    /// Per-topic settings: `[topics.news]`; `[topics.default]` applies to topics without a section.
+    pub topics: BTreeMap<String, TopicConfig>,
+    /// Per-reliable-topic settings: `[reliable_topics.orders]`; `[reliable_topics.default]`
+    /// applies to reliable topics without a section. The same on every member.
+    pub reliable_topics: BTreeMap<String, ReliableTopicConfig>,
     /// Free-form attributes published with the member (e.g. `zone = "eu-1"`).
     pub attributes: BTreeMap<String, String>,
 }
@@ -270,6 +283,26 @@ impl fmt::Display for DiscoveryMode {
 /// The most entries `mdns_interfaces` may have.
 const MDNS_INTERFACES_MAX: usize = 64;
 
+/// Batching and position reports of the near caches' invalidation events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InvalidationConfig {
+    /// An owner sends a member's pending invalidations once this many are queued. Default 100.
+    pub batch_size: usize,
+    /// ... or once the oldest has waited this long, in ms. Default 10.
+    pub batch_delay_ms: u64,
+    /// How often owners send near-caching members the position of each partition they own, in
+    /// ms. A near cache purges a partition whose position is ahead of the events it received, and
+    /// those of an owner silent for three intervals. Default 1000.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig { batch_size: 100, batch_delay_ms: 10, heartbeat_ms: 1000 }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -313,6 +346,10 @@ impl Default for Config {
             net: NetSettings::default(),
             partitions: PartitionSettings::default(),
             maps: BTreeMap::new(),
+            event_invalidation: true,
+            invalidation: InvalidationConfig::default(),
+            topics: BTreeMap::new(),
+            reliable_topics: BTreeMap::new(),
             attributes: BTreeMap::new(),
         }
     }
@@ -517,7 +554,53 @@ impl Config {
                     "map names must be 1 to 255 printable characters",
                 ));
             }
+            if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) {
+                return Err(ConfigError::new(
+                    format!("maps.{name}"),
+                    format!(
+                        "map names starting with {RELIABLE_TOPIC_MAP_PREFIX:?} are reserved for reliable topics; configure them in [reliable_topics.NAME]"
+                    ),
+                ));
+            }
+            if let Some(near) = &map.near_cache {
+                let key = |k: &str| format!("maps.{name}.near_cache.{k}");
+                if !(1..=1 << 32).contains(&near.max_entries) {
+                    return Err(ConfigError::new(
+                        key("max_entries"),
+                        "must be between 1 and 4294967296 (default 10000)",
+                    ));
+                }
+                if near.ttl_seconds > 365 * 86_400 {
+                    return Err(ConfigError::new(key("ttl_seconds"), "must be at most a year (31536000)"));
+                }
+                let by_events = self.event_invalidation && near.invalidate_on_change;
+                if !by_events && near.ttl_seconds == 0 {
+                    return Err(ConfigError::new(
+                        key("ttl_seconds"),
+                        "must be above 0 when event_invalidation or invalidate_on_change is false: entries would \
+                         never be refreshed",
+                    ));
+                }
+            }
             warnings.extend(map.clone().clamp(name));
+        }
+        let i = &self.invalidation;
+        if !(1..=100_000).contains(&i.batch_size) {
+            return Err(ConfigError::new("invalidation.batch_size", "must be between 1 and 100000 (default 100)"));
+        }
+        if !(1..=10_000).contains(&i.batch_delay_ms) {
+            return Err(ConfigError::new("invalidation.batch_delay_ms", "must be between 1 and 10000 milliseconds"));
+        }
+        if !(10..=60_000).contains(&i.heartbeat_ms) {
+            return Err(ConfigError::new("invalidation.heartbeat_ms", "must be between 10 and 60000 milliseconds"));
+        }
+        for (name, topic) in &self.topics {
+            grapevine_topic::check_name(name).map_err(|m| ConfigError::new(format!("topics.{name}"), m))?;
+            grapevine_topic::validate_topic(name, topic).map_err(|(k, m)| ConfigError::new(k, m))?;
+        }
+        for (name, topic) in &self.reliable_topics {
+            grapevine_topic::check_name(name).map_err(|m| ConfigError::new(format!("reliable_topics.{name}"), m))?;
+            grapevine_topic::validate_reliable_topic(name, topic).map_err(|(k, m)| ConfigError::new(k, m))?;
         }
         for key in self.attributes.keys() {
             if key.is_empty() || key.contains(':') || key.chars().any(char::is_whitespace) {
@@ -597,7 +680,39 @@ impl Config {
             expiry_sweep_interval: ms(p.expiry_sweep_interval_ms),
             migration_parallelism: p.migration_parallelism,
             migration_timeout: ms(p.migration_timeout_ms),
-            maps: self.normalized().maps,
+            maps: self.map_configs(),
+            invalidation: InvalidationSettings {
+                enabled: self.event_invalidation,
+                batch_size: self.invalidation.batch_size,
+                batch_delay: ms(self.invalidation.batch_delay_ms),
+                heartbeat_interval: ms(self.invalidation.heartbeat_ms),
+            },
+        }
+    }
+
+    /// Every map's settings: the `[maps]` sections, and the ring buffer maps of the reliable
+    /// topics (`__topic:<name>`, with the topic's backup counts).
+    fn map_configs(&self) -> BTreeMap<String, MapConfig> {
+        let mut maps = self.normalized().maps;
+        // Without `[reliable_topics.default]` the map crate's defaults apply: one synchronous
+        // backup, as a reliable topic's.
+        for (name, topic) in &self.reliable_topics {
+            let ring = MapConfig {
+                backup_count: topic.backup_count,
+                async_backup_count: topic.async_backup_count,
+                ..MapConfig::default()
+            };
+            maps.insert(format!("{RELIABLE_TOPIC_MAP_PREFIX}{name}"), ring);
+        }
+        maps
+    }
+
+    /// The topic service settings derived from this configuration.
+    pub fn topic_settings(&self) -> TopicSettings {
+        TopicSettings {
+            topics: self.topics.clone(),
+            reliable_topics: self.reliable_topics.clone(),
+            operation_timeout: Duration::from_millis(self.partitions.operation_timeout_ms),
         }
     }
 
@@ -768,6 +883,61 @@ mod tests {
             toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 7\nasync_backup_count = 9").unwrap();
         assert_eq!(both.validate().unwrap().len(), 3);
         assert_eq!(both.map_settings().map("m").async_backup_count, 0);
+    }
+
+    #[test]
+    fn near_caches_topics_and_reliable_topics_are_configured_and_checked() {
+        let config: Config = toml::from_str(
+            "cluster_name = 'x'\n\
+             [maps.sessions.near_cache]\nmax_entries = 500\n\
+             [invalidation]\nbatch_size = 10\nbatch_delay_ms = 2\nheartbeat_ms = 250\n\
+             [topics.news]\nqueue_capacity = 16\n\
+             [reliable_topics.orders]\ncapacity = 100\nbackup_count = 2\noverload_policy = 'discard_newest'\n",
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(vec![]));
+        let settings = config.map_settings();
+        let near = settings.map("sessions").near_cache.unwrap();
+        assert_eq!((near.max_entries, near.ttl_seconds, near.invalidate_on_change), (500, 0, true));
+        assert_eq!(settings.invalidation.batch_size, 10);
+        assert_eq!(settings.invalidation.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(settings.map("__topic:orders").backup_count, 2, "the ring buffer map has the topic's backups");
+        assert_eq!(settings.map("__topic:other").backup_count, 1, "the default: one synchronous backup");
+        let topics = config.topic_settings();
+        assert_eq!(topics.topic("news").queue_capacity, 16);
+        assert_eq!(topics.reliable_topic("orders").overload_policy, OverloadPolicy::DiscardNewest);
+        assert_eq!(topics.reliable_topic("other").capacity, 10_000);
+
+        let near = |ttl_seconds, invalidate_on_change| MapConfig {
+            near_cache: Some(NearCacheConfig { ttl_seconds, invalidate_on_change, ..NearCacheConfig::default() }),
+            ..MapConfig::default()
+        };
+        let with_map = |config: MapConfig, events: bool| {
+            let mut c = valid();
+            c.maps.insert("m".into(), config);
+            c.event_invalidation = events;
+            c
+        };
+        assert_eq!(with_map(near(0, true), true).validate(), Ok(vec![]));
+        assert_eq!(with_map(near(0, true), false).validate().unwrap_err().key, "maps.m.near_cache.ttl_seconds");
+        assert_eq!(with_map(near(0, false), true).validate().unwrap_err().key, "maps.m.near_cache.ttl_seconds");
+        assert_eq!(with_map(near(5, false), false).validate(), Ok(vec![]));
+        let mut reserved = valid();
+        reserved.maps.insert("__topic:x".into(), MapConfig::default());
+        assert_eq!(reserved.validate().unwrap_err().key, "maps.__topic:x");
+        let mut bad = valid();
+        bad.reliable_topics.insert("t".into(), ReliableTopicConfig { capacity: 0, ..Default::default() });
+        assert_eq!(bad.validate().unwrap_err().key, "reliable_topics.t.capacity");
+        let mut bad = valid();
+        bad.topics.insert("t".into(), TopicConfig { queue_capacity: 0 });
+        assert_eq!(bad.validate().unwrap_err().key, "topics.t.queue_capacity");
+        let mut bad = valid();
+        bad.invalidation.heartbeat_ms = 0;
+        assert_eq!(bad.validate().unwrap_err().key, "invalidation.heartbeat_ms");
+        let err = toml::from_str::<Config>("cluster_name = 'x'\n[reliable_topics.t]\noverload_policy = 'drop'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drop"), "{err}");
     }
 
     #[test]

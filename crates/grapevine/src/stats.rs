@@ -1,13 +1,18 @@
-//! The `/stats` document: what `grapevine clusterstats` prints, as serializable types.
+//! The `/stats` document: what `grapevine clusterstats` prints, as serializable types. The CLI
+//! reads the document into these same types, so a counter is added in one place. Every field has
+//! a default and unknown fields are ignored, so that a CLI of one version reads the `/stats` of
+//! another.
 
 use std::collections::BTreeMap;
 
-use grapevine_map::{LocalMapStats, PartitionSummary};
+use grapevine_map::{LocalMapStats, NearCacheStats, PartitionSummary};
 use grapevine_membership::MembershipStats;
+use grapevine_topic::TopicStats;
 use serde::{Deserialize, Serialize};
 
 /// One member's view of the whole cluster (served at `/stats`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClusterStats {
     /// The cluster name.
     pub cluster_name: String,
@@ -31,15 +36,17 @@ pub struct ClusterStats {
     /// Gossip counters of the answering member.
     pub gossip: MembershipStats,
     /// The partition table as the answering member holds it.
-    #[serde(default)]
     pub partitions: Option<PartitionSummary>,
-    /// Every map, summed over the members that answered, with each member's part.
-    #[serde(default)]
+    /// Every map, summed over the members that answered, with each member's part (the ring
+    /// buffers of reliable topics are under `topics`).
     pub maps: Vec<MapStats>,
+    /// Every topic, summed over the members that answered, with each member's part.
+    pub topics: Vec<TopicSummary>,
 }
 
 /// One map across the cluster.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MapStats {
     /// The map name.
     pub name: String,
@@ -73,22 +80,69 @@ pub struct MapStats {
     /// started (each also logs a warning once, until the map recovers).
     #[serde(default)]
     pub under_replicated_writes: u64,
+    /// The near caches of the map, summed over the members that have one (`map` is the map's
+    /// name); none when no member near-caches it.
+    pub near_cache: Option<NearCacheStats>,
     /// Each member's part.
     pub per_member: Vec<MemberMapStats>,
 }
 
 /// One map on one member.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MemberMapStats {
     /// The member's node id.
     pub node_id: String,
     /// Its statistics.
     #[serde(flatten)]
     pub stats: LocalMapStats,
+    /// Its near cache of the map, if it has one.
+    pub near_cache: Option<NearCacheStats>,
+}
+
+/// One topic across the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TopicSummary {
+    /// The topic name.
+    pub name: String,
+    /// `topic` or `reliable`.
+    pub kind: String,
+    /// Messages published (from any member).
+    pub published: u64,
+    /// Messages delivered to subscribers (once per subscriber).
+    pub received: u64,
+    /// Subscribers in the cluster.
+    pub subscribers: u64,
+    /// Plain: messages dropped for slow subscribers (or members that could not be sent to).
+    /// Reliable: publishes refused by `discard_newest`.
+    pub dropped: u64,
+    /// Reliable: messages subscribers lost by falling more than the capacity behind.
+    pub lost: u64,
+    /// Malformed messages, and messages that did not decode for a subscriber.
+    pub malformed: u64,
+    /// Reliable: messages held in the ring buffer (its owner's copy).
+    pub stored: u64,
+    /// Reliable: estimated memory of the ring buffer and its backups.
+    pub memory_bytes: u64,
+    /// Each member's part.
+    pub per_member: Vec<MemberTopicStats>,
+}
+
+/// One topic on one member.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemberTopicStats {
+    /// The member's node id.
+    pub node_id: String,
+    /// Its statistics.
+    #[serde(flatten)]
+    pub stats: TopicStats,
 }
 
 /// A member as seen in the view.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MemberStats {
     /// Node id.
     pub node_id: String,
@@ -113,7 +167,8 @@ pub struct MemberStats {
 }
 
 /// The answering member's own state and effective configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LocalStats {
     /// Its life-cycle state.
     pub state: String,
@@ -133,7 +188,8 @@ pub struct LocalStats {
 }
 
 /// The effective configuration of a running member: ports as bound, timers as used.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RuntimeConfig {
     /// The interface address listened on (`0.0.0.0` = all).
     pub bind: String,
@@ -161,4 +217,15 @@ pub struct RuntimeConfig {
     pub join_timeout_ms: u64,
     /// How often absent listed members are probed.
     pub probe_interval_ms: u64,
+    /// Whether near caches are kept fresh by invalidation events.
+    pub event_invalidation: bool,
+}
+
+/// Adds `b`'s counters to `a` (the near caches of one map on several members).
+pub(crate) fn add_near_cache(a: &mut NearCacheStats, b: &NearCacheStats) {
+    a.entries += b.entries;
+    a.hits += b.hits;
+    a.misses += b.misses;
+    a.invalidations += b.invalidations;
+    a.purges += b.purges;
 }

@@ -22,13 +22,72 @@ pub struct MapConfig {
     /// Default maximum idle time of entries, in seconds (0: none). Default 0. For session maps,
     /// set it above the application's session lifetime.
     pub max_idle_seconds: u64,
+    /// A near cache on every member that reads the map (`[maps.NAME.near_cache]`); none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub near_cache: Option<NearCacheConfig>,
 }
 
 impl Default for MapConfig {
     fn default() -> Self {
-        MapConfig { backup_count: 1, async_backup_count: 0, ttl_seconds: 0, max_idle_seconds: 0 }
+        MapConfig { backup_count: 1, async_backup_count: 0, ttl_seconds: 0, max_idle_seconds: 0, near_cache: None }
     }
 }
+
+/// A map's near cache: a bounded local copy of the entries a member read, kept fresh by the
+/// owners' invalidation events (see `crate::near_cache`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NearCacheConfig {
+    /// Most entries kept; the least recently used are evicted beyond it. Default 10000.
+    pub max_entries: u64,
+    /// Entries are dropped this many seconds after they were cached (0: only by invalidation or
+    /// eviction). Default 0. Must be above 0 when event invalidation is off.
+    pub ttl_seconds: u64,
+    /// Drop an entry when the owner reports a change of its key (and the whole partition on any
+    /// sign of a missed event). Default true. Off: entries only expire by `ttl_seconds`.
+    pub invalidate_on_change: bool,
+}
+
+impl Default for NearCacheConfig {
+    fn default() -> Self {
+        NearCacheConfig { max_entries: 10_000, ttl_seconds: 0, invalidate_on_change: true }
+    }
+}
+
+/// Settings of the near-cache invalidation events, the same for every map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidationSettings {
+    /// Event-based invalidation (the seed's `eventInvalidation`). Off: owners send nothing and
+    /// near-cached entries only expire by their time to live. Default true.
+    pub enabled: bool,
+    /// An owner sends a member's pending invalidations once this many are queued. Default 100.
+    pub batch_size: usize,
+    /// ... or when the oldest has waited this long. Default 10 ms.
+    pub batch_delay: Duration,
+    /// Owners send every near-caching member the position of each partition they own this often;
+    /// a near cache purges a partition whose position is ahead of the events it received, and the
+    /// partitions of an owner it has not heard from for three intervals. Default 1 s.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for InvalidationSettings {
+    fn default() -> Self {
+        InvalidationSettings {
+            enabled: true,
+            batch_size: 100,
+            batch_delay: Duration::from_millis(10),
+            heartbeat_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reliable topics keep their ring buffer in the map named this prefix and the topic name; its
+/// backup counts come from that map's settings, else from `"__topic:default"`'s, else the
+/// defaults (one synchronous backup). Map names with this prefix are reserved.
+pub const RELIABLE_TOPIC_MAP_PREFIX: &str = "__topic:";
+
+/// The settings key that configures reliable topics without their own section.
+const RELIABLE_TOPIC_DEFAULT: &str = "__topic:default";
 
 impl MapConfig {
     /// Replicas a partition of this map has: the owner and every backup.
@@ -92,6 +151,8 @@ pub struct MapSettings {
     pub migration_timeout: Duration,
     /// Per-map settings by name; `default` applies to maps without their own section.
     pub maps: BTreeMap<String, MapConfig>,
+    /// Near-cache invalidation events.
+    pub invalidation: InvalidationSettings,
 }
 
 impl Default for MapSettings {
@@ -105,6 +166,7 @@ impl Default for MapSettings {
             migration_parallelism: 8,
             migration_timeout: Duration::from_secs(60),
             maps: BTreeMap::new(),
+            invalidation: InvalidationSettings::default(),
         }
     }
 }
@@ -112,6 +174,10 @@ impl Default for MapSettings {
 impl MapSettings {
     /// The settings of map `name`.
     pub fn map(&self, name: &str) -> MapConfig {
-        self.maps.get(name).or_else(|| self.maps.get("default")).cloned().unwrap_or_default()
+        if let Some(config) = self.maps.get(name) {
+            return config.clone();
+        }
+        let fallback = if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) { RELIABLE_TOPIC_DEFAULT } else { "default" };
+        self.maps.get(fallback).cloned().unwrap_or_default()
     }
 }

@@ -138,6 +138,7 @@ impl Node {
         counters.note_sync_backups(map, config.backup_count, acks.len());
         if acks.is_empty() {
             drop(guard);
+            self.on_write_confirmed(p, map, &term, &result);
             return Executed::Now(Reply::Done(result));
         }
         Executed::Pending(PendingWrite {
@@ -192,6 +193,7 @@ impl Node {
         let mp = data.maps.get_mut(map).expect("the map partition was just written");
         mp.seq += 1;
         let seq = mp.seq;
+        self.invalidation.on_change(map, p, &mp.term, seq, &change.repl);
         let msg = Node::encode(&Msg::Backup {
             partition: p,
             term: mp.term.clone(),
@@ -246,6 +248,7 @@ impl Node {
             }
         }
         if failures.is_empty() {
+            self.on_write_confirmed(partition, &map, &term, &result);
             return Reply::Done(result);
         }
         warn!(partition, map = %map, failures = ?failures, "synchronous backup failed");

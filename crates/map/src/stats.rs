@@ -49,9 +49,15 @@ impl MapCounters {
     /// Counts an operation executed as owner.
     pub(crate) fn count_owner_op(&self, op: &'static str, result: &OpResult) {
         match op {
-            "get" | "contains_key" | "ttl" => {
+            "get" | "contains_key" | "ttl" | "ring_read" => {
                 self.gets.fetch_add(1, Ordering::Relaxed);
-                let hit = matches!(result, OpResult::Value(Some(_)) | OpResult::Flag(true));
+                let hit = matches!(
+                    result,
+                    OpResult::Value(Some(_))
+                        | OpResult::Flag(true)
+                        | OpResult::Positioned { value: Some(_), .. }
+                        | OpResult::RingItems { .. }
+                );
                 if hit {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                 }
@@ -94,7 +100,7 @@ impl MapCounters {
     pub(crate) fn record_latency(&self, op: &'static str, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
         let histogram = match op {
-            "get" | "contains_key" | "ttl" => &self.get_latency,
+            "get" | "contains_key" | "ttl" | "ring_read" => &self.get_latency,
             "remove" => return,
             _ => &self.put_latency,
         };

@@ -177,6 +177,7 @@ pub enum MembershipError {
 
 /// Counters for stats and metrics.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MembershipStats {
     /// Gossip SYN messages sent (each starts a gossip exchange).
     pub gossip_rounds: u64,
