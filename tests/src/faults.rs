@@ -194,6 +194,8 @@ pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
     config.partitions.anti_entropy_interval_ms = 300;
     config.partitions.migration_timeout_ms = 5_000;
     config.shutdown_timeout_seconds = 10;
+    config.merge_first_run_delay_seconds = 0.0;
+    config.merge_run_delay_seconds = 0.5;
     config.maps.insert(MAP.to_string(), grapevine::MapConfig { backup_count, ..Default::default() });
     config
 }
@@ -319,7 +321,7 @@ pub struct Op {
 }
 
 /// The instant runs count from in reports.
-fn epoch() -> Instant {
+pub fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
@@ -505,6 +507,56 @@ pub fn check_key(ops: &[Op], last: Option<u64>) -> Result<bool, String> {
         return Err(format!("holds {last:?}, written by an operation that was reported as not applied: {writer:?}"));
     }
     binding(Some(writer))
+}
+
+/// Why the value `observed` at the moment acknowledged operation `ops[at]` applied (the previous
+/// value a put or remove returns) contradicts the history of its key, if it does: it must be the
+/// effect of an operation (or the initial absence) that may have applied before `ops[at]`, with no
+/// acknowledged change certainly in between (one that started after it finished and finished
+/// before `ops[at]` started). This catches a lost acknowledged change at the next acknowledged
+/// change of its key, where [`check_key`] sees only what the last changes left. Minority
+/// operations in between may be lost; the returned flag says one was. Do not check operations
+/// that are themselves minority ones: a minority side need not have seen the others' writes.
+pub fn check_observed(ops: &[Op], at: usize, observed: Option<u64>) -> Result<bool, String> {
+    let op = &ops[at];
+    let others = || ops.iter().enumerate().filter(move |(i, _)| *i != at).map(|(_, o)| o);
+    // The operation whose effect `observed` is (None: the initial absence).
+    let mut candidates: Vec<Option<&Op>> = Vec::new();
+    if observed.is_none() {
+        candidates.push(None);
+    }
+    candidates.extend(
+        others().filter(|o| o.value == observed && o.outcome != Outcome::Failed && o.invoked < op.completed).map(Some),
+    );
+    if candidates.is_empty() {
+        return Err(match others().find(|o| o.value == observed) {
+            Some(w) if w.outcome == Outcome::Failed => {
+                format!("{op:?} saw {observed:?}, written by an operation reported as not applied: {w:?}")
+            }
+            Some(w) => format!("{op:?} saw {observed:?}, written by an operation that started after it: {w:?}"),
+            None => format!("{op:?} saw {observed:?}, which no operation wrote"),
+        });
+    }
+    let mut verdict: Option<Result<bool, String>> = None;
+    for candidate in candidates {
+        let after = candidate.map(|c| c.completed);
+        let between: Vec<&Op> = others()
+            .filter(|o| o.outcome == Outcome::Ok && after.is_none_or(|t| o.invoked > t) && o.completed < op.invoked)
+            .collect();
+        if between.iter().all(|o| o.minority) {
+            if between.is_empty() {
+                return Ok(false);
+            }
+            verdict = Some(Ok(true));
+        } else if verdict.is_none() {
+            let lost: Vec<&&Op> = between.iter().filter(|o| !o.minority).take(3).collect();
+            verdict = Some(Err(format!(
+                "{op:?} saw {observed:?} ({}), but acknowledged changes came in between and are lost: {lost:?}",
+                candidate.map_or("the initial absence".to_string(), |c| format!("from {c:?}"))
+            )));
+        }
+    }
+    verdict.expect("at least one candidate")
 }
 
 /// The result of one run.
@@ -857,6 +909,43 @@ mod tests {
         let ops = vec![op(Some(1), (0, 10), Outcome::Ok), minority];
         assert_eq!(check_key(&ops, Some(1)), Ok(true));
         assert_eq!(check_key(&ops, Some(2)), Ok(false));
+    }
+
+    #[test]
+    fn an_observed_previous_value_must_not_skip_an_acknowledged_change() {
+        let mut ops = vec![
+            op(Some(1), (0, 10), Outcome::Ok),
+            op(Some(2), (20, 30), Outcome::Ok),
+            op(Some(3), (40, 50), Outcome::Ok),
+        ];
+        // The write of 3 saw 2: fine; saw 1 or nothing: 2 was lost.
+        assert_eq!(check_observed(&ops, 2, Some(2)), Ok(false));
+        assert!(check_observed(&ops, 2, Some(1)).is_err());
+        assert!(check_observed(&ops, 2, None).is_err());
+        assert_eq!(check_observed(&ops, 0, None), Ok(false));
+        // A value written later, never written, or by a failed write cannot have been seen.
+        assert!(check_observed(&ops, 1, Some(3)).is_err());
+        assert!(check_observed(&ops, 1, Some(9)).is_err());
+        ops.push(op(Some(4), (0, 5), Outcome::Failed));
+        assert!(check_observed(&ops, 1, Some(4)).is_err());
+        // A concurrent write may come before or after.
+        let concurrent = vec![
+            op(Some(1), (0, 10), Outcome::Ok),
+            op(Some(2), (20, 60), Outcome::Ok),
+            op(None, (40, 50), Outcome::Ok),
+        ];
+        assert_eq!(check_observed(&concurrent, 2, Some(1)), Ok(false));
+        assert_eq!(check_observed(&concurrent, 2, Some(2)), Ok(false));
+        assert_eq!(check_observed(&concurrent, 1, None), Ok(false));
+        // An unknown write may have applied; a minority write may be lost, and is counted.
+        let mut minority = op(Some(2), (20, 30), Outcome::Ok);
+        minority.minority = true;
+        let ops = vec![op(Some(1), (0, 10), Outcome::Ok), minority, op(Some(3), (40, 50), Outcome::Unknown)];
+        let mut all = ops.clone();
+        all.push(op(Some(5), (60, 70), Outcome::Ok));
+        assert_eq!(check_observed(&all, 3, Some(3)), Ok(false));
+        assert_eq!(check_observed(&all, 3, Some(2)), Ok(false));
+        assert_eq!(check_observed(&all, 3, Some(1)), Ok(true));
     }
 
     #[test]

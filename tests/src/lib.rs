@@ -38,6 +38,8 @@ pub fn test_config(cluster_name: &str) -> Config {
     config.partitions.expiry_sweep_interval_ms = 100;
     config.partitions.operation_timeout_ms = 20_000;
     config.partitions.migration_timeout_ms = 10_000;
+    config.merge_first_run_delay_seconds = 0.0;
+    config.merge_run_delay_seconds = 0.5;
     config
 }
 

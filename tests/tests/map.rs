@@ -1,10 +1,12 @@
 //! The distributed map through the embedding API, on real in-process members.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use grapevine::{EntryEventKind, Expiry, MapConfig};
-use grapevine_tests::{TestCluster, WAIT, test_config, wait_until};
+use grapevine::{Cluster, DistributedMap, EntryEventKind, Expiry, MapConfig};
+use grapevine_tests::{TestCluster, WAIT, start_member, test_config, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_works_from_every_member() {
@@ -39,36 +41,133 @@ async fn every_operation_works_from_every_member() {
     assert!(a.get(&k("y")).await.unwrap().is_none());
 }
 
+/// The outcome of each write of [`write_through_a_loss`]: the key, and whether it was
+/// acknowledged.
+type Outcomes = Vec<(u32, bool)>;
+
+/// Writes `key -> key * 7` for every key of `keys` through `map`, with eight writers at once, and
+/// runs `fault` once a third of them were acknowledged: writes are in flight when it strikes.
+/// A write may fail during the fault (its outcome is then unknown); returns every outcome.
+async fn write_through_a_loss<F: std::future::Future<Output = ()>>(
+    map: &DistributedMap<u32, u64>,
+    keys: std::ops::Range<u32>,
+    fault: F,
+) -> Outcomes {
+    let outcomes = Arc::new(Mutex::new(Outcomes::new()));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for chunk in 0..8u32 {
+        let (map, outcomes, acked, keys) = (map.clone(), outcomes.clone(), acked.clone(), keys.clone());
+        writers.spawn(async move {
+            for key in keys.skip(chunk as usize).step_by(8) {
+                let ok = map.put(&key, &(u64::from(key) * 7)).await.is_ok();
+                if ok {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                outcomes.lock().unwrap().push((key, ok));
+            }
+        });
+    }
+    let third = keys.len() / 3;
+    wait_until("a third of the writes to be acknowledged", WAIT, || acked.load(Ordering::Relaxed) >= third).await;
+    assert!(acked.load(Ordering::Relaxed) < keys.len(), "the writers must still be writing when the fault strikes");
+    fault.await;
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap()
+}
+
+/// Every acknowledged write of `outcomes` reads back through `reader`; a failed one is there with
+/// its value or absent. Returns how many keys are present.
+async fn check_outcomes(reader: &DistributedMap<u32, u64>, outcomes: &Outcomes, when: &str) -> u64 {
+    let mut present = 0;
+    for &(key, acked) in outcomes {
+        let found = reader.get(&key).await.unwrap();
+        if acked {
+            assert_eq!(found, Some(u64::from(key) * 7), "acknowledged key {key} {when}");
+        } else {
+            assert!(found.is_none_or(|v| v == u64::from(key) * 7), "failed write of {key} {when}: {found:?}");
+        }
+        present += u64::from(found.is_some());
+    }
+    present
+}
+
+/// Two owners die one after the other, each while eight writers are in full flow: no
+/// acknowledged write is lost, through either loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_owner_loses_no_acknowledged_write_even_after_a_second_loss() {
     let cluster = TestCluster::start(3).await;
     cluster.wait_settled().await;
+    const KEYS: u32 = 6_000;
     let writer = cluster.member(2).map::<u32, u64>("sessions").unwrap();
-    const KEYS: u32 = 10_000;
-    let mut writes = tokio::task::JoinSet::new();
-    for chunk in 0..8u32 {
-        let map = writer.clone();
-        writes.spawn(async move {
-            for key in (chunk..KEYS).step_by(8) {
-                map.put(&key, &(u64::from(key) * 7)).await.unwrap();
-            }
-        });
-    }
-    while let Some(done) = writes.join_next().await {
-        done.unwrap();
-    }
-    cluster.member(0).kill().await;
+    let first = write_through_a_loss(&writer, 0..KEYS, cluster.member(0).kill()).await;
     let survivors = [cluster.member(1), cluster.member(2)];
     let reader = cluster.member(1).map::<u32, u64>("sessions").unwrap();
-    for key in 0..KEYS {
-        assert_eq!(reader.get(&key).await.unwrap(), Some(u64::from(key) * 7), "key {key} after the first loss");
-    }
+    check_outcomes(&reader, &first, "after the first loss").await;
     grapevine_tests::wait_settled(&survivors).await;
-    cluster.member(2).kill().await;
-    for key in 0..KEYS {
-        assert_eq!(reader.get(&key).await.unwrap(), Some(u64::from(key) * 7), "key {key} after the second loss");
-    }
-    assert_eq!(reader.len().await.unwrap(), u64::from(KEYS));
+
+    let second = write_through_a_loss(&reader, KEYS..2 * KEYS, cluster.member(2).kill()).await;
+    let present = check_outcomes(&reader, &first, "after the second loss").await
+        + check_outcomes(&reader, &second, "after the second loss").await;
+    assert_eq!(reader.len().await.unwrap(), present);
+    let failed = first.iter().chain(&second).filter(|(_, ok)| !ok).count();
+    // Each writer has one write in flight at a time: a loss may cost each of the eight writers the
+    // write it had in flight to the member that died, no more.
+    assert!(failed <= 16, "{failed} writes failed in two losses of eight writers");
+}
+
+/// A listener keeps receiving every event, exactly once, after the owner of partitions dies,
+/// after partitions migrate to a new member, and after a member leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_receive_every_event_across_a_fail_over_a_migration_and_a_leave() {
+    let cluster = TestCluster::start(3).await;
+    cluster.wait_settled().await;
+    let listening = cluster.member(1);
+    let mut events = listening.map::<String, u32>("watched").unwrap().listen().await;
+    let registered = |member: &Cluster| member.view().members.iter().any(|m| m.ext.contains_key("listen:watched"));
+    wait_until("the registration to spread", WAIT, || cluster.members.iter().all(registered)).await;
+    let mut expect = async |writer: &Cluster, phase: &str| {
+        let map = writer.map::<String, u32>("watched").unwrap();
+        let keys: Vec<String> = (0..60).map(|i| format!("{phase}-{i}")).collect();
+        for (i, key) in keys.iter().enumerate() {
+            map.put(key, &(i as u32)).await.unwrap();
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < keys.len() {
+            let event = tokio::time::timeout(WAIT, events.recv()).await.expect("event in time").unwrap();
+            assert_eq!(event.kind, EntryEventKind::Added, "{phase}: {event:?}");
+            assert!(event.key.starts_with(phase), "{phase}: an event of another phase: {event:?}");
+            assert!(seen.insert(event.key.clone()), "{phase}: {} twice", event.key);
+        }
+    };
+    // Fail-over.
+    cluster.member(0).kill().await;
+    grapevine_tests::wait_settled(&[cluster.member(1), cluster.member(2)]).await;
+    expect(cluster.member(2), "failover").await;
+    // Migration to a new member, which then owns some of the keys written.
+    let joined = start_member(test_config(cluster.member(1).name()), &[cluster.member(1)]).await;
+    grapevine_tests::wait_settled(&[cluster.member(1), cluster.member(2), &joined]).await;
+    wait_until("the new member to see the registration", WAIT, || registered(&joined)).await;
+    expect(&joined, "migration").await;
+    let service = joined.map_service();
+    let owned_by_new = (0..60)
+        .filter(|i| {
+            let p = service.partition_of(&grapevine_tests::encode_key(&format!("migration-{i}")));
+            service.table().owner(p) == Some(joined.local())
+        })
+        .count();
+    assert!(owned_by_new > 0, "the new member owns some of the keys: its events are tested");
+    // A graceful leave.
+    cluster.member(2).shutdown().await;
+    grapevine_tests::wait_settled(&[cluster.member(1), &joined]).await;
+    expect(&joined, "leave").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv()).await.is_err(),
+        "no event beyond those of the writes"
+    );
+    joined.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

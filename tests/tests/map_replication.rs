@@ -20,6 +20,23 @@ fn holds(member: &Cluster, map: &str, p: u32, key: &str) -> bool {
     member.map_service().local_entries(map, p).iter().any(|(k, _)| *k == encoded)
 }
 
+/// The value `member` holds for `key` in `map` (in its local copy of partition `p`, any role).
+fn value_on<V: serde::de::DeserializeOwned>(member: &Cluster, map: &str, p: u32, key: &str) -> Option<V> {
+    let encoded = grapevine_tests::encode_key(&key.to_string());
+    let entries = member.map_service().local_entries(map, p);
+    let (_, record) = entries.iter().find(|(k, _)| *k == encoded)?;
+    Some(grapevine_net::codec::decode(&record.value).expect("the test's values decode"))
+}
+
+/// Keys `k<n>` whose partition `owner` owns, as many as `count`.
+fn keys_owned_by(cluster: &TestCluster, owner: &Cluster, count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| replica_of(cluster, k, 0).0.local() == owner.local())
+        .take(count)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_and_max_idle_expire_entries_on_owners_and_backups() {
     let cluster = TestCluster::start(2).await;
@@ -85,16 +102,217 @@ async fn asynchronous_backups_catch_up_with_every_write() {
     cluster.wait_settled().await;
     let map = cluster.member(0).map::<String, u32>("async").unwrap();
     let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
-    for (i, key) in keys.iter().enumerate() {
-        map.put(key, &(i as u32)).await.unwrap();
+    // Each key twice: the backup must end with the second value, not just hold the key.
+    for round in 0..2u32 {
+        for (i, key) in keys.iter().enumerate() {
+            map.put(key, &(i as u32 * 10 + round)).await.unwrap();
+        }
     }
-    wait_until("every asynchronous backup to hold its keys", WAIT, || {
-        keys.iter().all(|key| {
+    wait_until("every asynchronous backup to hold the last value of its keys", WAIT, || {
+        keys.iter().enumerate().all(|(i, key)| {
             let (backup, p) = replica_of(&cluster, key, 1);
-            holds(backup, "async", p, key)
+            value_on::<u32>(backup, "async", p, key) == Some(i as u32 * 10 + 1)
         })
     })
     .await;
+}
+
+/// A put to a map with only an asynchronous backup returns without waiting for it: with the
+/// backup unreachable, puts still succeed at once, where a put to a map with a synchronous
+/// backup waits `backup_ack_timeout_ms` and fails. The backup catches up once reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_asynchronous_backup_does_not_delay_puts() {
+    let cluster = TestCluster::start_with(2, |name| {
+        let mut config = async_config(name);
+        config.partitions.backup_ack_timeout_ms = 1_000;
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    let (owner, backup) = (cluster.member(0), cluster.member(1));
+    let keys = keys_owned_by(&cluster, owner, 20);
+    owner.net().faults().drop_outbound(backup.local(), None, true);
+
+    let strict = owner.map::<String, u32>("strict").unwrap();
+    let started = tokio::time::Instant::now();
+    strict.put(&keys[0], &1).await.expect_err("a synchronous backup that cannot be reached fails the put");
+    let strict_put = started.elapsed();
+    assert!(strict_put >= Duration::from_millis(1_000), "the synchronous put gave up after {strict_put:?}");
+
+    let asynchronous = owner.map::<String, u32>("async").unwrap();
+    let started = tokio::time::Instant::now();
+    for (i, key) in keys.iter().enumerate() {
+        asynchronous.put(key, &(i as u32)).await.unwrap();
+    }
+    let async_puts = started.elapsed();
+    // Twenty puts in less time than one wait for the synchronous backup's acknowledgement.
+    assert!(async_puts < Duration::from_millis(1_000), "20 puts took {async_puts:?}: they waited for the backup");
+    for key in &keys {
+        let (_, p) = replica_of(&cluster, key, 1);
+        assert_eq!(value_on::<u32>(backup, "async", p, key), None, "nothing reached the backup");
+    }
+
+    owner.net().faults().drop_outbound(backup.local(), None, false);
+    owner.map_service().anti_entropy_now().await;
+    wait_until("the asynchronous backup to catch up", WAIT, || {
+        keys.iter()
+            .enumerate()
+            .all(|(i, key)| value_on::<u32>(backup, "async", replica_of(&cluster, key, 1).1, key) == Some(i as u32))
+    })
+    .await;
+}
+
+/// When the owner of a map with only an asynchronous backup dies, that backup takes over with the
+/// values it received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_backup_takes_over_with_what_it_received() {
+    let cluster = TestCluster::start_with(3, async_config).await;
+    cluster.wait_settled().await;
+    let (owner, writer) = (cluster.member(0), cluster.member(1));
+    let keys = keys_owned_by(&cluster, owner, 100);
+    let map = writer.map::<String, u32>("async").unwrap();
+    for round in 0..2u32 {
+        for (i, key) in keys.iter().enumerate() {
+            map.put(key, &(i as u32 * 10 + round)).await.unwrap();
+        }
+    }
+    wait_until("the asynchronous backups to hold the last values", WAIT, || {
+        keys.iter().enumerate().all(|(i, key)| {
+            let (backup, p) = replica_of(&cluster, key, 1);
+            value_on::<u32>(backup, "async", p, key) == Some(i as u32 * 10 + 1)
+        })
+    })
+    .await;
+    owner.kill().await;
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(map.get(key).await.unwrap(), Some(i as u32 * 10 + 1), "{key} after its owner died");
+    }
+    assert_eq!(map.len().await.unwrap(), keys.len() as u64);
+}
+
+/// A backup drops an entry whose time to live has passed by itself: the owner's replicated
+/// removal cannot reach it here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_drops_an_entry_whose_time_to_live_passed_by_itself() {
+    let cluster = TestCluster::start(2).await;
+    cluster.wait_settled().await;
+    let (owner, backup) = (cluster.member(0), cluster.member(1));
+    let key = keys_owned_by(&cluster, owner, 1).remove(0);
+    let p = replica_of(&cluster, &key, 1).1;
+    let map = owner.map::<String, String>("expiring").unwrap();
+    let written = tokio::time::Instant::now();
+    map.put_with(&key, &"v".into(), Expiry::ttl(Duration::from_millis(700))).await.unwrap();
+    map.put(&"kept".to_string(), &"v".into()).await.unwrap();
+    assert_eq!(value_on::<String>(backup, "expiring", p, &key).as_deref(), Some("v"), "a synchronous backup has it");
+    owner.net().faults().drop_outbound(backup.local(), None, true);
+    wait_until("the backup to drop the expired entry", WAIT, || !holds(backup, "expiring", p, &key)).await;
+    assert!(written.elapsed() >= Duration::from_millis(700), "dropped after {:?}", written.elapsed());
+    wait_until("the owner to sweep it too", WAIT, || !holds(owner, "expiring", p, &key)).await;
+    owner.net().faults().drop_outbound(backup.local(), None, false);
+    assert_eq!(map.get(&"kept".to_string()).await.unwrap().as_deref(), Some("v"));
+}
+
+/// Across a fail-over, a time to live still counts from the write (the new owner reports what
+/// is left of it), while the max-idle clock restarts at the take-over: reads went to the old
+/// owner and are not replicated, so the new owner would otherwise expire an entry in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_across_a_fail_over_keeps_the_time_to_live_and_restarts_the_idle_clock() {
+    let cluster = TestCluster::start(3).await;
+    cluster.wait_settled().await;
+    let (owner, survivor) = (cluster.member(0), cluster.member(1));
+    let mut keys = keys_owned_by(&cluster, owner, 2);
+    let (ttl_key, idle_key) = (keys.remove(0), keys.remove(0));
+    let map = survivor.map::<String, String>("expiring").unwrap();
+    let ttl = Duration::from_secs(8);
+    let written = tokio::time::Instant::now();
+    map.put_with(&ttl_key, &"t".into(), Expiry::ttl(ttl)).await.unwrap();
+    map.put_with(&idle_key, &"i".into(), Expiry::max_idle(Duration::from_secs(1))).await.unwrap();
+    // In use for longer than its max idle time, through its owner.
+    let used = tokio::time::Instant::now();
+    while used.elapsed() < Duration::from_millis(1_500) {
+        assert!(map.get(&idle_key).await.unwrap().is_some(), "an entry in use must not expire");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    owner.kill().await;
+    let survivors = [cluster.member(1), cluster.member(2)];
+    grapevine_tests::wait_settled(&survivors).await;
+    let taken_over = tokio::time::Instant::now();
+    assert_eq!(map.get(&idle_key).await.unwrap().as_deref(), Some("i"), "the idle clock restarted at the take-over");
+    let left = survivor
+        .map_service()
+        .time_to_live("expiring", grapevine_tests::encode_key(&ttl_key))
+        .await
+        .unwrap()
+        .expect("the entry with a time to live is there")
+        .expect("it has a time to live");
+    assert!(
+        left <= ttl.saturating_sub(written.elapsed()) + Duration::from_millis(50),
+        "{left:?} left after {:?}",
+        written.elapsed()
+    );
+    // Unused now (watching the new owner's own copy reads nothing), the idle entry expires, a max
+    // idle time after the take-over at the earliest.
+    // (The table as a survivor holds it: the dead member's is stale.)
+    let service = survivor.map_service();
+    let p = service.partition_of(&grapevine_tests::encode_key(&idle_key));
+    let new_owner_id = service.table().row(p)[0].clone();
+    let new_owner = survivors.iter().find(|m| *m.local() == new_owner_id).expect("a survivor owns it");
+    wait_until("the idle entry to expire on its new owner", WAIT, || !holds(new_owner, "expiring", p, &idle_key)).await;
+    assert!(
+        taken_over.elapsed() >= Duration::from_millis(950),
+        "expired {:?} after the take-over",
+        taken_over.elapsed()
+    );
+    assert_eq!(map.get(&idle_key).await.unwrap(), None);
+}
+
+/// With `backup_count = 2`, two members lost at the same moment lose no acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_lost_at_once_lose_nothing_with_two_backups() {
+    let cluster = TestCluster::start_with(4, |name| {
+        let mut config = test_config(name);
+        config.maps.insert("twice".into(), MapConfig { backup_count: 2, ..MapConfig::default() });
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    let map = cluster.member(3).map::<u32, u32>("twice").unwrap();
+    for key in 0..1_000 {
+        map.put(&key, &(key * 3)).await.unwrap();
+    }
+    let (first, second) = (cluster.member(0), cluster.member(1));
+    tokio::join!(first.kill(), second.kill());
+    for key in 0..1_000 {
+        assert_eq!(map.get(&key).await.unwrap(), Some(key * 3), "key {key} after two members died at once");
+    }
+    assert_eq!(map.len().await.unwrap(), 1_000);
+}
+
+/// With fewer members than `1 + backup_count`, writes are acknowledged with the backups there
+/// are, and counted as under-replicated; the backup that exists keeps them through its owner's
+/// death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fewer_members_than_replicas_writes_are_kept_by_the_backups_there_are() {
+    let cluster = TestCluster::start_with(2, |name| {
+        let mut config = test_config(name);
+        config.maps.insert("twice".into(), MapConfig { backup_count: 2, ..MapConfig::default() });
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    let map = cluster.member(1).map::<u32, u32>("twice").unwrap();
+    for key in 0..500 {
+        map.put(&key, &key).await.unwrap();
+    }
+    let stats = cluster.member(1).stats().await;
+    let twice = stats.maps.iter().find(|m| m.name == "twice").unwrap();
+    assert_eq!(twice.under_replicated_writes, 500, "{twice:?}");
+    assert_eq!(twice.under_replicated_partitions, 271, "{twice:?}");
+    assert_eq!(twice.backup_entries, 500, "one backup copy each: the one other member");
+    cluster.member(0).kill().await;
+    for key in 0..500 {
+        assert_eq!(map.get(&key).await.unwrap(), Some(key), "key {key}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

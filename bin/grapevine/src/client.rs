@@ -45,6 +45,7 @@ pub struct TextReply {
 pub enum Method {
     Get,
     Put,
+    Post,
     Delete,
 }
 
@@ -53,6 +54,7 @@ impl Method {
         match self {
             Method::Get => "GET",
             Method::Put => "PUT",
+            Method::Post => "POST",
             Method::Delete => "DELETE",
         }
     }
@@ -107,7 +109,7 @@ impl AdminClient {
         self.reply("POST", path, response)
     }
 
-    /// `method path` with an optional text body (PUT only); the reply body as text, whatever the
+    /// `method path` with an optional text body (PUT and POST); the reply body as text, whatever the
     /// status. `path` must be percent-encoded already (see [`path_segment`]).
     pub fn send(&self, method: Method, path: &str, body: Option<&str>) -> Result<TextReply, String> {
         let url = format!("{}{path}", self.base);
@@ -117,9 +119,29 @@ impl AdminClient {
             Method::Put => {
                 self.agent.put(url).header("content-type", "text/plain; charset=utf-8").send(body.unwrap_or_default())
             }
+            Method::Post => {
+                self.agent.post(url).header("content-type", "text/plain; charset=utf-8").send(body.unwrap_or_default())
+            }
         };
         let (status, text) = self.read(response)?;
         Ok(TextReply { status, text })
+    }
+
+    /// `GET path` for a reply that streams (a subscription): no overall time limit, only on
+    /// connecting. Returns the status and a reader of the body.
+    pub fn stream(&self, path: &str, connect_timeout: Duration) -> Result<(u16, impl std::io::Read), String> {
+        let config = ureq::Agent::config_builder()
+            .timeout_connect(Some(connect_timeout))
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_redirects(0)
+            .user_agent(concat!("grapevine-cli/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let agent = ureq::Agent::new_with_config(config);
+        let response = agent.get(format!("{}{path}", self.base)).call().map_err(|e| self.unreachable(&e))?;
+        let status = response.status().as_u16();
+        // Not limited as a whole (it streams until interrupted); the caller bounds each line.
+        Ok((status, response.into_body().into_reader()))
     }
 
     /// The JSON body of a reply of `method path`; an error that says what answered when it is not

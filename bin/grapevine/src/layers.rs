@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use grapevine::Config;
@@ -26,6 +26,8 @@ const STRING_KEYS: &[&str] = &[
     "cluster_name",
     "node_id",
     "members",
+    "discovery",
+    "mdns_interfaces",
     "log_format",
     "bind",
     "public_address",
@@ -50,13 +52,15 @@ pub struct FlagOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub merge_first_run_delay_seconds: Option<u64>,
+    pub merge_first_run_delay_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub merge_run_delay_seconds: Option<u64>,
+    pub merge_run_delay_seconds: Option<f64>,
 }
 
 /// The command-line flag that sets `key`, for messages.
@@ -82,7 +86,18 @@ impl std::fmt::Display for ConfigFailure {
 /// Builds the configuration from every layer and validates it. (Validation warnings are logged
 /// by `Cluster::start`, which validates again.)
 pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigFailure> {
-    let figment = figment(file, flags)?;
+    let env = std::env::vars_os().map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
+    load_with_env(file, flags, env)
+}
+
+/// [`load`] with the environment given as `(name, value)` pairs instead of read from the process:
+/// the tests choose exactly what they set.
+pub fn load_with_env(
+    file: Option<&Path>,
+    flags: &FlagOverrides,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigFailure> {
+    let figment = figment(file, flags, env_data(env))?;
     let config: Config = figment.extract().map_err(|e| describe_figment_error(&figment, e))?;
     config.validate().map_err(|e| {
         let source = source_of(&figment, &e.key).map(|s| format!(" ({s})")).unwrap_or_default();
@@ -91,7 +106,7 @@ pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, Config
     Ok(config)
 }
 
-fn figment(file: Option<&Path>, flags: &FlagOverrides) -> Result<Figment, ConfigFailure> {
+fn figment(file: Option<&Path>, flags: &FlagOverrides, env: Map<Profile, Dict>) -> Result<Figment, ConfigFailure> {
     let mut figment = Figment::from(Layer {
         name: "built-in default",
         describe: |_| "built-in default".to_string(),
@@ -107,7 +122,7 @@ fn figment(file: Option<&Path>, flags: &FlagOverrides) -> Result<Figment, Config
     figment = figment.merge(Layer {
         name: "environment variable",
         describe: |keys| format!("environment variable {ENV_PREFIX}{}", keys.join("__").to_ascii_uppercase()),
-        data: Ok(env_data()),
+        data: Ok(env),
     });
     figment = figment.merge(Layer {
         name: "command-line flag",
@@ -117,13 +132,29 @@ fn figment(file: Option<&Path>, flags: &FlagOverrides) -> Result<Figment, Config
     Ok(figment)
 }
 
+/// The configuration key of environment variable `name`, if it is one: the prefix (in any case)
+/// removed, `__` turned into `.`, lower-cased; `None` for other variables and [`ENV_NOT_KEYS`].
+/// (What figment's `Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS)` does, on any
+/// list of variables rather than only the process's.)
+fn env_key(name: &str) -> Option<String> {
+    let name = name.trim();
+    let prefix = name.get(..ENV_PREFIX.len())?;
+    if !prefix.eq_ignore_ascii_case(ENV_PREFIX) {
+        return None;
+    }
+    let key = name[ENV_PREFIX.len()..].replace("__", ".").to_ascii_lowercase();
+    if key.is_empty() || key.split('.').any(str::is_empty) || ENV_NOT_KEYS.contains(&key.as_str()) {
+        return None;
+    }
+    Some(key)
+}
+
 /// `GRAPEVINE_*` variables as nested configuration values: `GRAPEVINE_GOSSIP__INTERVAL_MS=100`
 /// is `gossip.interval_ms = 100`. Values are parsed as TOML-like scalars (numbers, booleans), except
 /// for keys that are strings whatever they look like.
-fn env_data() -> Map<Profile, Dict> {
-    let env = Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS);
+fn env_data(env: impl IntoIterator<Item = (String, String)>) -> Map<Profile, Dict> {
     let mut dict = Dict::new();
-    for (key, raw) in env.iter() {
+    for (key, raw) in env.into_iter().filter_map(|(name, value)| Some((env_key(&name)?, value))) {
         let key = key.as_str();
         let value = if STRING_KEYS.contains(&key) || key.starts_with("attributes.") {
             Value::from(raw)
@@ -237,6 +268,16 @@ mod tests {
         path
     }
 
+    /// Every test names its environment: an exported `GRAPEVINE_*` variable of the shell that
+    /// runs the tests must not change their results.
+    fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigFailure> {
+        load_with_env(file, flags, [])
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     #[test]
     fn flags_override_the_file() {
         let path = write_temp("flags", "cluster_name = 'from-file'\nport = 6000\n[gossip]\ninterval_ms = 250\n");
@@ -286,19 +327,91 @@ mod tests {
         assert!(err.contains("`members`") && err.contains("flag --members"), "{err}");
         let err = load(None, &FlagOverrides::default()).unwrap_err().0;
         assert!(err.contains("`cluster_name`") && err.contains("built-in default"), "{err}");
+        let flags = FlagOverrides {
+            cluster_name: Some("x".into()),
+            members: Some("10.0.0.1".into()),
+            discovery: Some("mdns".into()),
+            ..Default::default()
+        };
+        let err = load(None, &flags).unwrap_err().0;
+        assert!(
+            err.contains("`discovery`") && err.contains("flag --discovery") && err.contains("mutually exclusive"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_and_flags_override_the_environment() {
+        let path = write_temp(
+            "env",
+            "cluster_name = 'from-file'\nport = 6000\nnode_id = 'file'\n[gossip]\ninterval_ms = 250\n",
+        );
+        let env = vars(&[
+            ("GRAPEVINE_CLUSTER_NAME", "2024"),
+            ("GRAPEVINE_NODE_ID", "7"),
+            ("grapevine_gossip__interval_ms", "300"),
+            ("GRAPEVINE_MEMBERS", "10.0.0.1, 10.0.0.2:5701"),
+            ("GRAPEVINE_MAPS__SESSIONS__BACKUP_COUNT", "2"),
+            ("GRAPEVINE_ATTRIBUTES__ZONE", "1"),
+            // Not keys: read by clap and by the tests.
+            ("GRAPEVINE_CONFIG", "/elsewhere.toml"),
+            ("GRAPEVINE_REQUIRE_TOOLS", "1"),
+            ("GRAPEVINE_ALLOW_SKIP", "1"),
+            ("OTHER_PORT", "1"),
+        ]);
+        let flags = FlagOverrides { node_id: Some("flag".into()), ..Default::default() };
+        let loaded = load_with_env(Some(&path), &flags, env.clone()).unwrap();
+        assert_eq!(loaded.cluster_name, "2024", "a string even when it looks like a number");
+        assert_eq!(loaded.node_id.as_deref(), Some("flag"));
+        assert_eq!(loaded.port, 6000);
+        assert_eq!(loaded.gossip.interval_ms, 300);
+        assert_eq!(loaded.members, vec!["10.0.0.1", "10.0.0.2:5701"]);
+        assert_eq!(loaded.maps["sessions"].backup_count, 2);
+        assert_eq!(loaded.attributes["zone"], "1");
+        let without_flag = load_with_env(Some(&path), &FlagOverrides::default(), env).unwrap();
+        assert_eq!(without_flag.node_id.as_deref(), Some("7"));
+
+        let err = load_with_env(
+            None,
+            &FlagOverrides::default(),
+            vars(&[("GRAPEVINE_CLUSTER_NAME", "x"), ("GRAPEVINE_PROT", "1")]),
+        )
+        .unwrap_err()
+        .0;
+        assert!(err.contains("`prot`") && err.contains("environment variable GRAPEVINE_PROT"), "{err}");
+        let err = load_with_env(
+            None,
+            &FlagOverrides::default(),
+            vars(&[("GRAPEVINE_CLUSTER_NAME", "x"), ("GRAPEVINE_PORT", "x")]),
+        )
+        .unwrap_err()
+        .0;
+        assert!(err.contains("`port`") && err.contains("GRAPEVINE_PORT"), "{err}");
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn only_prefixed_variables_are_keys() {
+        assert_eq!(env_key("GRAPEVINE_GOSSIP__INTERVAL_MS").as_deref(), Some("gossip.interval_ms"));
+        assert_eq!(env_key("grapevine_port").as_deref(), Some("port"));
+        for name in
+            ["GRAPEVINE_", "GRAPEVINE_CONFIG", "GRAPEVINE_A____B", "GRAPE", "PORT", "XGRAPEVINE_PORT", "GRAPEVINÉ_X"]
+        {
+            assert_eq!(env_key(name), None, "{name}");
+        }
     }
 
     #[test]
     fn the_merge_timer_flags_set_their_keys_and_errors_name_the_flags() {
         let flags = FlagOverrides {
             cluster_name: Some("x".into()),
-            merge_first_run_delay_seconds: Some(7),
-            merge_run_delay_seconds: Some(3),
+            merge_first_run_delay_seconds: Some(7.0),
+            merge_run_delay_seconds: Some(3.0),
             ..Default::default()
         };
         let loaded = load(None, &flags).unwrap();
-        assert_eq!((loaded.merge_first_run_delay_seconds, loaded.merge_run_delay_seconds), (7, 3));
-        let flags = FlagOverrides { merge_run_delay_seconds: Some(0), ..flags };
+        assert_eq!((loaded.merge_first_run_delay_seconds, loaded.merge_run_delay_seconds), (7.0, 3.0));
+        let flags = FlagOverrides { merge_run_delay_seconds: Some(-1.0), ..flags };
         let err = load(None, &flags).unwrap_err().0;
         assert!(err.contains("`merge_run_delay_seconds`") && err.contains("flag --merge-run-delay)"), "{err}");
     }

@@ -5,6 +5,8 @@
 //! * `grapevine master --node HOST:ADMIN_PORT --handover-to NODE_ID` moves the master role.
 //! * `grapevine map put|get|remove|size MAP [KEY [VALUE]] [--ttl SECONDS] [--node HOST:ADMIN_PORT]`
 //!   reads and writes string entries of a distributed map.
+//! * `grapevine topic publish|subscribe NAME [MESSAGE] [--reliable] [--node HOST:ADMIN_PORT]`
+//!   publishes to and subscribes to topics.
 //!
 //! Exit status: 0 success; 1 failure (start-up failure such as an exhausted port range, an
 //! unreachable member, a refused operation, `map get` of an absent key, a graceful shutdown that

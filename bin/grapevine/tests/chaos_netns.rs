@@ -1,9 +1,12 @@
 //! Chaos tests: real `grapevine start` processes, each in its own network namespace on a private
 //! bridge, that lose members to SIGKILL and links to nftables rules.
 //!
-//! **Needs** root, `ip` (iproute2, with `ip netns`) and `nft` (nftables). Without them every test
-//! prints why on stderr and passes; set `CHAOS_NETNS_REQUIRED=1` to make that a failure instead
-//! (CI, which runs as root, should).
+//! **Needs** root, `ip` (iproute2, with `ip netns`) and `nft` (nftables). The file has its own
+//! harness (`harness = false`, [`libtest_mimic`]) so that this is decided when the tests are listed:
+//! without them every test is reported `ignored` in the summary (by `cargo test` and nextest
+//! alike), and the reason is printed once before the tests run. `CHAOS_NETNS_REQUIRED=1` (set by
+//! `.ci/run`, which runs as root) makes each of them fail with that reason instead; `--ignored`
+//! runs them anyway, and then they fail with it too.
 //!
 //! **Isolation.** Each test builds its own lab, named after the process id and the test's letter
 //! (`gv<pid><t>`): member namespaces `gv<pid><t>n1..n3`, each with an `eth0` on a bridge that lives
@@ -34,10 +37,15 @@ use std::fs::File;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
+
+mod netns;
+use netns::{free_octet, ip, quiet, unavailable};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
@@ -59,6 +67,9 @@ const MEMBER_ENV: &[(&str, &str)] = &[
     ("GRAPEVINE_GOSSIP__PROBE_INTERVAL_MS", "200"),
     ("GRAPEVINE_PARTITIONS__ANTI_ENTROPY_INTERVAL_MS", "500"),
     ("GRAPEVINE_PARTITIONS__OPERATION_TIMEOUT_MS", "15000"),
+    // Sides of a healed cut merge one second after they see each other again.
+    ("GRAPEVINE_MERGE_FIRST_RUN_DELAY_SECONDS", "0"),
+    ("GRAPEVINE_MERGE_RUN_DELAY_SECONDS", "1"),
     // Each member has its namespace to itself: 5701/5801 must be free, and if they are not the
     // member should fail loudly rather than move to another port.
     ("GRAPEVINE_PORT_AUTO_INCREMENT", "false"),
@@ -83,15 +94,85 @@ const MEMBERS: usize = 3;
 /// caused exactly that.
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Every scenario, by name.
+const SCENARIOS: &[(&str, fn())] = &[
+    (
+        "a_node_cut_off_by_the_network_is_declared_dead_and_rejoins_when_healed",
+        a_node_cut_off_by_the_network_is_declared_dead_and_rejoins_when_healed,
+    ),
+    (
+        "sigkill_of_the_master_moves_the_master_and_keeps_the_data",
+        sigkill_of_the_master_moves_the_master_and_keeps_the_data,
+    ),
+    ("the_majority_keeps_its_data_across_a_healed_partition", the_majority_keeps_its_data_across_a_healed_partition),
+    (
+        "the_majority_keeps_its_data_when_the_master_is_the_one_cut_off",
+        the_majority_keeps_its_data_when_the_master_is_the_one_cut_off,
+    ),
+    (
+        "a_member_that_stops_sending_is_declared_dead_and_rejoins_when_healed",
+        a_member_that_stops_sending_is_declared_dead_and_rejoins_when_healed,
+    ),
+    (
+        "changes_acknowledged_while_the_master_cannot_send_survive_the_heal",
+        changes_acknowledged_while_the_master_cannot_send_survive_the_heal,
+    ),
+    (
+        "changes_acknowledged_while_a_member_cannot_send_survive_the_heal",
+        changes_acknowledged_while_a_member_cannot_send_survive_the_heal,
+    ),
+    ("a_member_that_stops_receiving_rejoins_when_healed", a_member_that_stops_receiving_rejoins_when_healed),
+    ("members_started_at_once_agree_on_one_partition_table", members_started_at_once_agree_on_one_partition_table),
+    (
+        "a_host_name_that_starts_resolving_to_a_member_is_joined_through_the_default_advertised_address",
+        a_host_name_that_starts_resolving_to_a_member_is_joined_through_the_default_advertised_address,
+    ),
+];
+
+/// Runs the scenarios, or reports them ignored with the reason when this host cannot build labs.
+fn main() {
+    let args = Arguments::from_args();
+    let unavailable = unavailable(&format!("gv{}probe", std::process::id()));
+    let required = netns::required();
+    if let Some(reason) = &unavailable
+        && !required
+        && !args.list
+    {
+        // Not while listing: nextest parses that output.
+        println!(
+            "chaos_netns: the {} network-namespace tests are ignored: {reason}. Run them as root with iproute2 \
+             and nftables; CHAOS_NETNS_REQUIRED=1 makes this a failure.",
+            SCENARIOS.len()
+        );
+    }
+    let trials = SCENARIOS
+        .iter()
+        .map(|&(name, scenario)| {
+            let reason = unavailable.clone();
+            Trial::test(name, move || match reason {
+                Some(reason) => Err(Failed::from(format!(
+                    "network namespaces are unavailable: {reason}{}",
+                    if required { " (CHAOS_NETNS_REQUIRED is set)" } else { "" }
+                ))),
+                None => {
+                    scenario();
+                    Ok(())
+                }
+            })
+            .with_ignored_flag(unavailable.is_some() && !required)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
 // ------------------------------------------------------------------------------------------------
 // The scenarios
 // ------------------------------------------------------------------------------------------------
 
 /// A member cut off by the network (both directions) is declared dead by the other two, sees
 /// itself alone, and rejoins when the link is healed, under the same master.
-#[test]
 fn a_node_cut_off_by_the_network_is_declared_dead_and_rejoins_when_healed() {
-    let Some(lab) = Lab::create("cut", 'a', 0) else { return };
+    let lab = Lab::create("cut", 'a', 0);
     let master = lab.start_all();
 
     lab.cut(2, &[0, 1], Cut::Both);
@@ -106,11 +187,12 @@ fn a_node_cut_off_by_the_network_is_declared_dead_and_rejoins_when_healed() {
     lab.assert_all_running();
 }
 
-/// SIGKILL of the master: the survivors agree on a new master, every acknowledged write reads
-/// back through each of them, and new writes succeed.
-#[test]
+/// SIGKILL of the master while a writer is in full flow through another member: the survivors
+/// agree on a new master; every write acknowledged before, during or after the kill reads back
+/// through each of them (a write that failed during the fail-over may or may not be there); new
+/// writes succeed.
 fn sigkill_of_the_master_moves_the_master_and_keeps_the_data() {
-    let Some(lab) = Lab::create("kill", 'b', 1) else { return };
+    let lab = Lab::create("kill", 'b', 1);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
 
@@ -118,13 +200,59 @@ fn sigkill_of_the_master_moves_the_master_and_keeps_the_data() {
     lab.check_data(&[1], &keys, true);
 
     let killed = lab.index_of(&master);
-    lab.kill(killed);
     let survivors: Vec<usize> = (0..MEMBERS).filter(|i| *i != killed).collect();
     let expected: Vec<&str> = survivors.iter().map(|i| lab.node_id(*i)).collect();
-    let new_master = lab.wait_view(&survivors, &expected);
+    // The writer goes on through a survivor until enough writes were acknowledged after the new
+    // view: some are in flight when the master dies.
+    let base = lab.url(survivors[0], &format!("/maps/{MAP}/entries/"));
+    let (agent, stop, acked) = (lab.data.clone(), AtomicBool::new(false), AtomicUsize::new(0));
+    let (stop, acked) = (&stop, &acked);
+    let (outcomes, new_master) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || {
+            let mut outcomes = Vec::new();
+            for n in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (key, value) = (format!("inflight{n}"), format!("inflight-{n}"));
+                let ok = matches!(request(&agent, "PUT", &format!("{base}{key}"), Some(&value)), Ok((200, _)));
+                if ok {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                outcomes.push((key, value, ok));
+            }
+            outcomes
+        });
+        let at_least = |n: usize| move || if acked.load(Ordering::Relaxed) >= n { Ok(()) } else { Err(format!("{n}")) };
+        wait_until("the writer to have 20 writes acknowledged", WAIT, at_least(20));
+        lab.kill(killed);
+        let new_master = lab.wait_view(&survivors, &expected);
+        let after = acked.load(Ordering::Relaxed);
+        wait_until("20 more writes acknowledged after the fail-over", WAIT, at_least(after + 20));
+        stop.store(true, Ordering::Relaxed);
+        (writer.join().expect("the writer thread"), new_master)
+    });
     assert_ne!(new_master, master);
+    let failed = outcomes.iter().filter(|(_, _, ok)| !ok).count();
+    eprintln!("chaos test kill: {} writes in flow, {failed} failed during the fail-over", outcomes.len());
 
     lab.check_data(&survivors, &keys, false);
+    keys.extend(outcomes.iter().filter(|(_, _, ok)| *ok).map(|(k, v, _)| (k.clone(), v.clone())));
+    lab.check_data(&survivors, &keys, false);
+    // A write that failed may or may not have been applied; it is there with its value or absent
+    // (the same through every survivor).
+    for (key, value, _) in outcomes.iter().filter(|(_, _, ok)| !ok) {
+        let seen: Vec<(u16, String)> = survivors
+            .iter()
+            .map(|&i| request(&lab.data, "GET", &lab.url(i, &format!("/maps/{MAP}/entries/{key}")), None).unwrap())
+            .collect();
+        assert!(seen.iter().all(|s| *s == seen[0]), "{key} reads differently through the survivors: {seen:?}");
+        match &seen[0] {
+            (200, body) if body == value => keys.push((key.clone(), value.clone())),
+            (404, _) => {}
+            other => panic!("{key}: expected {value:?} or absent, got {other:?}"),
+        }
+    }
     lab.wait_healthy(&survivors);
     keys.extend(lab.write_keys(&survivors, 300..320, "after"));
     lab.check_data(&survivors, &keys, true);
@@ -138,9 +266,8 @@ fn sigkill_of_the_master_moves_the_master_and_keeps_the_data() {
 /// during the cut on the majority side reads back through every member, the healed one included.
 /// (Writes on the minority side are discarded by design until split-brain merge exists: not
 /// tested.)
-#[test]
 fn the_majority_keeps_its_data_across_a_healed_partition() {
-    let Some(lab) = Lab::create("partition", 'c', 2) else { return };
+    let lab = Lab::create("partition", 'c', 2);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
     let keys = lab.write_keys(&[0, 1, 2], 0..150, "before");
@@ -154,9 +281,8 @@ fn the_majority_keeps_its_data_across_a_healed_partition() {
 /// The same partition, but the member cut off is the master (the oldest member): the majority
 /// elects a new master and goes on; when the partition heals, the old master is the oldest
 /// member again and leads, yet everything the majority holds must survive.
-#[test]
 fn the_majority_keeps_its_data_when_the_master_is_the_one_cut_off() {
-    let Some(lab) = Lab::create("mastercut", 'e', 4) else { return };
+    let lab = Lab::create("mastercut", 'e', 4);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
     let keys = lab.write_keys(&[0, 1, 2], 0..150, "before");
@@ -187,9 +313,8 @@ fn majority_writes_and_heal(
 /// A one-way cut: n2 (not the master) stops sending to its peers but still receives. The others
 /// hear nothing from it and see it dead; nothing crashes; after the heal the cluster re-forms
 /// and every key written before reads back through every member.
-#[test]
 fn a_member_that_stops_sending_is_declared_dead_and_rejoins_when_healed() {
-    let Some(lab) = Lab::create("sendcut", 'd', 3) else { return };
+    let lab = Lab::create("sendcut", 'd', 3);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
     let keys = lab.write_keys(&[0, 1, 2], 0..100, "before");
@@ -208,9 +333,8 @@ fn a_member_that_stops_sending_is_declared_dead_and_rejoins_when_healed() {
 /// while they declare it dead and carry on without it. 150 changes (overwrites and removes) are
 /// acknowledged by the other two during the cut; after the heal the master, the oldest member,
 /// leads again and must adopt what they did instead of imposing its stale table.
-#[test]
 fn changes_acknowledged_while_the_master_cannot_send_survive_the_heal() {
-    let Some(lab) = Lab::create("mastersend", 'h', 7) else { return };
+    let lab = Lab::create("mastersend", 'h', 7);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
     let keys = lab.write_keys(&[0, 1, 2], 0..150, "before");
@@ -233,9 +357,8 @@ fn changes_acknowledged_while_the_master_cannot_send_survive_the_heal() {
 /// other two acknowledge 150 changes meanwhile, which must survive the heal. (The cut-off member
 /// owned partitions and kept talking to its former backups' ports: its anti-entropy must not
 /// overwrite their newer data.)
-#[test]
 fn changes_acknowledged_while_a_member_cannot_send_survive_the_heal() {
-    let Some(lab) = Lab::create("membersend", 'i', 8) else { return };
+    let lab = Lab::create("membersend", 'i', 8);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
     let keys = lab.write_keys(&[0, 1, 2], 0..150, "before");
@@ -258,9 +381,8 @@ fn changes_acknowledged_while_a_member_cannot_send_survive_the_heal() {
 /// It hears nothing and sees itself alone (what n1 and n2 see depends on whether they take its
 /// one-way gossip as a sign of life); nothing crashes; after the heal the cluster re-forms, every
 /// member is healthy again and every key written before reads back through every member.
-#[test]
 fn a_member_that_stops_receiving_rejoins_when_healed() {
-    let Some(lab) = Lab::create("recvcut", 'g', 6) else { return };
+    let lab = Lab::create("recvcut", 'g', 6);
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
     let keys = lab.write_keys(&[0, 1, 2], 0..100, "before");
@@ -276,10 +398,9 @@ fn a_member_that_stops_receiving_rejoins_when_healed() {
 /// tables of its own, before they agree on the oldest one as master. Once they agree, they must
 /// agree on one table too: every member serves writes and reads. Several rounds, since it is a
 /// race.
-#[test]
 fn members_started_at_once_agree_on_one_partition_table() {
     for round in 0..10 {
-        let Some(mut lab) = Lab::create("atonce", 'f', 5) else { return };
+        let mut lab = Lab::create("atonce", 'f', 5);
         // A failed write then takes 5 s instead of 15.
         lab.env.push(("GRAPEVINE_PARTITIONS__OPERATION_TIMEOUT_MS", "5000"));
         lab.start_all_at_once();
@@ -290,6 +411,45 @@ fn members_started_at_once_agree_on_one_partition_table() {
         lab.check_data(&[0, 1, 2], &keys, true);
         lab.wait_table_settled(&[0, 1, 2]);
     }
+}
+
+/// A member started without `--bind` and with only a host name in its member list, which at first
+/// resolves (through its namespace's `/etc/hosts`) to an address where nobody runs: it runs alone.
+/// When the name is changed to resolve to n1, the next refresh (`member_refresh_seconds = 1`)
+/// makes it probe n1, and it joins: the others reach it at the address it advertises by default,
+/// its own interface's address (the one that routes toward the member list), not 127.0.0.1.
+fn a_host_name_that_starts_resolving_to_a_member_is_joined_through_the_default_advertised_address() {
+    let mut lab = Lab::create("dns", 'j', 9);
+    lab.env.push(("GRAPEVINE_MEMBER_REFRESH_SECONDS", "1"));
+    // n1 and n2 do not list n3: only n3's own member list can bring them together.
+    let first_two = format!("{}:{PORT},{}:{PORT}", lab.members[0].ip, lab.members[1].ip);
+    lab.start_with(0, true, &first_two);
+    lab.wait_view(&[0], &["n1"]);
+    lab.start_with(1, true, &first_two);
+    let master = lab.wait_view(&[0, 1], &["n1", "n2"]);
+    lab.wait_healthy(&[0, 1]);
+
+    lab.set_hosts(2, &format!("{} gvpeer\n", lab.unused_ip));
+    lab.start_with(2, false, "gvpeer:5701");
+    lab.wait_healthy(&[2]);
+    // Alone for several refresh intervals: the name does not lead to the cluster yet.
+    let alone_since = Instant::now();
+    while alone_since.elapsed() < Duration::from_secs(3) {
+        let members = lab.stats(2).expect("n3's /stats")["members"].as_array().map_or(0, Vec::len);
+        assert_eq!(members, 1, "n3 found the cluster before its member name resolved to it");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    lab.set_hosts(2, &format!("{} gvpeer\n", lab.members[0].ip));
+    assert_eq!(lab.wait_view(&[0, 1, 2], &["n1", "n2", "n3"]), master);
+    lab.wait_healthy(&[0, 1, 2]);
+    let stats = lab.stats(0).expect("n1's /stats");
+    let n3 = stats["members"].as_array().unwrap().iter().find(|m| m["node_id"] == "n3").expect("n3 in n1's view");
+    let advertised = format!("{}:{PORT}", lab.members[2].ip);
+    assert_eq!(n3["gossip_addr"], advertised.as_str(), "{n3}");
+    assert_eq!(n3["data_addr"], advertised.as_str(), "{n3}");
+    let keys = lab.write_keys(&[2], 0..30, "via-n3");
+    lab.check_data(&[0, 1, 2], &keys, true);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -326,6 +486,8 @@ struct Lab {
     members: Vec<Member>,
     /// The members' environment: [`MEMBER_ENV`], then overrides (later entries win).
     env: Vec<(&'static str, &'static str)>,
+    /// An address of the lab's subnet that no member or host holds.
+    unused_ip: String,
     log_dir: PathBuf,
     admin: ureq::Agent,
     data: ureq::Agent,
@@ -334,18 +496,11 @@ struct Lab {
 }
 
 impl Lab {
-    /// Builds the lab for test `test` (letter `tag`, address slot `slot` in 0..16), or prints why
-    /// it cannot and returns `None` (the test then passes, unless `CHAOS_NETNS_REQUIRED` is set).
-    fn create(test: &'static str, tag: char, slot: u8) -> Option<Lab> {
+    /// Builds the lab for test `test` (letter `tag`, address slot `slot` in 0..16). [`main`]
+    /// checked that this host can.
+    fn create(test: &'static str, tag: char, slot: u8) -> Lab {
         let pid = std::process::id();
         let prefix = format!("gv{pid}{tag}");
-        if let Some(reason) = unavailable(&format!("{prefix}x")) {
-            if std::env::var_os("CHAOS_NETNS_REQUIRED").is_some_and(|v| !v.is_empty() && v != "0") {
-                panic!("chaos test {test}: network namespaces are required (CHAOS_NETNS_REQUIRED) but {reason}");
-            }
-            eprintln!("skipping chaos test {test}: {reason}");
-            return None;
-        }
         // A test that failed while holding the lock poisons it; the lab it held is gone anyway.
         let one_at_a_time = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-{pid}-{test}"));
@@ -368,6 +523,7 @@ impl Lab {
             host_veth: format!("{prefix}h"),
             members,
             env: MEMBER_ENV.to_vec(),
+            unused_ip: String::new(),
             log_dir,
             admin: agent(ADMIN_TIMEOUT),
             data: agent(DATA_TIMEOUT),
@@ -384,6 +540,7 @@ impl Lab {
         for (i, member) in lab.members.iter_mut().enumerate() {
             member.ip = subnet(i as u32 + 1);
         }
+        lab.unused_ip = subnet(13);
 
         // The bridge lives in its own namespace, so that no firewall of the host (bridged traffic
         // can go through the host's netfilter hooks) sees traffic between members.
@@ -409,7 +566,7 @@ impl Lab {
             lab.host_veth,
             lab.members.iter().map(|m| format!("{}={}@{}", m.node_id, m.ip, m.ns)).collect::<Vec<_>>().join(" ")
         );
-        Some(lab)
+        lab
     }
 
     /// Starts the members one after the other, each once the previous ones agree on the view, so
@@ -433,14 +590,23 @@ impl Lab {
         }
     }
 
-    /// Starts member `i` in its namespace, its log (stderr) going to a file.
+    /// Starts member `i` in its namespace, bound to its address and listing every member, its log
+    /// (stderr) going to a file.
     fn start(&self, i: usize) {
-        let member = &self.members[i];
         let seeds = self.members.iter().map(|m| format!("{}:{PORT}", m.ip)).collect::<Vec<_>>().join(",");
+        self.start_with(i, true, &seeds);
+    }
+
+    /// Starts member `i` with `--bind <its address>` or without `--bind`, and `--members members`.
+    fn start_with(&self, i: usize, bind: bool, members: &str) {
+        let member = &self.members[i];
         let log = File::create(&member.log).expect("log file");
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &member.ns, BIN, "start"]);
-        command.args(["--cluster-name", &self.cluster, "--bind", &member.ip, "--members", &seeds]);
+        command.args(["--cluster-name", &self.cluster, "--members", members]);
+        if bind {
+            command.args(["--bind", &member.ip]);
+        }
         command.args(["--node-id", &member.node_id, "--port", &PORT.to_string()]);
         command.args(["--admin-port", &ADMIN_PORT.to_string()]);
         for (key, _) in std::env::vars() {
@@ -493,6 +659,14 @@ impl Lab {
         let out = child.wait_with_output().expect("nft runs");
         assert!(out.status.success(), "nft -f failed: {}\n{script}", String::from_utf8_lossy(&out.stderr));
         eprintln!("chaos test {}: cut {} off from {addresses} ({cut:?})", self.test, member.node_id);
+    }
+
+    /// Sets the `/etc/hosts` that processes in member `i`'s namespace see (`ip netns exec`
+    /// mounts `/etc/netns/<namespace>/hosts` over it). Written in place: the mount follows the file.
+    fn set_hosts(&self, i: usize, entries: &str) {
+        let dir = PathBuf::from("/etc/netns").join(&self.members[i].ns);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/<namespace>");
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{entries}")).expect("hosts file");
     }
 
     /// Removes member `i`'s cut.
@@ -802,6 +976,7 @@ impl Lab {
     fn remove_network(&self) {
         for member in &self.members {
             quiet("ip", &["netns", "del", &member.ns]);
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&member.ns));
         }
         quiet("ip", &["netns", "del", &self.switch]);
         quiet("ip", &["link", "del", &self.host_veth]);
@@ -842,56 +1017,6 @@ impl Drop for Lab {
 // ------------------------------------------------------------------------------------------------
 // Helpers
 // ------------------------------------------------------------------------------------------------
-
-/// Why network-namespace tests cannot run here, if they cannot: not root, no `ip netns`, no `nft`,
-/// or no permission to create a namespace and use nftables in it (probed with namespace `probe`).
-fn unavailable(probe: &str) -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1));
-    if euid != Some("0") {
-        return Some(format!("not running as root (effective uid {})", euid.unwrap_or("unknown")));
-    }
-    let works = |program: &str, args: &[&str]| match Command::new(program).args(args).output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => {
-            Err(format!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-        }
-        Err(e) => Err(format!("`{program}` cannot run: {e}")),
-    };
-    if let Err(e) = works("ip", &["netns", "list"]) {
-        return Some(format!("{e} (install iproute2)"));
-    }
-    if let Err(e) = works("nft", &["--version"]) {
-        return Some(format!("{e} (install nftables)"));
-    }
-    quiet("ip", &["netns", "del", probe]);
-    let probed = works("ip", &["netns", "add", probe])
-        .and_then(|()| works("ip", &["netns", "exec", probe, "nft", "list", "ruleset"]));
-    quiet("ip", &["netns", "del", probe]);
-    probed.err().map(|e| format!("cannot use a network namespace: {e}"))
-}
-
-/// The third octet of the lab's /28: the first, from `pid % 250` on, whose /28 for `slot` is not
-/// routed on this host already (another lab).
-fn free_octet(pid: u32, slot: u8) -> u32 {
-    let out = Command::new("ip").args(["-4", "route", "show"]).output().expect("ip route");
-    let routes = String::from_utf8_lossy(&out.stdout);
-    (0..250)
-        .map(|k| (pid + k) % 250)
-        .find(|o| !routes.contains(&format!("10.213.{o}.{}/28", 16 * u32::from(slot))))
-        .expect("a free /28 in 10.213.0.0/16")
-}
-
-/// Runs `ip args`, panicking with its stderr when it fails.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// Runs a command, ignoring its output and outcome.
-fn quiet(program: &str, args: &[&str]) {
-    let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
-}
 
 /// An HTTP client that never uses a proxy and returns every status as a reply.
 fn agent(timeout: Duration) -> ureq::Agent {

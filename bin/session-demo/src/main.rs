@@ -109,6 +109,8 @@ impl Cli {
             port: self.port,
             admin_port: self.admin_port,
             members: self.members.clone(),
+            // Set `discovery` in the file or GRAPEVINE_DISCOVERY.
+            discovery: None,
             node_id: self.node_id.clone(),
             // The demo serves HTTP, not RESP.
             resp_port: None,

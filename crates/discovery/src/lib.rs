@@ -5,17 +5,22 @@
 //! listed peer that is down is retried until it appears. Discovery never decides who is in the
 //! cluster; gossip does.
 //!
-//! Only static discovery exists today: a list of `host`, `host:port` or `host:port-range` entries
-//! (see [`SeedSpec`]). Host names are resolved at start and again every
-//! [`StaticDiscovery::refresh_interval`], so a peer whose DNS record changes is found again.
+//! Two mechanisms, exactly one per member:
+//!
+//! * **Static**: a list of `host`, `host:port` or `host:port-range` entries (see [`SeedSpec`]).
+//!   Host names are resolved at start and again every [`StaticDiscovery::refresh_interval`], so a
+//!   peer whose DNS record changes is found again.
+//! * **mDNS** ([`mdns`]): each member announces `_grapevine._udp.local.` with its cluster name and
+//!   addresses in a TXT record, browses, and proposes the members of its own cluster.
 
+pub mod mdns;
 mod seed;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -52,11 +57,18 @@ pub struct StaticDiscovery {
     refresh_interval: Duration,
 }
 
-/// A running discovery task. Dropping it does not stop the task; call [`DiscoveryHandle::stop`].
+/// How long [`DiscoveryHandle::stop`] waits for a task to finish what it does on stopping (mDNS
+/// says goodbye) before aborting it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A running discovery task. Dropping it aborts the task; [`DiscoveryHandle::stop`] lets it finish
+/// (an mDNS member says goodbye, so peers drop it at once).
 #[derive(Debug)]
 pub struct DiscoveryHandle {
     candidates: watch::Receiver<Vec<SocketAddr>>,
     task: Option<JoinHandle<()>>,
+    /// Asks the task to stop on its own (mDNS); without it the task is aborted.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl StaticDiscovery {
@@ -122,7 +134,7 @@ impl StaticDiscovery {
                 }
             })
         });
-        DiscoveryHandle { candidates: rx, task }
+        DiscoveryHandle { candidates: rx, task, stop: None }
     }
 }
 
@@ -130,7 +142,7 @@ impl DiscoveryHandle {
     /// A handle that publishes a fixed candidate set and runs no task.
     pub fn fixed(candidates: Vec<SocketAddr>) -> Self {
         let (_tx, rx) = watch::channel(candidates);
-        Self { candidates: rx, task: None }
+        Self { candidates: rx, task: None, stop: None }
     }
 
     /// The current candidate addresses, updated as discovery learns more.
@@ -138,12 +150,18 @@ impl DiscoveryHandle {
         self.candidates.clone()
     }
 
-    /// Stops the refresh task and waits for it to end.
+    /// Stops the task and waits for it to end: an mDNS task unregisters first (bounded by a few
+    /// seconds, then it is aborted); a static refresh task is aborted.
     pub async fn stop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
+        let Some(mut task) = self.task.take() else { return };
+        if let Some(stop) = self.stop.take()
+            && stop.send(()).is_ok()
+            && tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_ok()
+        {
+            return;
         }
+        task.abort();
+        let _ = task.await;
     }
 }
 

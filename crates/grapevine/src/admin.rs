@@ -12,6 +12,10 @@
 //! | `GET /maps/{map}/entries/{key}`    | read it (200 + the value as `text/plain`, or 404)       |
 //! | `DELETE /maps/{map}/entries/{key}` | remove it                                               |
 //! | `GET /maps/{map}/size`             | `{"map": "...", "size": N}`                             |
+//! | `POST /topics/{topic}/publish`     | publish the body (a string); `?reliable=true` for a     |
+//! |                                    | reliable topic: `{"sequence": N}`                       |
+//! | `GET /topics/{topic}/subscribe`    | stream the messages as JSON lines until disconnected;   |
+//! |                                    | `?reliable=true[&from_sequence=N\|&from=oldest]`         |
 //!
 //! **Keep this port on a management network.** There is no authentication: operator routes change
 //! the cluster (master hand-over), and the `/maps` routes read and write map entries. They are
@@ -31,6 +35,16 @@
 //!   the write's outcome is unknown: it may or may not have been applied), 422 (the map holds
 //!   keys or values that are not strings), 400 (invalid map name or argument) or 503 (this member
 //!   is shutting down, or sees fewer members than the map's `min_cluster_size`).
+//!
+//! **Topic routes.** Messages are strings (a `Topic<String>`). `publish` answers 200
+//! `{"published": true}`, or `{"sequence": N}` for a reliable topic (`null`: dropped by the
+//! `discard_newest` policy); 413 for a message too large, 503 when a reliable topic's ring buffer
+//! is full and its policy refuses, map errors as above. `subscribe` answers 200 with
+//! `application/x-ndjson`, one line per message, `{"payload": "...", "publisher": "<node id>",
+//! "publish_time_ms": N, "sequence": N | null}`, or per error `{"error": "...", "kind": "lagged" |
+//! "lost" | "decode" | "malformed", ...}`; the subscription starts when the response does and ends
+//! when the client disconnects or the member stops. A reliable subscription starts with new
+//! messages unless `from=oldest` or `from_sequence=N` says otherwise.
 //!
 //! Errors are JSON `{"error": "..."}` with the full message; unknown routes answer 404 with the
 //! list of routes. Malformed HTTP is rejected by hyper per connection and never affects the member.
@@ -81,10 +95,8 @@ use tracing::{debug, info, warn};
 
 use crate::DistributedMap;
 use crate::cluster::{Cluster, ClusterError, WeakCluster};
-use crate::stats::{ClusterStats, MapStats};
-
-/// How long `POST /master/handover` waits for the new master to be seen.
-pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::stats::{ClusterStats, MapStats, TopicSummary};
+use crate::{StartAt, TopicError};
 
 /// The routes, for the 404 answer.
 const ROUTES: &[&str] = &[
@@ -96,6 +108,8 @@ const ROUTES: &[&str] = &[
     "GET /maps/{map}/entries/{key}",
     "DELETE /maps/{map}/entries/{key}",
     "GET /maps/{map}/size",
+    "POST /topics/{topic}/publish",
+    "GET /topics/{topic}/subscribe",
 ];
 
 /// Room left in a data-plane frame, beside a value, for the key, the map name and the message.
@@ -388,6 +402,8 @@ pub(crate) fn router(cluster: WeakCluster, value_bytes_max: usize) -> Router {
     let maps = Router::new()
         .route("/maps/{map}/entries/{key}", get(map_get).put(map_put).delete(map_remove))
         .route("/maps/{map}/size", get(map_size))
+        .route("/topics/{topic}/publish", post(topic_publish))
+        .route("/topics/{topic}/subscribe", get(topic_subscribe))
         .layer(DefaultBodyLimit::max(value_bytes_max))
         .with_state(AdminState { cluster: cluster.clone(), value_bytes_max });
     Router::new()
@@ -465,7 +481,8 @@ async fn handover(State(cluster): State<WeakCluster>, body: Result<Bytes, BytesR
     };
     let Some(cluster) = cluster.upgrade() else { return gone() };
     info!(target_node = %request.node_id, "master hand-over requested through the admin endpoint");
-    match cluster.handover_master(&request.node_id, HANDOVER_TIMEOUT).await {
+    let timeout = Duration::from_millis(cluster.config().admin.handover_timeout_ms);
+    match cluster.handover_master(&request.node_id, timeout).await {
         Ok(master) => Json(json!({ "master": master.node_id.to_string() })).into_response(),
         Err(e) => {
             // Written so that new error variants (added by other layers) default to 500.
@@ -631,6 +648,232 @@ async fn map_size(State(state): State<AdminState>, path: Result<Path<String>, Pa
     }
 }
 
+/// A topic error as a response. Subscribers' errors never come out of `publish`.
+fn topic_error(e: TopicError) -> Response {
+    // Exhaustive on purpose: a new variant must get its status decided here.
+    let code = match &e {
+        TopicError::Invalid(_) | TopicError::Encode { .. } => StatusCode::BAD_REQUEST,
+        TopicError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        TopicError::Overloaded { .. } | TopicError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        TopicError::Storage { source, .. } => return map_error(source.clone()),
+        TopicError::Decode { .. }
+        | TopicError::Malformed { .. }
+        | TopicError::Lagged { .. }
+        | TopicError::Lost { .. } => StatusCode::BAD_GATEWAY,
+    };
+    error(code, e.to_string())
+}
+
+/// The query of the topic routes.
+#[derive(Debug, Default)]
+struct TopicQuery {
+    reliable: bool,
+    start: Option<StartAt>,
+}
+
+fn parse_topic_query(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    subscribe: bool,
+) -> Result<TopicQuery, String> {
+    let Query(pairs) = query.map_err(|r| r.body_text())?;
+    let mut parsed = TopicQuery::default();
+    for (name, value) in pairs {
+        match name.as_str() {
+            "reliable" => {
+                parsed.reliable = match value.as_str() {
+                    "true" | "1" | "" => true,
+                    "false" | "0" => false,
+                    _ => return Err(format!("reliable must be true or false (got {value:?})")),
+                }
+            }
+            "from_sequence" if subscribe => match value.parse::<u64>() {
+                Ok(n) => parsed.start = Some(StartAt::Sequence(n)),
+                Err(_) => return Err(format!("from_sequence must be a sequence number (got {value:?})")),
+            },
+            "from" if subscribe => {
+                parsed.start = Some(match value.as_str() {
+                    "oldest" => StartAt::Oldest,
+                    "newest" => StartAt::Newest,
+                    _ => return Err(format!("from must be oldest or newest (got {value:?})")),
+                })
+            }
+            _ if subscribe => {
+                return Err(format!("unknown query parameter {name:?}: use reliable, from_sequence or from"));
+            }
+            _ => return Err(format!("unknown query parameter {name:?}: the only one is reliable")),
+        }
+    }
+    if parsed.start.is_some() && !parsed.reliable {
+        return Err("from_sequence and from apply to reliable topics: add reliable=true".into());
+    }
+    Ok(parsed)
+}
+
+/// `POST /topics/{topic}/publish[?reliable=true]`, body: the message.
+async fn topic_publish(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Path(name) = match path {
+        Ok(path) => path,
+        Err(rejection) => {
+            return error(StatusCode::BAD_REQUEST, format!("invalid topic name: {}", rejection.body_text()));
+        }
+    };
+    let query = match parse_topic_query(query, false) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return body_error(rejection, || {
+                format!("the message is larger than {} bytes, the most this member accepts", state.value_bytes_max)
+            });
+        }
+    };
+    let Ok(message) = String::from_utf8(Vec::from(body)) else {
+        return error(StatusCode::BAD_REQUEST, "the message (the request body) must be UTF-8 text");
+    };
+    let Some(cluster) = state.cluster.upgrade() else { return gone() };
+    if query.reliable {
+        let topic = match cluster.reliable_topic::<String>(&name) {
+            Ok(topic) => topic,
+            Err(e) => return topic_error(e),
+        };
+        match topic.publish(&message).await {
+            Ok(sequence) => Json(json!({ "sequence": sequence })).into_response(),
+            Err(e) => topic_error(e),
+        }
+    } else {
+        let topic = match cluster.topic::<String>(&name) {
+            Ok(topic) => topic,
+            Err(e) => return topic_error(e),
+        };
+        match topic.publish(&message).await {
+            Ok(()) => Json(json!({ "published": true })).into_response(),
+            Err(e) => topic_error(e),
+        }
+    }
+}
+
+/// One line of a subscription stream.
+fn topic_line(result: Result<crate::Message<String>, TopicError>) -> Bytes {
+    let value = match result {
+        Ok(m) => json!({
+            "payload": m.payload,
+            "publisher": m.publisher.node_id.to_string(),
+            "publish_time_ms": m.publish_time_ms,
+            "sequence": m.sequence,
+        }),
+        Err(e) => {
+            let mut value = json!({ "error": e.to_string() });
+            match &e {
+                TopicError::Lagged { missed, .. } => {
+                    value["kind"] = "lagged".into();
+                    value["missed"] = (*missed).into();
+                }
+                TopicError::Lost { missed, resumed_at, .. } => {
+                    value["kind"] = "lost".into();
+                    value["missed"] = (*missed).into();
+                    value["resumed_at"] = (*resumed_at).into();
+                }
+                TopicError::Decode { .. } => value["kind"] = "decode".into(),
+                TopicError::Malformed { .. } => value["kind"] = "malformed".into(),
+                _ => value["kind"] = "other".into(),
+            }
+            value
+        }
+    };
+    let mut line = serde_json::to_vec(&value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// The lines of a subscription, as a response body.
+struct Lines {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl futures_core::Stream for Lines {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|line| line.map(Ok))
+    }
+}
+
+/// Lines buffered between a subscription and a slow client.
+const SUBSCRIBE_LINES_BUFFERED: usize = 64;
+
+/// `GET /topics/{topic}/subscribe[?reliable=true[&from_sequence=N|&from=oldest]]`.
+async fn topic_subscribe(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let Path(name) = match path {
+        Ok(path) => path,
+        Err(rejection) => {
+            return error(StatusCode::BAD_REQUEST, format!("invalid topic name: {}", rejection.body_text()));
+        }
+    };
+    let query = match parse_topic_query(query, true) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let Some(cluster) = state.cluster.upgrade() else { return gone() };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SUBSCRIBE_LINES_BUFFERED);
+    // The pump ends when the client goes (the body, and with it `rx`, is dropped) or the
+    // subscription ends (the member stops).
+    if query.reliable {
+        let topic = match cluster.reliable_topic::<String>(&name) {
+            Ok(topic) => topic,
+            Err(e) => return topic_error(e),
+        };
+        let mut subscription = match topic.subscribe(query.start.unwrap_or(StartAt::Newest)).await {
+            Ok(subscription) => subscription,
+            Err(e) => return topic_error(e),
+        };
+        cluster.spawn_task(async move {
+            loop {
+                let next = tokio::select! {
+                    next = subscription.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                let Some(result) = next else { return };
+                if tx.send(topic_line(result)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    } else {
+        let topic = match cluster.topic::<String>(&name) {
+            Ok(topic) => topic,
+            Err(e) => return topic_error(e),
+        };
+        let mut subscription = match topic.subscribe().await {
+            Ok(subscription) => subscription,
+            Err(e) => return topic_error(e),
+        };
+        cluster.spawn_task(async move {
+            loop {
+                let next = tokio::select! {
+                    next = subscription.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                let Some(result) = next else { return };
+                if tx.send(topic_line(result)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(Lines { rx })).into_response()
+}
+
 /// The Prometheus text exposition of a `/stats` document. Every sample carries the labels
 /// `cluster` and `node`; per-map samples also `map`.
 pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
@@ -638,7 +881,7 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
     let is_master = stats.master.as_deref() == Some(stats.node_id.as_str());
     let active = stats.members.iter().filter(|m| m.state == "active").count();
     let g = &stats.gossip;
-    let samples: [(&str, &str, &str, u64); 12] = [
+    let samples: [(&str, &str, &str, u64); 14] = [
         ("grapevine_members", "gauge", "Members in this member's view of the cluster.", stats.members.len() as u64),
         ("grapevine_members_active", "gauge", "Members in the view that are active.", active as u64),
         ("grapevine_is_master", "gauge", "1 when this member is the master.", u64::from(is_master)),
@@ -659,6 +902,13 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
             "gauge",
             "Members refused for an incompatible protocol version.",
             g.incompatible_members,
+        ),
+        ("grapevine_groups_merged_total", "counter", "Other groups merged into this member's view.", g.groups_merged),
+        (
+            "grapevine_outside_members",
+            "gauge",
+            "Members of this cluster in another group, waiting for the merge timers.",
+            g.outside_members,
         ),
         ("grapevine_uptime_seconds", "gauge", "Seconds since this member started.", stats.local.uptime_s),
     ];
@@ -692,13 +942,74 @@ pub(crate) fn render_metrics(stats: &ClusterStats) -> String {
             }
         }
     }
+    let near_cached: Vec<&MapStats> = stats.maps.iter().filter(|m| m.near_cache.is_some()).collect();
+    if !near_cached.is_empty() {
+        for (name, kind, help, value) in NEAR_CACHE_METRICS {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for map in &near_cached {
+                let Some(near) = &map.near_cache else { continue };
+                let _ = writeln!(out, "{name}{{{labels},map=\"{}\"}} {}", escape_label(&map.name), value(near));
+            }
+        }
+    }
+    if !stats.topics.is_empty() {
+        for (name, kind, help, value) in TOPIC_METRICS {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for topic in &stats.topics {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{labels},topic=\"{}\",kind=\"{}\"}} {}",
+                    escape_label(&topic.name),
+                    escape_label(&topic.kind),
+                    value(topic)
+                );
+            }
+        }
+    }
     out
 }
+
+/// Per-map near-cache series (label `map`), summed over the members with a near cache of it.
+type NearCacheMetric = (&'static str, &'static str, &'static str, fn(&grapevine_map::NearCacheStats) -> u64);
+const NEAR_CACHE_METRICS: [NearCacheMetric; 5] = [
+    ("grapevine_near_cache_entries", "gauge", "Entries in the map's near caches, cluster-wide.", |n| n.entries),
+    ("grapevine_near_cache_hits_total", "counter", "Reads answered by the map's near caches.", |n| n.hits),
+    ("grapevine_near_cache_misses_total", "counter", "Near-cache reads that went to the owner.", |n| n.misses),
+    ("grapevine_near_cache_invalidations_total", "counter", "Near-cached keys dropped on a change.", |n| {
+        n.invalidations
+    }),
+    (
+        "grapevine_near_cache_purges_total",
+        "counter",
+        "Partitions purged from near caches (missed event, owner change, silent owner).",
+        |n| n.purges,
+    ),
+];
+
+/// Per-topic series (labels `topic`, `kind`): cluster-wide totals, like the map series.
+type TopicMetric = (&'static str, &'static str, &'static str, fn(&TopicSummary) -> u64);
+const TOPIC_METRICS: [TopicMetric; 8] = [
+    ("grapevine_topic_published_total", "counter", "Messages published to the topic, cluster-wide.", |t| t.published),
+    ("grapevine_topic_received_total", "counter", "Messages delivered to the topic's subscribers.", |t| t.received),
+    ("grapevine_topic_subscribers", "gauge", "Subscribers of the topic in the cluster.", |t| t.subscribers),
+    (
+        "grapevine_topic_dropped_total",
+        "counter",
+        "Messages dropped for slow subscribers (reliable: discard_newest).",
+        |t| t.dropped,
+    ),
+    ("grapevine_topic_lost_total", "counter", "Reliable: messages subscribers lost by falling behind.", |t| t.lost),
+    ("grapevine_topic_malformed_total", "counter", "Malformed or undecodable messages.", |t| t.malformed),
+    ("grapevine_topic_stored", "gauge", "Reliable: messages held in the ring buffer.", |t| t.stored),
+    ("grapevine_topic_memory_bytes", "gauge", "Reliable: estimated memory of the ring buffer and its backups.", |t| {
+        t.memory_bytes
+    }),
+];
 
 /// Per-map series (label `map`): the cluster-wide totals of `/stats`, as this member collected
 /// them, so every member exports the same values: aggregate them with `max`, not `sum`.
 type MapMetric = (&'static str, &'static str, &'static str, fn(&MapStats) -> u64);
-const MAP_METRICS: [MapMetric; 12] = [
+const MAP_METRICS: [MapMetric; 14] = [
     ("grapevine_map_entries", "gauge", "Entries of the map in the cluster (owned copies).", |m| m.owned_entries),
     ("grapevine_map_backup_entries", "gauge", "Backup copies of the map's entries in the cluster.", |m| {
         m.backup_entries
@@ -733,6 +1044,18 @@ const MAP_METRICS: [MapMetric; 12] = [
         "gauge",
         "The map's split-brain protection minimum (0: off); operations fail below it.",
         |m| u64::from(m.min_cluster_size),
+    ),
+    (
+        "grapevine_map_under_replicated_partitions",
+        "gauge",
+        "Partitions whose owner has fewer synchronous backups than backup_count (too few members).",
+        |m| m.under_replicated_partitions,
+    ),
+    (
+        "grapevine_map_under_replicated_writes_total",
+        "counter",
+        "Writes acknowledged with fewer synchronous backups than backup_count, cluster-wide.",
+        |m| m.under_replicated_writes,
     ),
 ];
 
@@ -782,13 +1105,22 @@ mod tests {
                 {
                     "name": "sessions", "owned_entries": 200, "backup_entries": 200, "hits": 7, "gets": 9,
                     "puts": 201, "removes": 1, "get_p99_us": 850, "put_p99_us": 1200, "memory_bytes": 40960,
-                    "backup_count": 1, "async_backup_count": 0, "per_member": [],
+                    "backup_count": 1, "async_backup_count": 0, "under_replicated_partitions": 5,
+                    "under_replicated_writes": 17, "per_member": [],
                     "merge_kept_existing": 3, "merge_took_merging": 4, "merge_policy": "latest-update",
-                    "min_cluster_size": 2
+                    "min_cluster_size": 2,
+                    "near_cache": {"map": "sessions", "entries": 30, "hits": 70, "misses": 12, "invalidations": 5,
+                                   "purges": 2}
                 },
                 {"name": "odd \"name\"", "owned_entries": 1, "backup_entries": 0, "hits": 0, "gets": 0, "puts": 1,
                  "removes": 0, "get_p99_us": 0, "put_p99_us": 0, "memory_bytes": 10, "backup_count": 0,
                  "async_backup_count": 0, "per_member": []}
+            ],
+            "topics": [
+                {"name": "news", "kind": "topic", "published": 10, "received": 30, "subscribers": 3, "dropped": 1,
+                 "lost": 0, "malformed": 0, "stored": 0, "memory_bytes": 0, "per_member": []},
+                {"name": "orders", "kind": "reliable", "published": 5, "received": 10, "subscribers": 2,
+                 "dropped": 0, "lost": 4, "malformed": 1, "stored": 5, "memory_bytes": 900, "per_member": []}
             ]
         }))
         .expect("a /stats document")
@@ -830,8 +1162,27 @@ mod tests {
             r#"grapevine_map_min_cluster_size{cluster="demo \"q\"",node="a",map="sessions"} 2"#.to_string(),
             r#"grapevine_map_merge_took_merging_total{cluster="demo \"q\"",node="a",map="odd \"name\""} 0"#.to_string(),
             "# TYPE grapevine_map_merge_took_merging_total counter".to_string(),
+            r#"grapevine_map_under_replicated_partitions{cluster="demo \"q\"",node="a",map="sessions"} 5"#.to_string(),
+            r#"grapevine_map_under_replicated_writes_total{cluster="demo \"q\"",node="a",map="sessions"} 17"#
+                .to_string(),
+            r#"grapevine_map_under_replicated_writes_total{cluster="demo \"q\"",node="a",map="odd \"name\""} 0"#
+                .to_string(),
             "# TYPE grapevine_map_gets_total counter".to_string(),
             "# TYPE grapevine_map_entries gauge".to_string(),
+            r#"grapevine_near_cache_hits_total{cluster="demo \"q\"",node="a",map="sessions"} 70"#.to_string(),
+            r#"grapevine_near_cache_misses_total{cluster="demo \"q\"",node="a",map="sessions"} 12"#.to_string(),
+            r#"grapevine_near_cache_entries{cluster="demo \"q\"",node="a",map="sessions"} 30"#.to_string(),
+            r#"grapevine_near_cache_invalidations_total{cluster="demo \"q\"",node="a",map="sessions"} 5"#.to_string(),
+            r#"grapevine_near_cache_purges_total{cluster="demo \"q\"",node="a",map="sessions"} 2"#.to_string(),
+            r#"grapevine_topic_published_total{cluster="demo \"q\"",node="a",topic="news",kind="topic"} 10"#
+                .to_string(),
+            r#"grapevine_topic_received_total{cluster="demo \"q\"",node="a",topic="news",kind="topic"} 30"#.to_string(),
+            r#"grapevine_topic_subscribers{cluster="demo \"q\"",node="a",topic="orders",kind="reliable"} 2"#
+                .to_string(),
+            r#"grapevine_topic_dropped_total{cluster="demo \"q\"",node="a",topic="news",kind="topic"} 1"#.to_string(),
+            r#"grapevine_topic_lost_total{cluster="demo \"q\"",node="a",topic="orders",kind="reliable"} 4"#.to_string(),
+            r#"grapevine_topic_stored{cluster="demo \"q\"",node="a",topic="orders",kind="reliable"} 5"#.to_string(),
+            "# TYPE grapevine_topic_published_total counter".to_string(),
         ] {
             assert!(text.lines().any(|l| l.starts_with(&line)), "missing {line:?} in\n{text}");
         }
@@ -855,8 +1206,10 @@ mod tests {
         let mut stats = stats();
         stats.maps.clear();
         stats.partitions = None;
+        stats.topics.clear();
         let text = render_metrics(&stats);
         assert!(!text.contains("grapevine_map_") && !text.contains("grapevine_partition"), "{text}");
+        assert!(!text.contains("grapevine_near_cache_") && !text.contains("grapevine_topic_"), "{text}");
     }
 
     #[test]

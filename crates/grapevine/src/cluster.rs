@@ -1,18 +1,21 @@
 //! `Cluster`: one member, tying discovery, membership and the admin endpoint together.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use grapevine_discovery::mdns::{self, Announcement, InterfaceError, MdnsDiscovery, MdnsError, MdnsSettings};
 use grapevine_discovery::{DiscoveryHandle, StaticDiscovery};
-use grapevine_map::{MapError, MapService};
+use grapevine_map::{LocalMapStats, MapError, MapService, NearCacheStats, RELIABLE_TOPIC_MAP_PREFIX};
 use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, Membership, MembershipConfig, MembershipError,
     ProtocolVersion,
 };
 use grapevine_net::{Net, NetConfig};
+use grapevine_topic::{ReliableTopic, Topic, TopicError, TopicKind, TopicService};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -21,11 +24,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DiscoveryMode};
 use crate::map::DistributedMap;
 use crate::ports;
 use crate::singleton::MasterTask;
-use crate::stats::{ClusterStats, LocalStats, MapStats, MemberMapStats, MemberStats, RuntimeConfig};
+use crate::stats::{
+    ClusterStats, LocalStats, MapStats, MemberMapStats, MemberStats, MemberTopicStats, RuntimeConfig, TopicSummary,
+    add_near_cache,
+};
 
 /// Why a member could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,9 @@ pub enum StartError {
     /// Gossip failed to start.
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    /// mDNS discovery could not start.
+    #[error(transparent)]
+    Mdns(#[from] MdnsError),
 }
 
 /// Errors of cluster operations (not start-up).
@@ -70,6 +79,29 @@ pub enum ClusterError {
     /// The member is shutting down.
     #[error("this member is shutting down")]
     ShuttingDown,
+}
+
+/// A graceful shutdown that left before every partition was handed over: the hand-over did not
+/// finish within `shutdown_timeout_seconds`, and the member left anyway. The other members take
+/// over as after a crash (but at once, without waiting for failure detection): each partition it
+/// still owned is served by its first synchronous backup, which holds every acknowledged write;
+/// entries of maps without backups in those partitions are lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the partitions were not all handed over within shutdown_timeout_seconds = {timeout_seconds}: {owned_partitions} \
+     partitions owned and {backup_partitions} backup replicas were still on this member; it left anyway, so their \
+     backups take over, and the {unprotected_entries} entries of maps without backups in them are lost"
+)]
+pub struct HandoverIncomplete {
+    /// The hand-over wait, `shutdown_timeout_seconds`.
+    pub timeout_seconds: u64,
+    /// Partitions this member still owned.
+    pub owned_partitions: u32,
+    /// Partitions this member still held a backup replica of.
+    pub backup_partitions: u32,
+    /// Entries of maps with `backup_count = 0` in the partitions it still owned: no other member
+    /// has them.
+    pub unprotected_entries: u64,
 }
 
 /// The addresses a running member uses.
@@ -101,10 +133,12 @@ pub struct Health {
     pub master: Option<String>,
 }
 
-/// Static discovery for the builder: the peers to look for.
+/// Discovery for the builder: a static list of peers, or mDNS.
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
     members: Vec<String>,
+    mode: DiscoveryMode,
+    mdns_interfaces: Vec<String>,
 }
 
 impl Discovery {
@@ -114,7 +148,22 @@ impl Discovery {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Discovery { members: members.into_iter().map(Into::into).collect() }
+        Discovery { members: members.into_iter().map(Into::into).collect(), ..Discovery::default() }
+    }
+
+    /// mDNS on the local network, on the default interfaces (see `mdns_interfaces` in
+    /// [`Config`]).
+    pub fn mdns() -> Self {
+        Discovery { mode: DiscoveryMode::Mdns, ..Discovery::default() }
+    }
+
+    /// mDNS on these interfaces only (names like `eth1`, or addresses).
+    pub fn mdns_on<I, S>(interfaces: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Discovery { mdns_interfaces: interfaces.into_iter().map(Into::into).collect(), ..Discovery::mdns() }
     }
 
     /// No discovery: a single-node cluster until others list this member.
@@ -146,6 +195,8 @@ impl ClusterBuilder {
     /// How to find peers.
     pub fn discovery(mut self, discovery: Discovery) -> Self {
         self.config.members = discovery.members;
+        self.config.discovery = discovery.mode;
+        self.config.mdns_interfaces = discovery.mdns_interfaces;
         self
     }
 
@@ -201,6 +252,7 @@ struct Inner {
     discovery: tokio::sync::Mutex<DiscoveryHandle>,
     net: Net,
     maps: Arc<MapService>,
+    topics: TopicService,
     started: Instant,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -234,17 +286,36 @@ impl Cluster {
         for warning in config.validate()? {
             warn!("{warning}");
         }
-        let seeds = config.seeds().map_err(|e| ConfigError { key: "members".into(), message: e.to_string() })?;
-        let discovery = StaticDiscovery::new(seeds, Duration::from_secs(config.member_refresh_seconds)).start().await;
-        let first_candidate = discovery.candidates().borrow().first().copied();
+        // mDNS chooses its interfaces first: when `bind` is unset, they say what to advertise.
+        let mdns_interfaces = match config.discovery {
+            DiscoveryMode::Mdns => Some(select_mdns_interfaces(&config)?),
+            DiscoveryMode::Static => None,
+        };
+        let static_discovery = match config.discovery {
+            DiscoveryMode::Static => {
+                let seeds =
+                    config.seeds().map_err(|e| ConfigError { key: "members".into(), message: e.to_string() })?;
+                if seeds.is_empty() {
+                    info!(
+                        "static discovery with an empty member list: running as a single-node cluster until other \
+                         members list this one (set `members`, or `discovery = \"mdns\"` on every member)"
+                    );
+                }
+                Some(StaticDiscovery::new(seeds, Duration::from_secs(config.member_refresh_seconds)).start().await)
+            }
+            DiscoveryMode::Mdns => None,
+        };
+        let first_candidate = static_discovery.as_ref().and_then(|d| d.candidates().borrow().first().copied());
 
         let listen_ip = config.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let (data_listener, gossip_socket) = ports::bind_member_ports(listen_ip, config.port_range()).await?;
         let port = gossip_socket.local_addr().port();
-        let advertise_ip = config
-            .public_address
-            .or(config.bind.filter(|ip| !ip.is_unspecified()))
-            .unwrap_or_else(|| ports::default_advertise_ip(first_candidate));
+        let advertise_ip =
+            match (config.public_address.or(config.bind.filter(|ip| !ip.is_unspecified())), &mdns_interfaces) {
+                (Some(ip), _) => ip,
+                (None, Some(interfaces)) => mdns::interfaces::advertise_ip(interfaces).map_err(mdns_config_error)?,
+                (None, None) => ports::default_advertise_ip(first_candidate),
+            };
         let advertised = SocketAddr::new(advertise_ip, port);
 
         let admin_listener = if config.admin_enabled {
@@ -272,9 +343,34 @@ impl Cluster {
         membership_config.dead_member_grace = Duration::from_secs(config.gossip.dead_member_grace_seconds);
         membership_config.probe_interval = Duration::from_millis(config.gossip.probe_interval_ms);
         membership_config.attributes = config.attributes.clone();
+        membership_config.merge_first_run_delay = Duration::from_secs_f64(config.merge_first_run_delay_seconds);
+        membership_config.merge_run_delay = Duration::from_secs_f64(config.merge_run_delay_seconds);
         if let Some(version) = protocol_version {
             membership_config.protocol_version = version;
         }
+        let discovery = match (static_discovery, mdns_interfaces) {
+            (Some(discovery), _) => discovery,
+            (None, interfaces) => {
+                let version = membership_config.protocol_version;
+                let announcement = Announcement {
+                    cluster_name: config.cluster_name.clone(),
+                    node_id: membership_config.node_id.clone(),
+                    generation,
+                    gossip_addr: advertised,
+                    data_addr: advertised,
+                    protocol_version: (version.major, version.minor),
+                };
+                let settings = MdnsSettings {
+                    interfaces: interfaces.unwrap_or_default(),
+                    query_interval: Duration::from_millis(config.mdns_query_interval_ms),
+                    // Long enough for a running cluster to answer (responders answer within 120 ms),
+                    // short enough not to delay a lone member's start much.
+                    initial_wait: Duration::from_millis(config.gossip.join_timeout_ms).min(Duration::from_secs(2)),
+                    candidates_max: mdns::CANDIDATES_MAX,
+                };
+                MdnsDiscovery::new(announcement, settings)?.start().await?
+            }
+        };
         let membership = Membership::start(membership_config, gossip_socket, discovery.candidates()).await?;
 
         let mut net_config = NetConfig::new(
@@ -291,6 +387,7 @@ impl Cluster {
         net_config.ping_interval = Some(config.gossip_interval());
         let net = Net::start(net_config, data_listener);
         let maps = Arc::new(MapService::start(net.clone(), membership.clone(), config.map_settings()));
+        let topics = TopicService::start(net.clone(), membership.clone(), maps.clone(), config.topic_settings());
 
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -300,6 +397,7 @@ impl Cluster {
                 discovery: tokio::sync::Mutex::new(discovery),
                 net,
                 maps,
+                topics,
                 started: Instant::now(),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -349,6 +447,12 @@ impl Cluster {
             drop(listener);
             warn!("admin_enabled is set but grapevine was built without the `admin` feature; no admin endpoint");
         }
+    }
+
+    /// Runs `task` as one of the member's background tasks (awaited on shutdown).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.inner.tasks.spawn(task);
     }
 
     /// A handle that does not keep the member alive (for its own background tasks).
@@ -436,6 +540,31 @@ impl Cluster {
         &self.inner.maps
     }
 
+    /// The topic `name`: publish messages of type `T` to every subscriber in the cluster. Its
+    /// subscribers' queue size comes from `[topics.<name>]` (or `[topics.default]`).
+    pub fn topic<T>(&self, name: &str) -> Result<Topic<T>, TopicError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.inner.topics.topic(name)
+    }
+
+    /// The reliable topic `name`: messages of type `T` kept in a ring buffer in the partition that
+    /// owns the name, with that partition's backups, each with a sequence number. Its settings
+    /// (capacity, backups, overload policy) come from `[reliable_topics.<name>]` (or
+    /// `[reliable_topics.default]`): keep them the same on every member.
+    pub fn reliable_topic<T>(&self, name: &str) -> Result<ReliableTopic<T>, TopicError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.inner.topics.reliable_topic(name)
+    }
+
+    /// The topic service (statistics, raw access for tools).
+    pub fn topic_service(&self) -> &TopicService {
+        &self.inner.topics
+    }
+
     /// The data plane, for tests that inject faults.
     #[doc(hidden)]
     pub fn net(&self) -> &Net {
@@ -445,6 +574,9 @@ impl Cluster {
     /// Makes the member with `node_id` master until it leaves, and waits (up to `timeout`) until
     /// this member sees it as master.
     pub async fn handover_master(&self, node_id: &str, timeout: Duration) -> Result<MemberId, ClusterError> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Err(ClusterError::ShuttingDown);
+        }
         let target = self.inner.membership.request_master_handover(node_id).await?;
         self.inner
             .membership
@@ -480,6 +612,7 @@ impl Cluster {
 
     /// The `/stats` document as this member sees the cluster.
     pub async fn stats(&self) -> ClusterStats {
+        let (maps, topics) = self.map_and_topic_stats().await;
         let view = self.view();
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let health = self.health();
@@ -509,10 +642,12 @@ impl Cluster {
                     attributes: m.attributes.clone(),
                 })
                 .collect(),
+            excluded: view.excluded.iter().map(|m| m.node_id.to_string()).collect(),
             local: LocalStats {
                 state: health.state.to_string(),
                 healthy: health.healthy,
                 health_reason: health.reason,
+                settled: self.inner.maps.is_settled(),
                 uptime_s: self.inner.started.elapsed().as_secs(),
                 config: RuntimeConfig {
                     bind: addresses.bind.to_string(),
@@ -520,7 +655,11 @@ impl Cluster {
                     port: addresses.gossip.port(),
                     port_range: format!("{}-{}", range.start(), range.end()),
                     admin_addr: addresses.admin.map(|a| a.to_string()),
-                    discovery: if config.members.is_empty() { "none (single node)".into() } else { "static".into() },
+                    discovery: match config.discovery {
+                        DiscoveryMode::Mdns => "mdns".into(),
+                        DiscoveryMode::Static if config.members.is_empty() => "none (single node)".into(),
+                        DiscoveryMode::Static => "static".into(),
+                    },
                     members: config.members.clone(),
                     gossip_interval_ms: config.gossip.interval_ms,
                     phi_threshold: config.gossip.phi_threshold,
@@ -530,21 +669,37 @@ impl Cluster {
                     probe_interval_ms: config.gossip.probe_interval_ms,
                     merge_first_run_delay_s: config.merge_first_run_delay_seconds,
                     merge_run_delay_s: config.merge_run_delay_seconds,
+                    event_invalidation: config.event_invalidation,
                 },
             },
             gossip: self.inner.membership.stats(),
             partitions: Some(self.inner.maps.partition_summary()),
-            maps: self.map_stats().await,
+            maps,
+            topics,
         }
     }
 
-    /// Per-map statistics, summed over members, with each member's part.
-    async fn map_stats(&self) -> Vec<MapStats> {
-        let per_member = self.inner.maps.cluster_stats(Duration::from_secs(2)).await;
-        let mut maps: std::collections::BTreeMap<String, MapStats> = std::collections::BTreeMap::new();
+    /// Per-map and per-topic statistics, summed over members, with each member's part. The ring
+    /// buffer maps of reliable topics are counted with their topics.
+    async fn map_and_topic_stats(&self) -> (Vec<MapStats>, Vec<TopicSummary>) {
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let (per_member, near_caches, topic_stats) = tokio::join!(
+            self.inner.maps.cluster_stats(TIMEOUT),
+            self.inner.maps.near_cache_cluster_stats(TIMEOUT),
+            self.inner.topics.cluster_stats(TIMEOUT),
+        );
+        let mut maps: BTreeMap<String, MapStats> = BTreeMap::new();
+        let mut rings: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for (member, outcome) in per_member {
             let Ok(local) = outcome else { continue };
             for m in local.maps {
+                if let Some(topic) = m.name.strip_prefix(RELIABLE_TOPIC_MAP_PREFIX) {
+                    let ring = rings.entry(topic.to_string()).or_default();
+                    // The bounds entry of each ring is not a message.
+                    ring.0 += m.owned_entries.saturating_sub(1);
+                    ring.1 += m.memory_bytes;
+                    continue;
+                }
                 let total = maps
                     .entry(m.name.clone())
                     .or_insert_with(|| MapStats { name: m.name.clone(), ..Default::default() });
@@ -555,6 +710,8 @@ impl Cluster {
                 total.puts += m.puts;
                 total.removes += m.removes;
                 total.memory_bytes += m.memory_bytes;
+                total.under_replicated_partitions += m.under_replicated_partitions;
+                total.under_replicated_writes += m.under_replicated_writes;
                 total.get_p99_us = total.get_p99_us.max(m.get_p99_us);
                 total.put_p99_us = total.put_p99_us.max(m.put_p99_us);
                 total.backup_count = m.backup_count;
@@ -563,32 +720,112 @@ impl Cluster {
                 total.merge_took_merging += m.merge_took_merging;
                 total.merge_policy = m.merge_policy.clone();
                 total.min_cluster_size = m.min_cluster_size;
-                total.per_member.push(MemberMapStats { node_id: member.node_id.to_string(), stats: m });
+                total.per_member.push(MemberMapStats {
+                    node_id: member.node_id.to_string(),
+                    stats: m,
+                    near_cache: None,
+                });
             }
         }
-        maps.into_values().collect()
+        for (member, outcome) in near_caches {
+            let Ok(caches) = outcome else { continue };
+            for cache in caches {
+                let total = maps
+                    .entry(cache.map.clone())
+                    .or_insert_with(|| MapStats { name: cache.map.clone(), ..Default::default() });
+                let sum = total
+                    .near_cache
+                    .get_or_insert_with(|| NearCacheStats { map: cache.map.clone(), ..Default::default() });
+                add_near_cache(sum, &cache);
+                let node_id = member.node_id.to_string();
+                match total.per_member.iter_mut().find(|p| p.node_id == node_id) {
+                    Some(part) => part.near_cache = Some(cache),
+                    None => total.per_member.push(MemberMapStats {
+                        node_id,
+                        stats: LocalMapStats { name: cache.map.clone(), ..Default::default() },
+                        near_cache: Some(cache),
+                    }),
+                }
+            }
+        }
+        let mut topics: BTreeMap<(String, String), TopicSummary> = BTreeMap::new();
+        for (member, outcome) in topic_stats {
+            let Ok(stats) = outcome else { continue };
+            for t in stats {
+                let total = topics.entry((t.name.clone(), t.kind.clone())).or_insert_with(|| TopicSummary {
+                    name: t.name.clone(),
+                    kind: t.kind.clone(),
+                    ..Default::default()
+                });
+                total.published += t.published;
+                total.received += t.received;
+                total.subscribers += t.subscribers;
+                total.dropped += t.dropped;
+                total.lost += t.lost;
+                total.malformed += t.malformed;
+                total.per_member.push(MemberTopicStats { node_id: member.node_id.to_string(), stats: t });
+            }
+        }
+        for (name, (stored, memory_bytes)) in rings {
+            let key = (name.clone(), TopicKind::Reliable.as_str().to_string());
+            let total = topics.entry(key).or_insert_with(|| TopicSummary {
+                name,
+                kind: TopicKind::Reliable.as_str().to_string(),
+                ..Default::default()
+            });
+            total.stored = stored;
+            total.memory_bytes = memory_bytes;
+        }
+        (maps.into_values().collect(), topics.into_values().collect())
     }
 
     /// Leaves the cluster gracefully: announces the departure so peers see `Left` within a gossip
     /// round or two, then stops every task of this member.
+    ///
+    /// The hand-over waits at most `shutdown_timeout_seconds`; past that the member leaves
+    /// anyway, logging what it still held ([`Cluster::shutdown_reporting`] also returns it).
     pub async fn shutdown(&self) {
+        let _ = self.shutdown_reporting().await;
+    }
+
+    /// [`Cluster::shutdown`], telling whether every partition was handed over before the member
+    /// left. `Ok` also when another call already shut it down.
+    pub async fn shutdown_reporting(&self) -> Result<(), HandoverIncomplete> {
         if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
-            return;
+            return Ok(());
         }
         info!(node = %self.local(), "shutting down gracefully");
         self.inner.membership.set_state(MemberState::Leaving).await;
         let timeout = Duration::from_secs(self.inner.config.shutdown_timeout_seconds);
-        if let Err(error) = self.inner.maps.wait_handoff(timeout).await {
-            warn!(%error, "shutting down before every partition was handed over");
-        }
+        let outcome = match self.inner.maps.wait_handoff(timeout).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let local = self.inner.maps.local_stats();
+                let incomplete = HandoverIncomplete {
+                    timeout_seconds: timeout.as_secs(),
+                    owned_partitions: local.owned_partitions,
+                    backup_partitions: local.backup_partitions,
+                    unprotected_entries: local
+                        .maps
+                        .iter()
+                        .filter(|m| m.backup_count == 0)
+                        .map(|m| m.owned_entries)
+                        .sum(),
+                };
+                warn!(%error, "leaving before every partition was handed over: {incomplete}");
+                Err(incomplete)
+            }
+        };
         // Members still using a table from before the hand-over get "wrong owner" answers and
         // retry elsewhere; give requests already on the wire a moment to be answered.
         tokio::time::sleep(self.inner.config.gossip_interval().min(Duration::from_millis(500)) * 2).await;
         self.inner.membership.shutdown().await;
+        self.inner.topics.shutdown().await;
         self.inner.maps.shutdown().await;
         self.inner.net.shutdown().await;
         self.stop_tasks().await;
         info!(node = %self.local(), "shut down");
+        outcome
     }
 
     /// Stops at once without telling peers, as a crash would (they detect it as dead). For tests,
@@ -596,6 +833,7 @@ impl Cluster {
     pub async fn kill(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         self.inner.membership.kill().await;
+        self.inner.topics.shutdown().await;
         self.inner.maps.shutdown().await;
         self.inner.net.shutdown().await;
         self.stop_tasks().await;
@@ -621,6 +859,36 @@ impl Cluster {
     pub fn block_gossip(&self, addr: SocketAddr, outbound: bool, inbound: bool, blocked: bool) {
         self.inner.membership.block_gossip(addr, outbound, inbound, blocked);
     }
+}
+
+/// The interfaces mDNS runs on; a problem is a configuration error naming the key to change.
+fn select_mdns_interfaces(config: &Config) -> Result<Vec<mdns::HostInterface>, StartError> {
+    let specs =
+        config.mdns_interface_specs().map_err(|message| ConfigError { key: "mdns_interfaces".into(), message })?;
+    let host = mdns::interfaces::host_interfaces()
+        .map_err(|e| MdnsError::Daemon(format!("cannot list the network interfaces: {e}")))?;
+    let selected = mdns::interfaces::select(&specs, config.bind, &host).map_err(mdns_config_error)?;
+    if let Some(bind) = config.bind.filter(|ip| !ip.is_unspecified())
+        && !mdns::interfaces::holds(&selected, bind)
+    {
+        warn!(
+            %bind,
+            "the bind address is on none of the mDNS interfaces ({}): peers find this member there but must \
+             route to {bind}; set `mdns_interfaces` to the interface of `bind` unless that is intended",
+            selected.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(selected)
+}
+
+fn mdns_config_error(error: InterfaceError) -> StartError {
+    let key = match error {
+        InterfaceError::Ambiguous { .. }
+        | InterfaceError::NoUsableAddress { .. }
+        | InterfaceError::BindNotFound { .. } => "bind",
+        InterfaceError::NoSuchInterface { .. } | InterfaceError::NoInterface { .. } => "mdns_interfaces",
+    };
+    StartError::Config(ConfigError { key: key.into(), message: error.to_string() })
 }
 
 /// Keeps the data plane's directory of member addresses in step with the view, and drops

@@ -9,9 +9,12 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use grapevine_discovery::mdns::{CLUSTER_NAME_BYTES_MAX, InterfaceSpec};
 use grapevine_discovery::{SeedSpec, parse_member_list};
-pub use grapevine_map::MapConfig;
-use grapevine_map::MapSettings;
+use grapevine_map::{InvalidationSettings, MapSettings, RELIABLE_TOPIC_MAP_PREFIX};
+pub use grapevine_map::{MapConfig, NearCacheConfig};
+use grapevine_topic::TopicSettings;
+pub use grapevine_topic::{OverloadPolicy, ReliableTopicConfig, TopicConfig};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// A member's whole configuration. `Default` gives the documented defaults, with an empty
@@ -26,7 +29,8 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// The interface address to listen on and advertise. Default: listen on every interface and
-    /// advertise the address that routes to the first listed member (127.0.0.1 with no members).
+    /// advertise the source address that reaches the lowest address `members` resolves to
+    /// (127.0.0.1 with no members, or when that address is a loopback address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<IpAddr>,
     /// The address other members should use to reach this one, when it differs from `bind`
@@ -70,13 +74,27 @@ pub struct Config {
     pub members: Vec<String>,
     /// How often host names in `members` are resolved again, in seconds. Default 30.
     pub member_refresh_seconds: u64,
-    /// How long a graceful shutdown may take before the member exits anyway. Default 120.
+    /// How members find each other: `static` (the `members` list; the default) or `mdns`
+    /// (multicast DNS on the local network). Exactly one: `mdns` with `members` is an error.
+    pub discovery: DiscoveryMode,
+    /// mDNS: the interfaces to announce and browse on, by name (`eth1`) or address. Default
+    /// (empty): the interface holding `bind`, or every interface that is up except loopback when
+    /// `bind` is unset. A TOML array or a comma-separated string.
+    #[serde(deserialize_with = "member_list")]
+    pub mdns_interfaces: Vec<String>,
+    /// mDNS: how often a member queries the network again, so that members that missed each other
+    /// are found, in ms. Default 10000.
+    pub mdns_query_interval_ms: u64,
+    /// How long a graceful shutdown waits for the hand-over of this member's partitions, in
+    /// seconds; then it leaves anyway, logging what was not handed over. Default 120.
     pub shutdown_timeout_seconds: u64,
-    /// Split-brain merge: seconds after start-up before a master first looks for other groups of
-    /// its cluster to merge with. Default 20 (see `config/grapevine.toml` for why).
-    pub merge_first_run_delay_seconds: u64,
-    /// Split-brain merge: seconds between later looks. Default 10.
-    pub merge_run_delay_seconds: u64,
+    /// Members of this cluster found in another group (a healed network split, groups formed
+    /// apart at start-up) are not merged before this member has run this long, in seconds.
+    /// Default 20.
+    pub merge_first_run_delay_seconds: f64,
+    /// ... and not before they have been visible without a break for this long, in seconds, so
+    /// that a flapping link does not merge and split the groups over and over. Default 10.
+    pub merge_run_delay_seconds: f64,
     /// `text` or `json` (one JSON object per line). Default text. The level comes from `RUST_LOG`.
     pub log_format: LogFormat,
     /// Gossip and failure detection.
@@ -87,6 +105,17 @@ pub struct Config {
     pub partitions: PartitionSettings,
     /// Per-map settings: `[maps.sessions]`; `[maps.default]` applies to maps without a section.
     pub maps: BTreeMap<String, MapConfig>,
+    /// Near caches are kept fresh by the owners' invalidation events (the seed's
+    /// `eventInvalidation`). false: owners send none and near-cached entries only expire by their
+    /// `ttl_seconds`, which must then be set. The same on every member. Default true.
+    pub event_invalidation: bool,
+    /// Batching and position reports of invalidation events.
+    pub invalidation: InvalidationConfig,
+    /// Per-topic settings: `[topics.news]`; `[topics.default]` applies to topics without a section.
+    pub topics: BTreeMap<String, TopicConfig>,
+    /// Per-reliable-topic settings: `[reliable_topics.orders]`; `[reliable_topics.default]`
+    /// applies to reliable topics without a section. The same on every member.
+    pub reliable_topics: BTreeMap<String, ReliableTopicConfig>,
     /// Free-form attributes published with the member (e.g. `zone = "eu-1"`).
     pub attributes: BTreeMap<String, String>,
 }
@@ -97,8 +126,9 @@ pub struct Config {
 pub struct GossipSettings {
     /// Time between gossip rounds, in milliseconds. Default 1000.
     pub interval_ms: u64,
-    /// Phi-accrual threshold: a silent member is declared dead after about
-    /// `phi_threshold` × `interval_ms` (8 s with the defaults). Default 8.0.
+    /// Phi-accrual threshold: a silent member is declared dead after `phi_threshold` times the
+    /// mean interval between its heartbeats, at most about (`phi_threshold` + 1) × `interval_ms`
+    /// (9 s with the defaults). Default 8.0.
     pub phi_threshold: f64,
     /// How long a dead member's state is remembered, in seconds. Default 900.
     pub dead_member_grace_seconds: u64,
@@ -170,19 +200,24 @@ pub struct AdminSettings {
     /// How long a client may take to send a request's body, from the end of its headers, in ms;
     /// then it gets 408 and the connection is closed. Default 10000.
     pub body_read_timeout_ms: u64,
+    /// How long `POST /master/handover` waits for this member to see the new master, in ms; then
+    /// it answers 504 (the hand-over may still complete). Default 30000.
+    pub handover_timeout_ms: u64,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        AdminSettings { connections_max: 64, header_read_timeout_ms: 5_000, body_read_timeout_ms: 10_000 }
+        AdminSettings {
+            connections_max: 64,
+            header_read_timeout_ms: 5_000,
+            body_read_timeout_ms: 10_000,
+            handover_timeout_ms: 30_000,
+        }
     }
 }
 
 /// The longest admin timeout accepted: one day.
 const ADMIN_TIMEOUT_MS_MAX: u64 = 86_400_000;
-
-/// The longest merge delay accepted: one day.
-const MERGE_DELAY_SECONDS_MAX: u64 = 86_400;
 
 /// The largest `min_cluster_size` accepted (no cluster gets near it; a larger value is a typo).
 const MIN_CLUSTER_SIZE_MAX: u32 = 1024;
@@ -228,6 +263,49 @@ impl Default for PartitionSettings {
     }
 }
 
+/// How members find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// The static `members` list (empty: a single-node cluster).
+    #[default]
+    Static,
+    /// Multicast DNS (`_grapevine._udp.local.`) on the local network.
+    Mdns,
+}
+
+impl fmt::Display for DiscoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DiscoveryMode::Static => "static",
+            DiscoveryMode::Mdns => "mdns",
+        })
+    }
+}
+
+/// The most entries `mdns_interfaces` may have.
+const MDNS_INTERFACES_MAX: usize = 64;
+
+/// Batching and position reports of the near caches' invalidation events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InvalidationConfig {
+    /// An owner sends a member's pending invalidations once this many are queued. Default 100.
+    pub batch_size: usize,
+    /// ... or once the oldest has waited this long, in ms. Default 10.
+    pub batch_delay_ms: u64,
+    /// How often owners send near-caching members the position of each partition they own, in
+    /// ms. A near cache purges a partition whose position is ahead of the events it received, and
+    /// those of an owner silent for three intervals. Default 1000.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig { batch_size: 100, batch_delay_ms: 10, heartbeat_ms: 1000 }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -260,14 +338,21 @@ impl Default for Config {
             admin: AdminSettings::default(),
             members: Vec::new(),
             member_refresh_seconds: 30,
+            discovery: DiscoveryMode::Static,
+            mdns_interfaces: Vec::new(),
+            mdns_query_interval_ms: 10_000,
             shutdown_timeout_seconds: 120,
-            merge_first_run_delay_seconds: 20,
-            merge_run_delay_seconds: 10,
+            merge_first_run_delay_seconds: 20.0,
+            merge_run_delay_seconds: 10.0,
             log_format: LogFormat::Text,
             gossip: GossipSettings::default(),
             net: NetSettings::default(),
             partitions: PartitionSettings::default(),
             maps: BTreeMap::new(),
+            event_invalidation: true,
+            invalidation: InvalidationConfig::default(),
+            topics: BTreeMap::new(),
+            reliable_topics: BTreeMap::new(),
             attributes: BTreeMap::new(),
         }
     }
@@ -337,6 +422,14 @@ impl Config {
                 format!("{node_id:?} is not a valid node id: use 1 to 128 characters without spaces, `/` or `,`"),
             ));
         }
+        for (key, value) in [
+            ("merge_first_run_delay_seconds", self.merge_first_run_delay_seconds),
+            ("merge_run_delay_seconds", self.merge_run_delay_seconds),
+        ] {
+            if !(0.0..=86_400.0).contains(&value) {
+                return Err(ConfigError::new(key, format!("{value} is not between 0 and 86400 seconds")));
+            }
+        }
         check_port_range("port", self.port, self.port_count)?;
         check_port_range("admin_port", self.admin_port, self.port_count)?;
         check_port_range("resp_port", self.resp_port, self.port_count)?;
@@ -369,6 +462,36 @@ impl Config {
             ));
         }
         self.seeds().map_err(|e| ConfigError::new("members", e))?;
+        if self.discovery == DiscoveryMode::Mdns {
+            if !self.members.is_empty() {
+                return Err(ConfigError::new(
+                    "discovery",
+                    "`discovery = \"mdns\"` and a static `members` list are mutually exclusive: remove `members` \
+                     (mDNS finds the members) or set `discovery = \"static\"`",
+                ));
+            }
+            if self.cluster_name.len() > CLUSTER_NAME_BYTES_MAX {
+                return Err(ConfigError::new(
+                    "cluster_name",
+                    format!(
+                        "with `discovery = \"mdns\"` it must be at most {CLUSTER_NAME_BYTES_MAX} bytes: it travels in \
+                         a DNS TXT string of 255"
+                    ),
+                ));
+            }
+        } else if !self.mdns_interfaces.is_empty() {
+            warnings.push(format!(
+                "`mdns_interfaces` is set but `discovery` is \"{}\": it is ignored (set `discovery = \"mdns\"` to use it)",
+                self.discovery
+            ));
+        }
+        self.mdns_interface_specs().map_err(|m| ConfigError::new("mdns_interfaces", m))?;
+        if !(100..=3_600_000).contains(&self.mdns_query_interval_ms) {
+            return Err(ConfigError::new(
+                "mdns_query_interval_ms",
+                "must be between 100 and 3600000 milliseconds (default 10000)",
+            ));
+        }
         let a = &self.admin;
         if !(1..=65_536).contains(&a.connections_max) {
             return Err(ConfigError::new("admin.connections_max", "must be between 1 and 65536 (default 64)"));
@@ -376,17 +499,10 @@ impl Config {
         for (key, value) in [
             ("admin.header_read_timeout_ms", a.header_read_timeout_ms),
             ("admin.body_read_timeout_ms", a.body_read_timeout_ms),
+            ("admin.handover_timeout_ms", a.handover_timeout_ms),
         ] {
             if !(1..=ADMIN_TIMEOUT_MS_MAX).contains(&value) {
                 return Err(ConfigError::new(key, "must be between 1 and 86400000 milliseconds (one day)"));
-            }
-        }
-        for (key, value) in [
-            ("merge_first_run_delay_seconds", self.merge_first_run_delay_seconds),
-            ("merge_run_delay_seconds", self.merge_run_delay_seconds),
-        ] {
-            if !(1..=MERGE_DELAY_SECONDS_MAX).contains(&value) {
-                return Err(ConfigError::new(key, "must be between 1 and 86400 seconds (one day)"));
             }
         }
         if self.member_refresh_seconds == 0 {
@@ -451,7 +567,53 @@ impl Config {
                     ),
                 ));
             }
+            if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) {
+                return Err(ConfigError::new(
+                    format!("maps.{name}"),
+                    format!(
+                        "map names starting with {RELIABLE_TOPIC_MAP_PREFIX:?} are reserved for reliable topics; configure them in [reliable_topics.NAME]"
+                    ),
+                ));
+            }
+            if let Some(near) = &map.near_cache {
+                let key = |k: &str| format!("maps.{name}.near_cache.{k}");
+                if !(1..=1 << 32).contains(&near.max_entries) {
+                    return Err(ConfigError::new(
+                        key("max_entries"),
+                        "must be between 1 and 4294967296 (default 10000)",
+                    ));
+                }
+                if near.ttl_seconds > 365 * 86_400 {
+                    return Err(ConfigError::new(key("ttl_seconds"), "must be at most a year (31536000)"));
+                }
+                let by_events = self.event_invalidation && near.invalidate_on_change;
+                if !by_events && near.ttl_seconds == 0 {
+                    return Err(ConfigError::new(
+                        key("ttl_seconds"),
+                        "must be above 0 when event_invalidation or invalidate_on_change is false: entries would \
+                         never be refreshed",
+                    ));
+                }
+            }
             warnings.extend(map.clone().clamp(name));
+        }
+        let i = &self.invalidation;
+        if !(1..=100_000).contains(&i.batch_size) {
+            return Err(ConfigError::new("invalidation.batch_size", "must be between 1 and 100000 (default 100)"));
+        }
+        if !(1..=10_000).contains(&i.batch_delay_ms) {
+            return Err(ConfigError::new("invalidation.batch_delay_ms", "must be between 1 and 10000 milliseconds"));
+        }
+        if !(10..=60_000).contains(&i.heartbeat_ms) {
+            return Err(ConfigError::new("invalidation.heartbeat_ms", "must be between 10 and 60000 milliseconds"));
+        }
+        for (name, topic) in &self.topics {
+            grapevine_topic::check_name(name).map_err(|m| ConfigError::new(format!("topics.{name}"), m))?;
+            grapevine_topic::validate_topic(name, topic).map_err(|(k, m)| ConfigError::new(k, m))?;
+        }
+        for (name, topic) in &self.reliable_topics {
+            grapevine_topic::check_name(name).map_err(|m| ConfigError::new(format!("reliable_topics.{name}"), m))?;
+            grapevine_topic::validate_reliable_topic(name, topic).map_err(|(k, m)| ConfigError::new(k, m))?;
         }
         for key in self.attributes.keys() {
             if key.is_empty() || key.contains(':') || key.chars().any(char::is_whitespace) {
@@ -485,6 +647,14 @@ impl Config {
         // With port 0 (any free port) a bare host cannot name a range: use the default one.
         let first = if self.port == 0 { Config::default().port } else { self.port };
         parse_member_list(&self.members.join(","), range_of(first, self.port_count))
+    }
+
+    /// The parsed `mdns_interfaces`.
+    pub fn mdns_interface_specs(&self) -> Result<Vec<InterfaceSpec>, String> {
+        if self.mdns_interfaces.len() > MDNS_INTERFACES_MAX {
+            return Err(format!("at most {MDNS_INTERFACES_MAX} interfaces may be listed"));
+        }
+        self.mdns_interfaces.iter().map(|entry| InterfaceSpec::parse(entry)).collect()
     }
 
     /// The configuration with adjustments applied (backup counts clamped to 6).
@@ -523,9 +693,39 @@ impl Config {
             expiry_sweep_interval: ms(p.expiry_sweep_interval_ms),
             migration_parallelism: p.migration_parallelism,
             migration_timeout: ms(p.migration_timeout_ms),
-            maps: self.normalized().maps,
-            merge_first_run_delay: Duration::from_secs(self.merge_first_run_delay_seconds),
-            merge_run_delay: Duration::from_secs(self.merge_run_delay_seconds),
+            maps: self.map_configs(),
+            invalidation: InvalidationSettings {
+                enabled: self.event_invalidation,
+                batch_size: self.invalidation.batch_size,
+                batch_delay: ms(self.invalidation.batch_delay_ms),
+                heartbeat_interval: ms(self.invalidation.heartbeat_ms),
+            },
+        }
+    }
+
+    /// Every map's settings: the `[maps]` sections, and the ring buffer maps of the reliable
+    /// topics (`__topic:<name>`, with the topic's backup counts).
+    fn map_configs(&self) -> BTreeMap<String, MapConfig> {
+        let mut maps = self.normalized().maps;
+        // Without `[reliable_topics.default]` the map crate's defaults apply: one synchronous
+        // backup, as a reliable topic's.
+        for (name, topic) in &self.reliable_topics {
+            let ring = MapConfig {
+                backup_count: topic.backup_count,
+                async_backup_count: topic.async_backup_count,
+                ..MapConfig::default()
+            };
+            maps.insert(format!("{RELIABLE_TOPIC_MAP_PREFIX}{name}"), ring);
+        }
+        maps
+    }
+
+    /// The topic service settings derived from this configuration.
+    pub fn topic_settings(&self) -> TopicSettings {
+        TopicSettings {
+            topics: self.topics.clone(),
+            reliable_topics: self.reliable_topics.clone(),
+            operation_timeout: Duration::from_millis(self.partitions.operation_timeout_ms),
         }
     }
 
@@ -592,6 +792,11 @@ mod tests {
             (Config { port: 65500, ..valid() }, "port"),
             (Config { port_count: 0, ..valid() }, "port_count"),
             (Config { members: vec!["10.0.0.1:99999".into()], ..valid() }, "members"),
+            (Config { discovery: DiscoveryMode::Mdns, members: vec!["10.0.0.1".into()], ..valid() }, "discovery"),
+            (Config { discovery: DiscoveryMode::Mdns, cluster_name: "c".repeat(248), ..valid() }, "cluster_name"),
+            (Config { mdns_interfaces: vec!["not an interface".into()], ..valid() }, "mdns_interfaces"),
+            (Config { mdns_interfaces: vec!["0.0.0.0".into()], ..valid() }, "mdns_interfaces"),
+            (Config { mdns_query_interval_ms: 0, ..valid() }, "mdns_query_interval_ms"),
             (
                 Config { gossip: GossipSettings { interval_ms: 1, ..Default::default() }, ..valid() },
                 "gossip.interval_ms",
@@ -623,9 +828,9 @@ mod tests {
                 Config { admin: AdminSettings { body_read_timeout_ms: u64::MAX, ..Default::default() }, ..valid() },
                 "admin.body_read_timeout_ms",
             ),
-            (Config { merge_first_run_delay_seconds: 0, ..valid() }, "merge_first_run_delay_seconds"),
-            (Config { merge_run_delay_seconds: 0, ..valid() }, "merge_run_delay_seconds"),
-            (Config { merge_run_delay_seconds: 86_401, ..valid() }, "merge_run_delay_seconds"),
+            (Config { merge_first_run_delay_seconds: -1.0, ..valid() }, "merge_first_run_delay_seconds"),
+            (Config { merge_run_delay_seconds: f64::NAN, ..valid() }, "merge_run_delay_seconds"),
+            (Config { merge_run_delay_seconds: 86_401.0, ..valid() }, "merge_run_delay_seconds"),
             (
                 Config {
                     maps: [("sessions".to_string(), MapConfig { min_cluster_size: 5000, ..Default::default() })].into(),
@@ -650,6 +855,26 @@ mod tests {
     }
 
     #[test]
+    fn mdns_is_exclusive_with_members_and_its_interfaces_take_names_or_addresses() {
+        let err = Config { discovery: DiscoveryMode::Mdns, members: vec!["10.0.0.1".into()], ..valid() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mutually exclusive") && err.contains("`members`"), "{err}");
+        let config: Config =
+            toml::from_str("cluster_name = 'x'\ndiscovery = 'mdns'\nmdns_interfaces = 'eth1, 10.0.0.5'").unwrap();
+        assert_eq!(config.validate(), Ok(vec![]));
+        assert_eq!(
+            config.mdns_interface_specs().unwrap(),
+            vec![InterfaceSpec::Name("eth1".into()), InterfaceSpec::Addr("10.0.0.5".parse().unwrap())]
+        );
+        assert!(toml::from_str::<Config>("cluster_name = 'x'\ndiscovery = 'multicast'").is_err());
+        // Interfaces without mDNS are accepted with a warning (a shared file may set them).
+        let warnings = Config { mdns_interfaces: vec!["eth1".into()], ..valid() }.validate().unwrap();
+        assert!(warnings.len() == 1 && warnings[0].contains("ignored"), "{warnings:?}");
+    }
+
+    #[test]
     fn backup_counts_above_six_are_clamped_with_a_warning() {
         let config: Config =
             toml::from_str("cluster_name = 'x'\n[maps.sessions]\nbackup_count = 9\nmax_idle_seconds = 1800").unwrap();
@@ -663,21 +888,95 @@ mod tests {
     }
 
     #[test]
-    fn merge_policy_protection_and_merge_timers_reach_the_map_settings() {
+    fn more_than_six_backups_of_both_kinds_warn_and_keep_the_synchronous_ones() {
+        let config: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 4\nasync_backup_count = 4").unwrap();
+        let warnings = config.validate().unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("maps.m.backup_count + async_backup_count = 4 + 4 = 8"), "{warnings:?}");
+        assert!(warnings[0].contains("using 2 asynchronous"), "{warnings:?}");
+        let settings = config.map_settings();
+        assert_eq!((settings.map("m").backup_count, settings.map("m").async_backup_count), (4, 2));
+        // Six in all is the maximum, accepted without a warning. Both above six: a warning for each
+        // and one for the total, which leaves no asynchronous backup.
+        let six: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 2\nasync_backup_count = 4").unwrap();
+        assert_eq!(six.validate().unwrap(), Vec::<String>::new());
+        let both: Config =
+            toml::from_str("cluster_name = 'x'\n[maps.m]\nbackup_count = 7\nasync_backup_count = 9").unwrap();
+        assert_eq!(both.validate().unwrap().len(), 3);
+        assert_eq!(both.map_settings().map("m").async_backup_count, 0);
+    }
+
+    #[test]
+    fn near_caches_topics_and_reliable_topics_are_configured_and_checked() {
+        let config: Config = toml::from_str(
+            "cluster_name = 'x'\n\
+             [maps.sessions.near_cache]\nmax_entries = 500\n\
+             [invalidation]\nbatch_size = 10\nbatch_delay_ms = 2\nheartbeat_ms = 250\n\
+             [topics.news]\nqueue_capacity = 16\n\
+             [reliable_topics.orders]\ncapacity = 100\nbackup_count = 2\noverload_policy = 'discard_newest'\n",
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(vec![]));
+        let settings = config.map_settings();
+        let near = settings.map("sessions").near_cache.unwrap();
+        assert_eq!((near.max_entries, near.ttl_seconds, near.invalidate_on_change), (500, 0, true));
+        assert_eq!(settings.invalidation.batch_size, 10);
+        assert_eq!(settings.invalidation.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(settings.map("__topic:orders").backup_count, 2, "the ring buffer map has the topic's backups");
+        assert_eq!(settings.map("__topic:other").backup_count, 1, "the default: one synchronous backup");
+        let topics = config.topic_settings();
+        assert_eq!(topics.topic("news").queue_capacity, 16);
+        assert_eq!(topics.reliable_topic("orders").overload_policy, OverloadPolicy::DiscardNewest);
+        assert_eq!(topics.reliable_topic("other").capacity, 10_000);
+
+        let near = |ttl_seconds, invalidate_on_change| MapConfig {
+            near_cache: Some(NearCacheConfig { ttl_seconds, invalidate_on_change, ..NearCacheConfig::default() }),
+            ..MapConfig::default()
+        };
+        let with_map = |config: MapConfig, events: bool| {
+            let mut c = valid();
+            c.maps.insert("m".into(), config);
+            c.event_invalidation = events;
+            c
+        };
+        assert_eq!(with_map(near(0, true), true).validate(), Ok(vec![]));
+        assert_eq!(with_map(near(0, true), false).validate().unwrap_err().key, "maps.m.near_cache.ttl_seconds");
+        assert_eq!(with_map(near(0, false), true).validate().unwrap_err().key, "maps.m.near_cache.ttl_seconds");
+        assert_eq!(with_map(near(5, false), false).validate(), Ok(vec![]));
+        let mut reserved = valid();
+        reserved.maps.insert("__topic:x".into(), MapConfig::default());
+        assert_eq!(reserved.validate().unwrap_err().key, "maps.__topic:x");
+        let mut bad = valid();
+        bad.reliable_topics.insert("t".into(), ReliableTopicConfig { capacity: 0, ..Default::default() });
+        assert_eq!(bad.validate().unwrap_err().key, "reliable_topics.t.capacity");
+        let mut bad = valid();
+        bad.topics.insert("t".into(), TopicConfig { queue_capacity: 0 });
+        assert_eq!(bad.validate().unwrap_err().key, "topics.t.queue_capacity");
+        let mut bad = valid();
+        bad.invalidation.heartbeat_ms = 0;
+        assert_eq!(bad.validate().unwrap_err().key, "invalidation.heartbeat_ms");
+        let err = toml::from_str::<Config>("cluster_name = 'x'\n[reliable_topics.t]\noverload_policy = 'drop'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drop"), "{err}");
+    }
+
+    #[test]
+    fn merge_policy_and_protection_reach_the_map_settings() {
         let config: Config = toml::from_str(
             "cluster_name = 'x'\nmerge_first_run_delay_seconds = 7\nmerge_run_delay_seconds = 3\n\
              [maps.sessions]\nmerge_policy = 'put-if-absent'\nmin_cluster_size = 2",
         )
         .unwrap();
         assert_eq!(config.validate(), Ok(vec![]));
+        assert_eq!((config.merge_first_run_delay_seconds, config.merge_run_delay_seconds), (7.0, 3.0));
         let settings = config.map_settings();
         let sessions = settings.map("sessions");
         assert_eq!((sessions.merge_policy, sessions.min_cluster_size), (grapevine_map::MergePolicy::PutIfAbsent, 2));
         let other = settings.map("other");
         assert_eq!((other.merge_policy, other.min_cluster_size), (grapevine_map::MergePolicy::LatestUpdate, 0));
-        assert_eq!((settings.merge_first_run_delay, settings.merge_run_delay), (Duration::from_secs(7), Duration::from_secs(3)));
-        let defaults = valid().map_settings();
-        assert_eq!((defaults.merge_first_run_delay, defaults.merge_run_delay), (Duration::from_secs(20), Duration::from_secs(10)));
         for policy in grapevine_map::MergePolicy::ALL {
             let text = format!("cluster_name = 'x'\n[maps.m]\nmerge_policy = '{policy}'");
             let parsed: Config = toml::from_str(&text).unwrap();

@@ -13,9 +13,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A member finds its peers (static list), agrees on membership by gossip, computes the master
+//! A member finds its peers (a static list, or mDNS on the local network), agrees on membership by gossip, computes the master
 //! (the oldest member), holds its share of the partitioned maps with their backups
-//! ([`Cluster::map`]), and serves an admin HTTP endpoint with `/health`, `/stats` and `/metrics`.
+//! ([`Cluster::map`], optionally with near caches), carries topics ([`Cluster::topic`],
+//! [`Cluster::reliable_topic`]), and serves an admin HTTP endpoint with `/health`, `/stats` and `/metrics`.
 
 #[cfg(feature = "admin")]
 mod admin;
@@ -28,14 +29,20 @@ mod ports;
 mod singleton;
 pub mod stats;
 
-pub use cluster::{Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, Health, StartError};
-pub use config::{Config, ConfigError, RespLimits};
+pub use cluster::{
+    Addresses, Cluster, ClusterBuilder, ClusterError, Discovery, HandoverIncomplete, Health, StartError,
+};
+pub use config::{Config, ConfigError, DiscoveryMode, InvalidationConfig, RespLimits};
 pub use grapevine_map::{
-    EntryEventKind, Expiry, MapConfig, MapError, MapService, MergeOutcome, MergePolicy, PartitionSummary, PutMode,
-    Record, SetExpiry,
+    EntryEventKind, Expiry, MapConfig, MapError, MapService, MergeOutcome, MergePolicy, NearCacheConfig, NearCacheStats,
+    PartitionSummary, PutMode, Record, SetExpiry,
 };
 pub use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,
+};
+pub use grapevine_topic::{
+    Message, OverloadPolicy, ReliableSubscription, ReliableTopic, ReliableTopicConfig, StartAt, Subscription, Topic,
+    TopicConfig, TopicError, TopicKind, TopicService, TopicStats,
 };
 pub use map::{DistributedMap, Entries, EntryEvent, EntryListener, ListenError};
 pub use singleton::{MASTER_TASK_STOP_TIMEOUT, MasterTask};

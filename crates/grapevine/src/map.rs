@@ -57,6 +57,12 @@ where
         if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
             return Err(MapError::Invalid(format!("invalid map name {name:?}: use 1 to 255 printable characters")));
         }
+        if name.starts_with(grapevine_map::RELIABLE_TOPIC_MAP_PREFIX) {
+            return Err(MapError::Invalid(format!(
+                "invalid map name {name:?}: names starting with {:?} hold reliable topics; use Cluster::reliable_topic",
+                grapevine_map::RELIABLE_TOPIC_MAP_PREFIX
+            )));
+        }
         Ok(DistributedMap { name: name.into(), service, _types: PhantomData })
     }
 

@@ -1,13 +1,18 @@
-//! The `/stats` document: what `grapevine clusterstats` prints, as serializable types.
+//! The `/stats` document: what `grapevine clusterstats` prints, as serializable types. The CLI
+//! reads the document into these same types, so a counter is added in one place. Every field has
+//! a default and unknown fields are ignored, so that a CLI of one version reads the `/stats` of
+//! another.
 
 use std::collections::BTreeMap;
 
-use grapevine_map::{LocalMapStats, PartitionSummary};
+use grapevine_map::{LocalMapStats, NearCacheStats, PartitionSummary};
 use grapevine_membership::MembershipStats;
+use grapevine_topic::TopicStats;
 use serde::{Deserialize, Serialize};
 
 /// One member's view of the whole cluster (served at `/stats`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClusterStats {
     /// The cluster name.
     pub cluster_name: String,
@@ -21,20 +26,27 @@ pub struct ClusterStats {
     pub view_version: u64,
     /// Members in the view, oldest first.
     pub members: Vec<MemberStats>,
+    /// Node ids of the active members this member treats as excluded from ownership and
+    /// mastership: gossip says they are alive, but other members cannot reach them over the data
+    /// plane. Empty in a healthy cluster.
+    #[serde(default)]
+    pub excluded: Vec<String>,
     /// The answering member's own state and runtime configuration.
     pub local: LocalStats,
     /// Gossip counters of the answering member.
     pub gossip: MembershipStats,
     /// The partition table as the answering member holds it.
-    #[serde(default)]
     pub partitions: Option<PartitionSummary>,
-    /// Every map, summed over the members that answered, with each member's part.
-    #[serde(default)]
+    /// Every map, summed over the members that answered, with each member's part (the ring
+    /// buffers of reliable topics are under `topics`).
     pub maps: Vec<MapStats>,
+    /// Every topic, summed over the members that answered, with each member's part.
+    pub topics: Vec<TopicSummary>,
 }
 
 /// One map across the cluster.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MapStats {
     /// The map name.
     pub name: String,
@@ -60,6 +72,17 @@ pub struct MapStats {
     pub backup_count: u8,
     /// Asynchronous backups configured.
     pub async_backup_count: u8,
+    /// Partitions whose owner has fewer synchronous backups than `backup_count` in its row: the
+    /// cluster has fewer members than `1 + backup_count`. 0 once enough members are active.
+    #[serde(default)]
+    pub under_replicated_partitions: u64,
+    /// Writes acknowledged with fewer synchronous backups than `backup_count`, since the owners
+    /// started (each also logs a warning once, until the map recovers).
+    #[serde(default)]
+    pub under_replicated_writes: u64,
+    /// The near caches of the map, summed over the members that have one (`map` is the map's
+    /// name); none when no member near-caches it.
+    pub near_cache: Option<NearCacheStats>,
     /// Each member's part.
     pub per_member: Vec<MemberMapStats>,
     /// Split-brain merges in which the merge policy kept the entry the owner held, cluster-wide.
@@ -77,17 +100,61 @@ pub struct MapStats {
 }
 
 /// One map on one member.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MemberMapStats {
     /// The member's node id.
     pub node_id: String,
     /// Its statistics.
     #[serde(flatten)]
     pub stats: LocalMapStats,
+    /// Its near cache of the map, if it has one.
+    pub near_cache: Option<NearCacheStats>,
+}
+
+/// One topic across the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TopicSummary {
+    /// The topic name.
+    pub name: String,
+    /// `topic` or `reliable`.
+    pub kind: String,
+    /// Messages published (from any member).
+    pub published: u64,
+    /// Messages delivered to subscribers (once per subscriber).
+    pub received: u64,
+    /// Subscribers in the cluster.
+    pub subscribers: u64,
+    /// Plain: messages dropped for slow subscribers (or members that could not be sent to).
+    /// Reliable: publishes refused by `discard_newest`.
+    pub dropped: u64,
+    /// Reliable: messages subscribers lost by falling more than the capacity behind.
+    pub lost: u64,
+    /// Malformed messages, and messages that did not decode for a subscriber.
+    pub malformed: u64,
+    /// Reliable: messages held in the ring buffer (its owner's copy).
+    pub stored: u64,
+    /// Reliable: estimated memory of the ring buffer and its backups.
+    pub memory_bytes: u64,
+    /// Each member's part.
+    pub per_member: Vec<MemberTopicStats>,
+}
+
+/// One topic on one member.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemberTopicStats {
+    /// The member's node id.
+    pub node_id: String,
+    /// Its statistics.
+    #[serde(flatten)]
+    pub stats: TopicStats,
 }
 
 /// A member as seen in the view.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MemberStats {
     /// Node id.
     pub node_id: String,
@@ -112,7 +179,8 @@ pub struct MemberStats {
 }
 
 /// The answering member's own state and effective configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LocalStats {
     /// Its life-cycle state.
     pub state: String,
@@ -120,6 +188,11 @@ pub struct LocalStats {
     pub healthy: bool,
     /// Why it is not healthy, if it is not.
     pub health_reason: Option<String>,
+    /// Whether replication has settled as far as this member can tell: it holds the newest
+    /// table, that table is the balanced plan for the eligible members (nothing left to migrate),
+    /// and the backups of every partition it owns have confirmed their data.
+    #[serde(default)]
+    pub settled: bool,
     /// Seconds since it started.
     pub uptime_s: u64,
     /// The effective runtime configuration.
@@ -127,7 +200,8 @@ pub struct LocalStats {
 }
 
 /// The effective configuration of a running member: ports as bound, timers as used.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RuntimeConfig {
     /// The interface address listened on (`0.0.0.0` = all).
     pub bind: String,
@@ -157,8 +231,19 @@ pub struct RuntimeConfig {
     pub probe_interval_ms: u64,
     /// Split-brain merge: delay after start-up before the first look for other groups.
     #[serde(default)]
-    pub merge_first_run_delay_s: u64,
+    pub merge_first_run_delay_s: f64,
     /// Split-brain merge: delay between later looks.
     #[serde(default)]
-    pub merge_run_delay_s: u64,
+    pub merge_run_delay_s: f64,
+    /// Whether near caches are kept fresh by invalidation events.
+    pub event_invalidation: bool,
+}
+
+/// Adds `b`'s counters to `a` (the near caches of one map on several members).
+pub(crate) fn add_near_cache(a: &mut NearCacheStats, b: &NearCacheStats) {
+    a.entries += b.entries;
+    a.hits += b.hits;
+    a.misses += b.misses;
+    a.invalidations += b.invalidations;
+    a.purges += b.purges;
 }

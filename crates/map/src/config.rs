@@ -33,6 +33,9 @@ pub struct MapConfig {
     /// [`crate::MapError::BelowMinClusterSize`], so that a minority side cannot acknowledge
     /// writes a merge would later overrule. 0 (the default) turns it off.
     pub min_cluster_size: u32,
+    /// A near cache on every member that reads the map (`[maps.NAME.near_cache]`); none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub near_cache: Option<NearCacheConfig>,
 }
 
 impl Default for MapConfig {
@@ -44,9 +47,66 @@ impl Default for MapConfig {
             max_idle_seconds: 0,
             merge_policy: MergePolicy::LatestUpdate,
             min_cluster_size: 0,
+            near_cache: None,
         }
     }
 }
+
+/// A map's near cache: a bounded local copy of the entries a member read, kept fresh by the
+/// owners' invalidation events (see `crate::near_cache`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NearCacheConfig {
+    /// Most entries kept; the least recently used are evicted beyond it. Default 10000.
+    pub max_entries: u64,
+    /// Entries are dropped this many seconds after they were cached (0: only by invalidation or
+    /// eviction). Default 0. Must be above 0 when event invalidation is off.
+    pub ttl_seconds: u64,
+    /// Drop an entry when the owner reports a change of its key (and the whole partition on any
+    /// sign of a missed event). Default true. Off: entries only expire by `ttl_seconds`.
+    pub invalidate_on_change: bool,
+}
+
+impl Default for NearCacheConfig {
+    fn default() -> Self {
+        NearCacheConfig { max_entries: 10_000, ttl_seconds: 0, invalidate_on_change: true }
+    }
+}
+
+/// Settings of the near-cache invalidation events, the same for every map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidationSettings {
+    /// Event-based invalidation (the seed's `eventInvalidation`). Off: owners send nothing and
+    /// near-cached entries only expire by their time to live. Default true.
+    pub enabled: bool,
+    /// An owner sends a member's pending invalidations once this many are queued. Default 100.
+    pub batch_size: usize,
+    /// ... or when the oldest has waited this long. Default 10 ms.
+    pub batch_delay: Duration,
+    /// Owners send every near-caching member the position of each partition they own this often;
+    /// a near cache purges a partition whose position is ahead of the events it received, and the
+    /// partitions of an owner it has not heard from for three intervals. Default 1 s.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for InvalidationSettings {
+    fn default() -> Self {
+        InvalidationSettings {
+            enabled: true,
+            batch_size: 100,
+            batch_delay: Duration::from_millis(10),
+            heartbeat_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reliable topics keep their ring buffer in the map named this prefix and the topic name; its
+/// backup counts come from that map's settings, else from `"__topic:default"`'s, else the
+/// defaults (one synchronous backup). Map names with this prefix are reserved.
+pub const RELIABLE_TOPIC_MAP_PREFIX: &str = "__topic:";
+
+/// The settings key that configures reliable topics without their own section.
+const RELIABLE_TOPIC_DEFAULT: &str = "__topic:default";
 
 impl MapConfig {
     /// Replicas a partition of this map has: the owner and every backup.
@@ -59,7 +119,8 @@ impl MapConfig {
         1 + usize::from(self.backup_count)
     }
 
-    /// Clamps backup counts to [`BACKUP_COUNT_MAX`]; returns a warning for each clamped value.
+    /// Clamps backup counts to [`BACKUP_COUNT_MAX`], each and both together (asynchronous backups
+    /// give way to synchronous ones); returns a warning for each adjustment.
     pub fn clamp(&mut self, map: &str) -> Vec<String> {
         let mut warnings = Vec::new();
         for (key, value) in
@@ -71,6 +132,19 @@ impl MapConfig {
                 ));
                 *value = BACKUP_COUNT_MAX;
             }
+        }
+        // A partition's row names at most 1 + BACKUP_COUNT_MAX members: backups of both kinds
+        // share those places, synchronous ones first.
+        let total = self.backup_count + self.async_backup_count;
+        if total > BACKUP_COUNT_MAX {
+            let kept = BACKUP_COUNT_MAX - self.backup_count;
+            warnings.push(format!(
+                "maps.{map}.backup_count + async_backup_count = {} + {} = {total} is above the maximum of \
+                 {BACKUP_COUNT_MAX} backups per partition; using {kept} asynchronous backup(s) (lower \
+                 async_backup_count to {kept} to silence this)",
+                self.backup_count, self.async_backup_count
+            ));
+            self.async_backup_count = kept;
         }
         warnings
     }
@@ -96,12 +170,8 @@ pub struct MapSettings {
     pub migration_timeout: Duration,
     /// Per-map settings by name; `default` applies to maps without their own section.
     pub maps: BTreeMap<String, MapConfig>,
-    /// Split-brain merge: how long after start-up a master first looks for other groups of its
-    /// cluster to merge with. Default 20 s (see `merge_first_run_delay_seconds` in
-    /// `config/grapevine.toml` for why).
-    pub merge_first_run_delay: Duration,
-    /// Split-brain merge: how often a master looks again after the first run. Default 10 s.
-    pub merge_run_delay: Duration,
+    /// Near-cache invalidation events.
+    pub invalidation: InvalidationSettings,
 }
 
 impl Default for MapSettings {
@@ -115,8 +185,7 @@ impl Default for MapSettings {
             migration_parallelism: 8,
             migration_timeout: Duration::from_secs(60),
             maps: BTreeMap::new(),
-            merge_first_run_delay: Duration::from_secs(20),
-            merge_run_delay: Duration::from_secs(10),
+            invalidation: InvalidationSettings::default(),
         }
     }
 }
@@ -124,6 +193,10 @@ impl Default for MapSettings {
 impl MapSettings {
     /// The settings of map `name`.
     pub fn map(&self, name: &str) -> MapConfig {
-        self.maps.get(name).or_else(|| self.maps.get("default")).cloned().unwrap_or_default()
+        if let Some(config) = self.maps.get(name) {
+            return config.clone();
+        }
+        let fallback = if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) { RELIABLE_TOPIC_DEFAULT } else { "default" };
+        self.maps.get(fallback).cloned().unwrap_or_default()
     }
 }

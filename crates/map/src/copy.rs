@@ -58,6 +58,7 @@ fn repl_bytes(op: &ReplOp) -> usize {
         ReplOp::Put { key, record } => key.len() + record.value.len() + 64,
         ReplOp::Remove { key } | ReplOp::Expire { key } => key.len() + 16,
         ReplOp::Clear => 16,
+        ReplOp::Batch(writes) => writes.iter().map(crate::ring::RingWrite::bytes).sum::<usize>() + 16,
     }
 }
 

@@ -11,12 +11,15 @@ use grapevine_membership::MemberId;
 use grapevine_net::codec;
 use proptest::prelude::*;
 
+use crate::invalidation::{InvMsg, InvReply, Run as InvalidationRun};
 use crate::messages::{
     EntryEventKind, LocalMapStats, LocalStats, MigrationId, Msg, MultiOp, Op, OpResult, PutMode, RawEntryEvent, ReplOp,
     Reply, TermStart,
 };
 use crate::merge::MergePolicy;
+use crate::near_cache::NearCacheStats;
 use crate::record::{Expiry, Record};
+use crate::ring::RingWrite;
 use crate::table::{PartitionTable, Run, TableId};
 use crate::tables::{parse_gossip_value, table_gossip_value};
 use fuzz_support::{config, mutated, mutations, random_bytes};
@@ -90,6 +93,18 @@ fn op() -> impl Strategy<Value = Op> {
         bytes(32).prop_map(|key| Op::Remove { key }),
         (bytes(32), record(), prop::sample::select(MergePolicy::ALL.to_vec()))
             .prop_map(|(key, record, policy)| Op::Merge { key, record, policy }),
+        bytes(32).prop_map(|key| Op::NearGet { key }),
+        (bytes(16), bytes(64), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+            |(key, item, capacity, retention_ms, overwrite)| Op::RingAppend {
+                key,
+                item,
+                capacity,
+                retention_ms,
+                overwrite
+            }
+        ),
+        (bytes(16), any::<u64>(), any::<u32>(), any::<u32>())
+            .prop_map(|(key, from, max_items, max_bytes)| Op::RingRead { key, from, max_items, max_bytes }),
     ]
 }
 
@@ -99,6 +114,14 @@ fn repl_op() -> impl Strategy<Value = ReplOp> {
         bytes(32).prop_map(|key| ReplOp::Remove { key }),
         bytes(32).prop_map(|key| ReplOp::Expire { key }),
         Just(ReplOp::Clear),
+        prop::collection::vec(
+            prop_oneof![
+                (bytes(16), record()).prop_map(|(key, record)| RingWrite::Put { key, record }),
+                bytes(16).prop_map(|key| RingWrite::Remove { key }),
+            ],
+            0..4
+        )
+        .prop_map(ReplOp::Batch),
     ]
 }
 
@@ -145,9 +168,9 @@ fn event() -> impl Strategy<Value = RawEntryEvent> {
 }
 
 fn local_stats() -> impl Strategy<Value = LocalStats> {
-    let map = (name(), any::<[u64; 11]>(), any::<(u8, u8, u32)>(), name()).prop_map(
+    let map = (name(), any::<[u64; 13]>(), any::<(u8, u8, u32)>(), name()).prop_map(
         |(name, f, (backup_count, async_backup_count, min_cluster_size), merge_policy)| LocalMapStats {
-                name,
+            name,
             owned_entries: f[0],
             backup_entries: f[1],
             hits: f[2],
@@ -159,8 +182,10 @@ fn local_stats() -> impl Strategy<Value = LocalStats> {
             memory_bytes: f[8],
             backup_count,
             async_backup_count,
-            merge_kept_existing: f[9],
-            merge_took_merging: f[10],
+            under_replicated_partitions: f[9],
+            under_replicated_writes: f[10],
+            merge_kept_existing: f[11],
+            merge_took_merging: f[12],
             merge_policy,
             min_cluster_size,
         },
@@ -244,7 +269,16 @@ fn msg() -> impl Strategy<Value = Msg> {
 /// Every variant of `Reply` (`Started` nests replies).
 fn reply() -> impl Strategy<Value = Reply> {
     let op_result =
-        prop_oneof![prop::option::of(bytes(32)).prop_map(OpResult::Value), any::<bool>().prop_map(OpResult::Flag)];
+        prop_oneof![
+            prop::option::of(bytes(32)).prop_map(OpResult::Value),
+            any::<bool>().prop_map(OpResult::Flag),
+            (prop::option::of(bytes(32)), table_id(), any::<u64>())
+                .prop_map(|(value, term, seq)| OpResult::Positioned { value, term, seq }),
+            any::<u64>().prop_map(|seq| OpResult::RingStored { seq }),
+            any::<u64>().prop_map(|retry_in_ms| OpResult::RingFull { retry_in_ms }),
+            (any::<u64>(), any::<u64>(), prop::collection::vec((any::<u64>(), bytes(16)), 0..4))
+                .prop_map(|(head, next, items)| OpResult::RingItems { head, next, items }),
+        ];
     let leaf = prop_oneof![
         op_result.prop_map(Reply::Done).boxed(),
         any::<u64>().prop_map(|epoch| Reply::WrongOwner { epoch }).boxed(),
@@ -284,6 +318,45 @@ fn reply() -> impl Strategy<Value = Reply> {
         )
             .prop_map(|(refused, positions)| Reply::Started { refused, positions })
     })
+}
+
+/// Every variant of the invalidation bus's messages and replies.
+fn inv_msg() -> impl Strategy<Value = InvMsg> {
+    let run =
+        (name(), any::<u32>(), table_id(), any::<u64>(), prop::collection::vec(prop::option::of(bytes(16)), 0..4))
+            .prop_map(|(map, partition, term, seq, keys)| InvalidationRun { map, partition, term, seq, keys });
+    prop_oneof![
+        name().prop_map(|map| InvMsg::Register { map }),
+        prop::collection::vec(run, 0..4).prop_map(|runs| InvMsg::Events { runs }),
+        Just(InvMsg::Stats),
+    ]
+}
+
+fn inv_reply() -> impl Strategy<Value = InvReply> {
+    let stats = (name(), any::<[u64; 5]>()).prop_map(|(map, f)| NearCacheStats {
+        map,
+        entries: f[0],
+        hits: f[1],
+        misses: f[2],
+        invalidations: f[3],
+        purges: f[4],
+    });
+    prop_oneof![
+        Just(InvReply::Ack),
+        prop::collection::vec(stats, 0..3).prop_map(InvReply::Stats),
+        name().prop_map(|error| InvReply::Failed { error }),
+    ]
+}
+
+fn decode_invalidations(bytes: &[u8]) {
+    let started = Instant::now();
+    if let Ok(msg) = codec::decode::<InvMsg>(bytes) {
+        assert_eq!(codec::decode::<InvMsg>(&codec::encode(&msg).unwrap()).unwrap(), msg);
+    }
+    if let Ok(reply) = codec::decode::<InvReply>(bytes) {
+        assert_eq!(codec::decode::<InvReply>(&codec::encode(&reply).unwrap()).unwrap(), reply);
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "decoding {} bytes took {:?}", bytes.len(), started.elapsed());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,6 +403,15 @@ proptest! {
         // Half the inputs start with a valid variant index, so that the fields behind it are reached.
         decode_both(&bytes);
         decode_both(&[&[variant][..], &bytes].concat());
+    }
+
+    #[test]
+    fn invalidation_messages(msg in inv_msg(), reply in inv_reply(), mutations in mutations(), noise in random_bytes()) {
+        prop_assert_eq!(codec::decode::<InvMsg>(&codec::encode(&msg).unwrap()).unwrap(), msg.clone());
+        prop_assert_eq!(codec::decode::<InvReply>(&codec::encode(&reply).unwrap()).unwrap(), reply.clone());
+        decode_invalidations(&mutated(&codec::encode(&msg).unwrap(), &mutations));
+        decode_invalidations(&mutated(&codec::encode(&reply).unwrap(), &mutations));
+        decode_invalidations(&noise);
     }
 
     #[test]
@@ -399,6 +481,23 @@ fn announced_lengths_the_input_cannot_back_fail_fast() {
         }),
         codec::encode(&Msg::TablePush { table: PartitionTable::empty(3) }),
         codec::encode(&Reply::Page { entries: vec![(b"k".to_vec(), b"v".to_vec())], next: Some(b"k".to_vec()) }),
+        codec::encode(&Msg::Backup {
+            partition: 1,
+            term: TableId::empty(),
+            map: "__topic:t".into(),
+            seq: 3,
+            op: ReplOp::Batch(vec![RingWrite::Remove { key: vec![0; 8] }]),
+        }),
+        codec::encode(&Reply::Done(OpResult::RingItems { head: 1, next: 2, items: vec![(1, b"m".to_vec())] })),
+        codec::encode(&InvMsg::Events {
+            runs: vec![InvalidationRun {
+                map: "m".into(),
+                partition: 4,
+                term: TableId::empty(),
+                seq: 9,
+                keys: vec![Some(b"k".to_vec()), None],
+            }],
+        }),
     ]
     .into_iter()
     .map(Result::unwrap)
@@ -411,6 +510,7 @@ fn announced_lengths_the_input_cannot_back_fail_fast() {
                 let started = Instant::now();
                 let _ = codec::decode::<Msg>(&bytes);
                 let _ = codec::decode::<Reply>(&bytes);
+                let _ = codec::decode::<InvMsg>(&bytes);
                 assert!(started.elapsed() < Duration::from_secs(1), "{bytes:02x?} took {:?}", started.elapsed());
             }
         }

@@ -24,17 +24,20 @@ mod fence;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod hash;
+mod invalidation;
 mod lineage;
 mod listeners;
 mod master;
 pub mod merge;
 mod messages;
 mod migration;
+mod near_cache;
 mod node;
 mod owner;
 mod protection;
 mod record;
 mod replica;
+mod ring;
 mod stats;
 mod store;
 pub mod table;
@@ -43,6 +46,7 @@ mod takeover;
 mod tasks;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -52,19 +56,25 @@ use grapevine_net::{Net, codec};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-pub use config::{BACKUP_COUNT_MAX, MapConfig, MapSettings};
+pub use config::{
+    BACKUP_COUNT_MAX, InvalidationSettings, MapConfig, MapSettings, NearCacheConfig, RELIABLE_TOPIC_MAP_PREFIX,
+};
 pub use error::MapError;
 pub use merge::{MergePolicy, UnknownMergePolicy, Verdict};
+pub use invalidation::INVALIDATION_SERVICE;
 pub use messages::{EntryEventKind, LocalMapStats, LocalStats, PutMode, RawEntryEvent};
+pub use near_cache::NearCacheStats;
 pub use node::PartitionLost;
 pub use record::{Expiry, Record};
+pub use ring::{RING_CAPACITY_MAX, RING_READ_ITEMS_MAX, RingAppended, RingLimits, RingPage};
 pub use table::{PartitionTable, TableId};
 
 use messages::{Msg, MultiOp, Op, OpResult, Reply};
 use node::{MAP_SERVICE, MapHandler, Node};
 
 /// The partition part of the `/stats` document.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PartitionSummary {
     /// Number of partitions.
     pub count: u32,
@@ -83,6 +93,8 @@ pub struct PartitionSummary {
 #[derive(Debug)]
 pub struct MapService {
     node: Arc<Node>,
+    /// Whether the table with this id is balanced for these members, for [`MapService::is_settled`].
+    balanced: std::sync::Mutex<Option<(TableId, Vec<MemberId>, bool)>>,
 }
 
 impl Drop for MapService {
@@ -94,7 +106,13 @@ impl Drop for MapService {
 fn value(result: OpResult) -> Option<Vec<u8>> {
     match result {
         OpResult::Value(v) => v,
-        OpResult::Flag(_) | OpResult::Int(_) | OpResult::Rejected(_) => None,
+        OpResult::Positioned { value, .. } => value,
+        OpResult::Flag(_)
+        | OpResult::Int(_)
+        | OpResult::Rejected(_)
+        | OpResult::RingStored { .. }
+        | OpResult::RingFull { .. }
+        | OpResult::RingItems { .. } => None,
     }
 }
 
@@ -146,13 +164,16 @@ impl MapService {
         let local = membership.local_id().clone();
         let node = Node::new(local, net.clone(), membership, settings);
         net.register(MAP_SERVICE, Arc::new(MapHandler { node: Arc::downgrade(&node) }));
+        let invalidations = invalidation::InvalidationHandler { node: Arc::downgrade(&node) };
+        net.register(INVALIDATION_SERVICE, Arc::new(invalidations));
+        node.tasks.spawn(invalidation::invalidation_loop(node.clone()));
         node.tasks.spawn(master::master_loop(node.clone()));
         node.tasks.spawn(tables::refresh_loop(node.clone()));
         node.tasks.spawn(tasks::follow_loop(node.clone()));
         node.tasks.spawn(tasks::anti_entropy_loop(node.clone()));
         node.tasks.spawn(tasks::sweep_loop(node.clone()));
         node.tasks.spawn(tasks::confirm_loop(node.clone()));
-        MapService { node }
+        MapService { node, balanced: std::sync::Mutex::new(None) }
     }
 
     /// The settings in use.
@@ -160,9 +181,52 @@ impl MapService {
         &self.node.settings
     }
 
-    /// The value of `key`, if present and not expired.
+    /// The value of `key`, if present and not expired. A map with a near cache answers from it
+    /// when it can (see `[maps.NAME.near_cache]`).
     pub async fn get(&self, map: &str, key: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
+        if let Some(cache) = self.node.near_cache(map).await {
+            return self.near_get(&cache, map, key).await;
+        }
         Ok(value(self.node.call(map, Op::Get { key }).await?))
+    }
+
+    async fn near_get(
+        &self,
+        cache: &near_cache::NearCache,
+        map: &str,
+        key: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, MapError> {
+        if let Some(value) = cache.get(&key) {
+            return Ok(Some(value));
+        }
+        let p = self.partition_of(&key);
+        let local_owner = self.node.table().owner(p) == Some(&self.node.local);
+        match self.node.call(map, Op::NearGet { key: key.clone() }).await? {
+            OpResult::Positioned { value, term, seq } => {
+                if let Some(v) = &value
+                    && !local_owner
+                {
+                    cache.offer(p, key, v.clone(), &term, seq, record::now_ms());
+                }
+                Ok(value)
+            }
+            other => {
+                Err(MapError::Failed { op: "get", map: map.to_string(), error: format!("unexpected result {other:?}") })
+            }
+        }
+    }
+
+    /// Runs a write, then drops its key from this member's near cache of the map (the owner's
+    /// event drops it on other members).
+    async fn write<T>(
+        &self,
+        map: &str,
+        key: Option<&[u8]>,
+        write: impl Future<Output = Result<T, MapError>>,
+    ) -> Result<T, MapError> {
+        let outcome = write.await;
+        self.node.near_cache_written(map, key);
+        outcome
     }
 
     /// True when `key` is present and not expired.
@@ -178,8 +242,9 @@ impl MapService {
         value_: Vec<u8>,
         expiry: Option<Expiry>,
     ) -> Result<Option<Vec<u8>>, MapError> {
+        let k = key.clone();
         let op = Op::Put { key, value: value_, expiry, mode: PutMode::Always };
-        Ok(value(self.node.call(map, op).await?))
+        Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
 
     /// Sets `key` only if absent; returns the existing value if there was one (and then changes nothing).
@@ -190,14 +255,16 @@ impl MapService {
         value_: Vec<u8>,
         expiry: Option<Expiry>,
     ) -> Result<Option<Vec<u8>>, MapError> {
+        let k = key.clone();
         let op = Op::Put { key, value: value_, expiry, mode: PutMode::IfAbsent };
-        Ok(value(self.node.call(map, op).await?))
+        Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
 
     /// Sets `key` only if present; returns the previous value (`None`: nothing was changed).
     pub async fn replace(&self, map: &str, key: Vec<u8>, value_: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
+        let k = key.clone();
         let op = Op::Put { key, value: value_, expiry: None, mode: PutMode::IfPresent };
-        Ok(value(self.node.call(map, op).await?))
+        Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
 
     /// Sets `key` to `new` (removes it when `None`) if its value is `expected` (absent when `None`).
@@ -208,12 +275,14 @@ impl MapService {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, MapError> {
-        Ok(flag(self.node.call(map, Op::CompareAndSet { key, expected, new }).await?))
+        let k = key.clone();
+        Ok(flag(self.write(map, Some(&k), self.node.call(map, Op::CompareAndSet { key, expected, new })).await?))
     }
 
     /// Removes `key`; returns its value.
     pub async fn remove(&self, map: &str, key: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
-        Ok(value(self.node.call(map, Op::Remove { key }).await?))
+        let k = key.clone();
+        Ok(value(self.write(map, Some(&k), self.node.call(map, Op::Remove { key })).await?))
     }
 
     /// Sets `key` to `value` when `mode` allows, with the expiry `expiry` says; returns the
@@ -227,12 +296,13 @@ impl MapService {
         mode: PutMode,
         expiry: SetExpiry,
     ) -> Result<Option<Vec<u8>>, MapError> {
+        let k = key.clone();
         let op = match expiry {
             SetExpiry::Default => Op::Put { key, value: value_, expiry: None, mode },
             SetExpiry::Explicit(expiry) => Op::Put { key, value: value_, expiry: Some(expiry), mode },
             SetExpiry::Keep => Op::PutKeepTtl { key, value: value_, mode },
         };
-        Ok(value(self.node.call(map, op).await?))
+        Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
 
     /// Adds `delta` to the value of `key`, a decimal integer as Redis stores counters (an absent
@@ -240,7 +310,8 @@ impl MapService {
     /// the new value. A value that is not an integer, or a result that would overflow `i64`, is
     /// refused with [`MapError::Rejected`].
     pub async fn incr_by(&self, map: &str, key: Vec<u8>, delta: i64) -> Result<i64, MapError> {
-        match self.node.call(map, Op::Incr { key, delta }).await? {
+        let k = key.clone();
+        match self.write(map, Some(&k), self.node.call(map, Op::Incr { key, delta })).await? {
             OpResult::Int(n) => Ok(n),
             other => Err(rejected("incr", map, other)),
         }
@@ -251,7 +322,8 @@ impl MapService {
     /// `None`: whether it had a time to live to remove).
     pub async fn set_ttl(&self, map: &str, key: Vec<u8>, ttl: Option<Duration>) -> Result<bool, MapError> {
         let ttl_ms = ttl.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64);
-        Ok(flag(self.node.call(map, Op::SetTtl { key, ttl_ms }).await?))
+        let k = key.clone();
+        Ok(flag(self.write(map, Some(&k), self.node.call(map, Op::SetTtl { key, ttl_ms })).await?))
     }
 
     /// How long until `key` expires: `None` when absent, `Some(None)` when it never expires.
@@ -363,7 +435,7 @@ impl MapService {
 
     /// Removes every entry of the map; returns how many were removed.
     pub async fn clear(&self, map: &str) -> Result<u64, MapError> {
-        self.node.fan_out(map, MultiOp::Clear).await
+        self.write(map, None, self.node.fan_out(map, MultiOp::Clear)).await
     }
 
     /// Pages through the map's entries, partition by partition (weakly consistent: entries written
@@ -489,7 +561,21 @@ impl MapService {
             return false;
         }
         let table = node.table();
-        if *node.target_rows(&table, &active) != table.rows {
+        // Whether the table is its own balanced plan, not whether it reached the master's target
+        // (`Node::target_rows`): a member that planned from an older table may hold a stale target.
+        let balanced = {
+            let mut cache = self.balanced.lock().unwrap();
+            match cache.as_ref() {
+                Some((id, members, balanced)) if *id == table.id() && *members == active => *balanced,
+                _ => {
+                    let replicas = active.len().min(assign::REPLICAS_MAX);
+                    let balanced = assign::plan(&table.rows, &active, replicas) == table.rows;
+                    *cache = Some((table.id(), active.clone(), balanced));
+                    balanced
+                }
+            }
+        };
+        if !balanced {
             return false;
         }
         if node.master.lock().unwrap().migrating() > 0 {
@@ -541,6 +627,59 @@ impl MapService {
         if tokio::time::timeout(Duration::from_secs(10), self.node.tasks.wait()).await.is_err() {
             warn!("map service tasks did not stop within 10 s");
         }
+    }
+
+    /// This member's near caches' statistics (maps with a near cache it has used).
+    pub fn near_cache_stats(&self) -> Vec<NearCacheStats> {
+        self.node.near_cache_stats()
+    }
+
+    /// Every member's near-cache statistics (this one's included), or why a member did not answer.
+    pub async fn near_cache_cluster_stats(
+        &self,
+        timeout: Duration,
+    ) -> Vec<(MemberId, Result<Vec<NearCacheStats>, String>)> {
+        let members: BTreeSet<MemberId> = self.node.view_members().into_iter().collect();
+        let mut calls = tokio::task::JoinSet::new();
+        for member in members {
+            if member == self.node.local {
+                continue;
+            }
+            let body = Node::encode(&invalidation::InvMsg::Stats);
+            let request = self.node.net.request(&member, INVALIDATION_SERVICE, body, timeout);
+            calls.spawn(async move {
+                let outcome = match request.await {
+                    Ok(bytes) => match codec::decode::<invalidation::InvReply>(&bytes) {
+                        Ok(invalidation::InvReply::Stats(stats)) => Ok(stats),
+                        Ok(other) => Err(format!("unexpected reply {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                (member, outcome)
+            });
+        }
+        let mut all = vec![(self.node.local.clone(), Ok(self.node.near_cache_stats()))];
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(result) = joined {
+                all.push(result);
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Test hook: drop the invalidation events (changed keys) this member receives while `drop`
+    /// is set; the owners' position reports still arrive.
+    #[doc(hidden)]
+    pub fn drop_invalidations_for_tests(&self, drop: bool) {
+        self.node.drop_invalidations(drop);
+    }
+
+    /// Test hook: how many changed keys [`MapService::drop_invalidations_for_tests`] dropped.
+    #[doc(hidden)]
+    pub fn dropped_invalidations(&self) -> u64 {
+        self.node.dropped_invalidations()
     }
 
     /// Test hook: runs one anti-entropy round now.

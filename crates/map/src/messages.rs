@@ -65,6 +65,27 @@ pub(crate) enum Op {
         record: Record,
         policy: MergePolicy,
     },
+    /// A read for a near cache: the value, and the map partition's position `(term, seq)` it was
+    /// read at (`Positioned`; see `crate::near_cache`).
+    NearGet {
+        key: Vec<u8>,
+    },
+    /// Appends `item` to the ring buffer this map partition holds (a reliable topic: `key` is the
+    /// topic name, which chooses the partition). See `crate::ring`.
+    RingAppend {
+        key: Vec<u8>,
+        item: Vec<u8>,
+        capacity: u64,
+        retention_ms: u64,
+        overwrite: bool,
+    },
+    /// Reads a ring buffer's confirmed items from sequence `from` on (`RingItems`).
+    RingRead {
+        key: Vec<u8>,
+        from: u64,
+        max_items: u32,
+        max_bytes: u32,
+    },
 }
 
 impl Op {
@@ -79,7 +100,11 @@ impl Op {
             | Op::Incr { key, .. }
             | Op::SetTtl { key, .. }
             | Op::Ttl { key }
-            | Op::Merge { key, .. } => key,
+            | Op::Merge { key, .. }
+
+            | Op::NearGet { key }
+            | Op::RingAppend { key, .. }
+            | Op::RingRead { key, .. } => key,
         }
     }
 
@@ -90,7 +115,11 @@ impl Op {
             | Op::ContainsKey { key }
             | Op::Remove { key }
             | Op::SetTtl { key, .. }
-            | Op::Ttl { key } => key.len(),
+            | Op::Ttl { key }
+            | Op::NearGet { key }
+            | Op::RingRead { key, .. } => key.len(),
+            // The item, and its sequence key and the ring's bounds beside it.
+            Op::RingAppend { key, item, .. } => key.len() + item.len() + 64,
             // The largest counter is 20 digits.
             Op::Incr { key, .. } => key.len() + 20,
             Op::Put { key, value, .. } | Op::PutKeepTtl { key, value, .. } => key.len() + value.len(),
@@ -102,7 +131,10 @@ impl Op {
     }
 
     pub(crate) fn is_read(&self) -> bool {
-        matches!(self, Op::Get { .. } | Op::ContainsKey { .. } | Op::Ttl { .. })
+        matches!(
+            self,
+            Op::Get { .. } | Op::ContainsKey { .. } | Op::Ttl { .. } | Op::NearGet { .. } | Op::RingRead { .. }
+        )
     }
 
     /// Whether a caller may send the operation again when the owner's answer was lost: reads, and
@@ -128,6 +160,9 @@ impl Op {
             Op::SetTtl { .. } => "set_ttl",
             Op::Ttl { .. } => "ttl",
             Op::Merge { .. } => "merge",
+            Op::NearGet { .. } => "get",
+            Op::RingAppend { .. } => "ring_append",
+            Op::RingRead { .. } => "ring_read",
         }
     }
 }
@@ -154,15 +189,34 @@ pub(crate) enum OpResult {
     Int(i64),
     /// The operation does not apply to the entry's value; the text says why (Redis's wording).
     Rejected(String),
+    /// A near-cache read: the value, and the position of the map partition it was read at.
+    Positioned { value: Option<Vec<u8>>, term: Term, seq: u64 },
+    /// A ring append: the sequence number the item got.
+    RingStored { seq: u64 },
+    /// A ring append refused: every slot holds an item still retained; the oldest may be
+    /// overwritten in `retry_in_ms`.
+    RingFull { retry_in_ms: u64 },
+    /// A ring read: the oldest sequence held, the next sequence to be written (as far as it is
+    /// confirmed by the synchronous backups), and items `(seq, item)` in order.
+    RingItems { head: u64, next: u64, items: Vec<(u64, Vec<u8>)> },
 }
 
 /// A change replicated from the owner to backups, applied in sequence order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum ReplOp {
-    Put { key: Vec<u8>, record: Record },
-    Remove { key: Vec<u8> },
-    Expire { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        record: Record,
+    },
+    Remove {
+        key: Vec<u8>,
+    },
+    Expire {
+        key: Vec<u8>,
+    },
     Clear,
+    /// Changes applied together (a ring append: the item, the ring's bounds, evicted items).
+    Batch(Vec<crate::ring::RingWrite>),
 }
 
 /// Operations over all of a member's owned partitions of a map.
@@ -200,8 +254,10 @@ pub struct RawEntryEvent {
     pub old_value: Option<Vec<u8>>,
 }
 
-/// One map's statistics on one member.
+/// One map's statistics on one member. (Every field has a default, so that readers of the JSON
+/// `/stats` of another version can read it; bincode always carries every field.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LocalMapStats {
     /// The map name.
     pub name: String,
@@ -240,6 +296,14 @@ pub struct LocalMapStats {
     /// The map's split-brain protection minimum (on this member; 0: off).
     #[serde(default)]
     pub min_cluster_size: u32,
+    /// Partitions this member owns whose row has fewer members than `1 + backup_count` (the
+    /// cluster is too small): writes to them are acknowledged with fewer synchronous backups.
+    #[serde(default)]
+    pub under_replicated_partitions: u64,
+    /// Writes this member acknowledged, as owner, with fewer synchronous backups than
+    /// `backup_count`.
+    #[serde(default)]
+    pub under_replicated_writes: u64,
 }
 
 /// A member's map-service statistics.

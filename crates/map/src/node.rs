@@ -139,6 +139,8 @@ pub(crate) struct Node {
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stopped: AtomicBool,
+    /// Near caches and the invalidation bus ([`crate::invalidation`]).
+    pub(crate) invalidation: crate::invalidation::Invalidation,
 }
 
 impl std::fmt::Debug for Node {
@@ -156,6 +158,10 @@ impl Node {
             net,
             membership,
             tables: Tables::new(settings.partition_count),
+            invalidation: crate::invalidation::Invalidation::new(
+                settings.invalidation.clone(),
+                settings.maps.values().any(|m| m.near_cache.is_some()),
+            ),
             settings,
             slots,
             listeners: Listeners::default(),

@@ -138,8 +138,10 @@ impl Node {
         let events = vec![event_of(map, &change)];
         let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
         drop(data);
+        counters.note_sync_backups(map, config.backup_count, acks.len());
         if acks.is_empty() {
             drop(guard);
+            self.on_write_confirmed(p, map, &term, &result);
             return Executed::Now(Reply::Done(result));
         }
         Executed::Pending(PendingWrite {
@@ -194,6 +196,7 @@ impl Node {
         let mp = data.maps.get_mut(map).expect("the map partition was just written");
         mp.seq += 1;
         let seq = mp.seq;
+        self.invalidation.on_change(map, p, &mp.term, seq, &change.repl);
         let msg = Node::encode(&Msg::Backup {
             partition: p,
             term: mp.term.clone(),
@@ -248,6 +251,7 @@ impl Node {
             }
         }
         if failures.is_empty() {
+            self.on_write_confirmed(partition, &map, &term, &result);
             return Reply::Done(result);
         }
         warn!(partition, map = %map, failures = ?failures, "synchronous backup failed");

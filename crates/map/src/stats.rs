@@ -2,10 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use tracing::{info, warn};
 
 use crate::messages::{LocalMapStats, LocalStats, OpResult};
 use crate::node::Node;
@@ -20,6 +21,11 @@ pub(crate) struct MapCounters {
     removes: AtomicU64,
     merge_kept_existing: AtomicU64,
     merge_took_merging: AtomicU64,
+    /// Writes acknowledged with fewer synchronous backups than `backup_count` (this member as owner).
+    under_replicated_writes: AtomicU64,
+    /// Set while this member's writes to the map go out under-replicated: the warning was logged
+    /// and is not logged again until a write has every synchronous backup again.
+    under_replicated: AtomicBool,
     get_latency: Mutex<Histogram<u64>>,
     put_latency: Mutex<Histogram<u64>>,
 }
@@ -35,6 +41,8 @@ impl Default for MapCounters {
             removes: AtomicU64::new(0),
             merge_kept_existing: AtomicU64::new(0),
             merge_took_merging: AtomicU64::new(0),
+            under_replicated_writes: AtomicU64::new(0),
+            under_replicated: AtomicBool::new(false),
             get_latency: Mutex::new(histogram()),
             put_latency: Mutex::new(histogram()),
         }
@@ -45,9 +53,15 @@ impl MapCounters {
     /// Counts an operation executed as owner.
     pub(crate) fn count_owner_op(&self, op: &'static str, result: &OpResult) {
         match op {
-            "get" | "contains_key" | "ttl" => {
+            "get" | "contains_key" | "ttl" | "ring_read" => {
                 self.gets.fetch_add(1, Ordering::Relaxed);
-                let hit = matches!(result, OpResult::Value(Some(_)) | OpResult::Flag(true));
+                let hit = matches!(
+                    result,
+                    OpResult::Value(Some(_))
+                        | OpResult::Flag(true)
+                        | OpResult::Positioned { value: Some(_), .. }
+                        | OpResult::RingItems { .. }
+                );
                 if hit {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                 }
@@ -67,11 +81,36 @@ impl MapCounters {
         }
     }
 
+    /// Notes how many synchronous backups a write of `map` went to (`asked`) when the map wants
+    /// `wanted`. Fewer (the cluster has fewer members than `1 + backup_count`): the write is
+    /// counted as under-replicated, and the first such write logs a warning; the first write with
+    /// every backup again logs that the map recovered. Cheap when nothing changes: one load.
+    pub(crate) fn note_sync_backups(&self, map: &str, wanted: u8, asked: usize) {
+        if asked >= usize::from(wanted) {
+            if self.under_replicated.load(Ordering::Relaxed) && self.under_replicated.swap(false, Ordering::Relaxed) {
+                info!(map, backup_count = wanted, "writes to the map have all their synchronous backups again");
+            }
+            return;
+        }
+        self.under_replicated_writes.fetch_add(1, Ordering::Relaxed);
+        if !self.under_replicated.swap(true, Ordering::Relaxed) {
+            warn!(
+                map,
+                backup_count = wanted,
+                backups = asked,
+                "writes to the map are acknowledged with {asked} of its {wanted} synchronous backups: the cluster has \
+                 fewer members than 1 + backup_count, so an acknowledged write survives the loss of only {asked} \
+                 member(s) until more members join (counted as under_replicated_writes in /stats and /metrics; \
+                 logged once until the map recovers)"
+            );
+        }
+    }
+
     /// Records a caller-side latency.
     pub(crate) fn record_latency(&self, op: &'static str, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
         let histogram = match op {
-            "get" | "contains_key" | "ttl" => &self.get_latency,
+            "get" | "contains_key" | "ttl" | "ring_read" => &self.get_latency,
             "remove" | "merge" => return,
             _ => &self.put_latency,
         };
@@ -91,10 +130,15 @@ impl Node {
         let mut maps: BTreeMap<String, LocalMapStats> = BTreeMap::new();
         let mut owned_partitions = 0;
         let mut backup_partitions = 0;
+        // For each partition this member owns: how many backups its row names.
+        let mut owned_row_backups = Vec::new();
         for p in 0..self.settings.partition_count {
             let role = table.role(p, &self.local);
             match role {
-                Role::Owner => owned_partitions += 1,
+                Role::Owner => {
+                    owned_partitions += 1;
+                    owned_row_backups.push(table.row(p).len().saturating_sub(1));
+                }
                 Role::Backup(_) => backup_partitions += 1,
                 Role::None => {}
             }
@@ -128,7 +172,10 @@ impl Node {
                 stats.async_backup_count = config.async_backup_count;
                 stats.merge_policy = config.merge_policy.to_string();
                 stats.min_cluster_size = config.min_cluster_size;
+                let wanted = usize::from(config.backup_count);
+                stats.under_replicated_partitions = owned_row_backups.iter().filter(|b| **b < wanted).count() as u64;
                 if let Some(c) = counters.get(&name) {
+                    stats.under_replicated_writes = c.under_replicated_writes.load(Ordering::Relaxed);
                     stats.gets = c.gets.load(Ordering::Relaxed);
                     stats.hits = c.hits.load(Ordering::Relaxed);
                     stats.puts = c.puts.load(Ordering::Relaxed);

@@ -112,6 +112,9 @@ pub(crate) struct MapPartition {
     pub(crate) staging: Option<Box<crate::copy::Staging>>,
     /// A backup asked the owner for a full copy and has not received it yet.
     pub(crate) sync_requested: bool,
+    /// As owner of a ring buffer (a reliable topic): the term, and the sequence below which its
+    /// items are confirmed by the synchronous backups (see [`crate::ring`]).
+    pub(crate) ring_confirmed: Option<(Term, u64)>,
 }
 
 /// What an executed operation changed, for replication and listeners.
@@ -195,6 +198,7 @@ impl MapPartition {
         self.seq = seq;
         self.staging = None;
         self.sync_requested = false;
+        self.ring_confirmed = None;
     }
 
     /// Applies a replicated change on a backup.
@@ -207,6 +211,7 @@ impl MapPartition {
                 self.remove(key);
             }
             ReplOp::Clear => self.clear(),
+            ReplOp::Batch(writes) => self.apply_batch(writes),
         }
     }
 
@@ -371,6 +376,14 @@ impl MapPartition {
                 let change = self.write(key, Record { version, ..record }, existed, old_value);
                 (OpResult::Flag(true), Some(change))
             }
+            Op::NearGet { key } => {
+                let value = self.touch(&key, now, idle_floor_ms, |s| s.value().to_vec());
+                (OpResult::Positioned { value, term: self.term.clone(), seq: self.seq }, None)
+            }
+            Op::RingAppend { item, capacity, retention_ms, overwrite, .. } => {
+                self.ring_append(item, capacity, retention_ms, overwrite, now)
+            }
+            Op::RingRead { from, max_items, max_bytes, .. } => (self.ring_read(from, max_items, max_bytes), None),
         }
     }
 

@@ -57,8 +57,8 @@ pub(crate) struct AdvertisedTable {
     pub(crate) table: TableId,
 }
 
-/// A cached plan: the table id and active members it was computed for, and the planned rows.
-type PlanCacheEntry = (TableId, Vec<MemberId>, Arc<Vec<crate::assign::Row>>);
+/// A cached plan: the active members and the table rows it was computed for, and the planned rows.
+type PlanCacheEntry = (Vec<MemberId>, Vec<crate::assign::Row>, Arc<Vec<crate::assign::Row>>);
 
 /// The table state of one member.
 #[derive(Debug)]
@@ -468,18 +468,20 @@ impl Node {
     }
 
     /// The balanced table the master migrates toward, for `table` and the `members` that may hold
-    /// replicas (sorted, as the view lists them).
+    /// replicas (sorted, as the view lists them). The same target is kept while the table only
+    /// moves toward it ([`crate::assign::keeps_target`]): planning again from each intermediate
+    /// table would never settle.
     pub(crate) fn target_rows(&self, table: &PartitionTable, members: &[MemberId]) -> Arc<Vec<crate::assign::Row>> {
         let mut cache = self.tables.plan_cache.lock().unwrap();
-        if let Some((id, cached_members, rows)) = cache.as_ref()
-            && *id == table.id()
+        if let Some((cached_members, base, rows)) = cache.as_ref()
             && cached_members == members
+            && crate::assign::keeps_target(base, rows, &table.rows)
         {
             return rows.clone();
         }
         let replicas = members.len().min(crate::assign::REPLICAS_MAX);
         let rows = Arc::new(crate::assign::plan(&table.rows, members, replicas));
-        *cache = Some((table.id(), members.to_vec(), rows.clone()));
+        *cache = Some((members.to_vec(), table.rows.clone(), rows.clone()));
         rows
     }
 }

@@ -227,6 +227,7 @@ impl Node {
             let mp = data.maps.get_mut(map).expect("map partition exists");
             let Some(change) = mp.expire(key) else { continue };
             mp.seq += 1;
+            self.invalidation.on_change(map, p, &mp.term, mp.seq, &change.repl);
             let msg = Node::encode(&Msg::Backup {
                 partition: p,
                 term: mp.term.clone(),

@@ -47,7 +47,7 @@ pub use view::{ClusterView, MemberEvent};
 pub use view::excluded_members;
 
 use member::{
-    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_GONE, KEY_HANDOVER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE, KEY_UNREACHABLE,
+    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_GONE, KEY_HANDOVER, KEY_MASTER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE, KEY_UNREACHABLE,
     PREFIX_ATTR, PREFIX_EXT, format_handover, format_ids, member_from_node_state,
 };
 use transport::{PreboundTransport, TransportShared};
@@ -84,6 +84,12 @@ pub struct MembershipConfig {
     pub probe_interval: Duration,
     /// User attributes published with the member (e.g. zone).
     pub attributes: BTreeMap<String, String>,
+    /// Members of another group (see [`view::from_another_group`]) are not merged into this
+    /// member's view before it has run this long. Default 20 s.
+    pub merge_first_run_delay: Duration,
+    /// Members of another group are merged into the view once they have been visible without a
+    /// break for this long (a flapping link restarts the wait). Default 10 s.
+    pub merge_run_delay: Duration,
 }
 
 impl MembershipConfig {
@@ -108,6 +114,8 @@ impl MembershipConfig {
             dead_member_grace: Duration::from_secs(15 * 60),
             probe_interval: Duration::from_secs(2),
             attributes: BTreeMap::new(),
+            merge_first_run_delay: Duration::from_secs(20),
+            merge_run_delay: Duration::from_secs(10),
         }
     }
 
@@ -169,6 +177,7 @@ pub enum MembershipError {
 
 /// Counters for stats and metrics.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MembershipStats {
     /// Gossip SYN messages sent (each starts a gossip exchange).
     pub gossip_rounds: u64,
@@ -184,6 +193,17 @@ pub struct MembershipStats {
     pub events: u64,
     /// The current view version.
     pub view_version: u64,
+    /// Groups merged into this member's view (members of another group admitted at once count as
+    /// one merge).
+    #[serde(default)]
+    pub groups_merged: u64,
+    /// When the last merge happened (ms since the Unix epoch; None: never) and the master the other
+    /// group followed.
+    #[serde(default)]
+    pub last_merge: Option<(u64, MemberId)>,
+    /// Members of another group visible right now, waiting for the merge timers.
+    #[serde(default)]
+    pub outside_members: u64,
 }
 
 /// A running membership layer. Cheap to clone.
@@ -222,7 +242,28 @@ struct Inner {
     reported: tokio::sync::Mutex<(Vec<MemberId>, Vec<MemberId>)>,
     /// Members declared dead because their port refuses and they fell silent, logged once.
     gone_logged: Mutex<HashSet<MemberId>>,
+    /// The merge of groups (see [`view::from_another_group`]).
+    groups: Mutex<Groups>,
 }
+
+/// What the view builder remembers to merge groups on the timers.
+#[derive(Debug)]
+struct Groups {
+    /// When this layer started (the first merge waits `merge_first_run_delay` from it).
+    started: Instant,
+    /// Members that left the view without announcing it, and when (bounded, see `DEPARTED_MAX`).
+    departed: HashMap<MemberId, Instant>,
+    /// Members of another group visible now, and since when without a break.
+    outside: HashMap<MemberId, Instant>,
+    /// The masters of other groups already reported as found (logged once per episode).
+    announced: HashSet<MemberId>,
+    merged: u64,
+    last_merge: Option<(u64, MemberId)>,
+}
+
+/// Most departed members remembered for the merge timers (the oldest are forgotten first; a
+/// forgotten one counts as never seen, which only makes it wait for the timers).
+const DEPARTED_MAX: usize = 4096;
 
 impl Membership {
     /// Starts gossip on `socket` in state `joining`. Call [`Membership::join`] to become active.
@@ -298,6 +339,14 @@ impl Membership {
             heartbeats: Mutex::new(HashMap::new()),
             reported: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             gone_logged: Mutex::new(HashSet::new()),
+            groups: Mutex::new(Groups {
+                started: Instant::now(),
+                departed: HashMap::new(),
+                outside: HashMap::new(),
+                announced: HashSet::new(),
+                merged: 0,
+                last_merge: None,
+            }),
         });
         inner.rebuild_view().await;
         let view_task = tokio::spawn(view_loop(inner.clone(), live_watch));
@@ -474,6 +523,7 @@ impl Membership {
     /// Counters for stats and metrics.
     pub fn stats(&self) -> MembershipStats {
         let t = &self.inner.transport;
+        let groups = self.inner.groups.lock().unwrap();
         MembershipStats {
             gossip_rounds: t.gossip_rounds.load(Ordering::Relaxed),
             datagrams_in: t.datagrams_in.load(Ordering::Relaxed),
@@ -482,6 +532,9 @@ impl Membership {
             incompatible_members: self.inner.incompatible.lock().unwrap().len() as u64,
             events: self.inner.events_emitted.load(Ordering::Relaxed),
             view_version: self.view().version,
+            groups_merged: groups.merged,
+            last_merge: groups.last_merge.clone(),
+            outside_members: groups.outside.len() as u64,
         }
     }
 
@@ -616,6 +669,11 @@ impl Inner {
                 .collect();
             drop(heartbeats);
             let claims_to_fix = self.handle_master_claims(&mut chitchat, &candidates);
+            // Publish the master this member follows (the last view's), for the merge of groups.
+            let master = self.view_tx.borrow().master.as_ref().map(ToString::to_string).unwrap_or_default();
+            if chitchat.self_node_state().get(KEY_MASTER) != Some(master.as_str()) {
+                chitchat.self_node_state().set(KEY_MASTER, master);
+            }
             (candidates, announced_left, claims_to_fix, silent)
         };
         if claims_to_fix {
@@ -640,9 +698,10 @@ impl Inner {
                 );
             }
         }
+        let old = self.view_tx.borrow().clone();
+        let members = self.hold_other_groups(members, &old);
         let excluded = view::excluded_members(&members);
         let master = view::compute_master(&members, &excluded);
-        let old = self.view_tx.borrow().clone();
         if old.members == members && old.master == master && old.excluded == excluded {
             return;
         }
@@ -659,6 +718,7 @@ impl Inner {
         }
         let new =
             Arc::new(ClusterView { version: old.version + 1, local: self.local.clone(), members, master, excluded });
+        self.note_departures(&old, &new, &announced_left);
         let events = view::diff(&old, &new, &announced_left);
         for event in &events {
             log_event(&self.local, event);
@@ -668,6 +728,95 @@ impl Inner {
             self.events_emitted.fetch_add(1, Ordering::Relaxed);
             // No receiver is fine: events are for whoever listens.
             let _ = self.events_tx.send(event);
+        }
+    }
+
+    /// Keeps members of another group (see [`view::from_another_group`]) out of the view until
+    /// the merge timers allow: this member has run `merge_first_run_delay`, and they have been
+    /// visible without a break for `merge_run_delay`. Then they are admitted together, and the
+    /// layers above settle whose data wins (the map's sides and merge policies).
+    fn hold_other_groups(&self, members: Vec<Member>, previous: &ClusterView) -> Vec<Member> {
+        let now = Instant::now();
+        let (first_delay, run_delay) = (self.config.merge_first_run_delay, self.config.merge_run_delay);
+        let local_joining = members.iter().find(|m| m.id == self.local).is_none_or(|m| m.state == MemberState::Joining);
+        let mut groups = self.groups.lock().unwrap();
+        let mut kept = Vec::with_capacity(members.len());
+        let mut held: Vec<MemberId> = Vec::new();
+        let mut admitted: Vec<&Member> = Vec::new();
+        let mut admitting = Vec::new();
+        for member in members {
+            let absent_for = groups.departed.get(&member.id).map(|at| now.duration_since(*at));
+            if !view::from_another_group(&member, previous, local_joining, absent_for, run_delay) {
+                kept.push(member);
+                continue;
+            }
+            let since = *groups.outside.entry(member.id.clone()).or_insert(now);
+            if now.duration_since(since) >= run_delay && now.duration_since(groups.started) >= first_delay {
+                admitting.push(kept.len());
+                kept.push(member);
+            } else {
+                held.push(member.id.clone());
+                let theirs = member.master.clone().expect("another group's member names its master");
+                if groups.announced.insert(theirs.clone()) {
+                    let wait = run_delay.saturating_sub(now.duration_since(since)).max(
+                        first_delay.saturating_sub(now.duration_since(groups.started)),
+                    );
+                    warn!(
+                        local = %self.local,
+                        their_master = %theirs,
+                        our_master = ?previous.master.as_ref().map(ToString::to_string),
+                        member = %member.id,
+                        "found members of this cluster in another group (a healed network split, or groups that \
+                         formed apart); merging them in about {wait:?} if they stay visible \
+                         (merge_run_delay_seconds, merge_first_run_delay_seconds)"
+                    );
+                }
+            }
+        }
+        // A member that vanished again restarts its wait (a flapping link).
+        groups.outside.retain(|id, _| held.contains(id));
+        if !admitting.is_empty() {
+            admitted.extend(admitting.iter().map(|i| &kept[*i]));
+            let masters: BTreeSet<MemberId> = admitted.iter().filter_map(|m| m.master.clone()).collect();
+            for theirs in &masters {
+                groups.announced.remove(theirs);
+            }
+            groups.merged += masters.len().max(1) as u64;
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            groups.last_merge = masters.iter().next().map(|m| (at, m.clone()));
+            warn!(
+                local = %self.local,
+                our_master = ?previous.master.as_ref().map(ToString::to_string),
+                their_masters = %format_ids(&masters),
+                members = %format_ids(admitted.iter().map(|m| &m.id)),
+                "merging another group of this cluster into this member's view"
+            );
+        }
+        kept
+    }
+
+    /// Remembers members that left the view without announcing it (declared dead, dropped as
+    /// gone), and forgets those back in it.
+    fn note_departures(&self, old: &ClusterView, new: &ClusterView, announced_left: &HashSet<MemberId>) {
+        let now = Instant::now();
+        let mut groups = self.groups.lock().unwrap();
+        for member in &old.members {
+            if new.member(&member.id).is_none() && !announced_left.contains(&member.id) {
+                groups.departed.insert(member.id.clone(), now);
+            }
+        }
+        for member in &new.members {
+            groups.departed.remove(&member.id);
+        }
+        if groups.departed.len() > DEPARTED_MAX {
+            let mut by_age: Vec<(Instant, MemberId)> = groups.departed.iter().map(|(id, at)| (*at, id.clone())).collect();
+            by_age.sort();
+            for (_, id) in by_age.into_iter().take(groups.departed.len() - DEPARTED_MAX) {
+                groups.departed.remove(&id);
+            }
         }
     }
 

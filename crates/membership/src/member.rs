@@ -26,6 +26,10 @@ pub(crate) const KEY_HANDOVER: &str = "handover";
 /// are alive (comma-separated member ids). Used to exclude members from ownership (see
 /// [`crate::view::excluded_members`]).
 pub(crate) const KEY_UNREACHABLE: &str = "unreach";
+/// Gossip key: the member this member follows as master (a member id), so that members of two
+/// groups that meet again (a healed split, groups formed apart at start-up) can tell each other
+/// from members of their own group (see [`crate::view::from_another_group`]).
+pub(crate) const KEY_MASTER: &str = "master";
 /// Gossip key: the members whose data port refuses this member's connections (comma-separated):
 /// their process is gone. With their heartbeat silent too, they are declared dead at once.
 pub(crate) const KEY_GONE: &str = "gone";
@@ -191,6 +195,8 @@ pub struct Member {
     pub unreachable: Vec<MemberId>,
     /// Members whose data port refuses its connections (their process is gone).
     pub gone: Vec<MemberId>,
+    /// The member it follows as master, as it last published it (`None`: none yet, or unparsable).
+    pub master: Option<MemberId>,
     /// A pending request that another member become master: `(target node id, nonce)`.
     #[serde(skip)]
     pub(crate) handover: Option<(String, u64, String)>,
@@ -248,6 +254,7 @@ pub(crate) fn member_from_node_state(id: &ChitchatId, state: &NodeState) -> Resu
     let handover = state.get(KEY_HANDOVER).and_then(parse_handover);
     let unreachable = state.get(KEY_UNREACHABLE).map(parse_ids).unwrap_or_default();
     let gone = state.get(KEY_GONE).map(parse_ids).unwrap_or_default();
+    let master = state.get(KEY_MASTER).and_then(|value| value.parse::<MemberId>().ok());
     let mut attributes = BTreeMap::new();
     let mut ext = BTreeMap::new();
     for (key, value) in state.key_values() {
@@ -269,6 +276,7 @@ pub(crate) fn member_from_node_state(id: &ChitchatId, state: &NodeState) -> Resu
         ext,
         unreachable,
         gone,
+        master,
         handover,
     })
 }

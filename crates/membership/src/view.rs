@@ -124,6 +124,36 @@ pub(crate) fn compute_master(members: &[Member], excluded: &BTreeSet<MemberId>) 
     claimed.or_else(|| active.min_by(|a, b| a.id.cmp(&b.id))).map(|m| m.id.clone())
 }
 
+/// Whether `member`, which gossip says is alive, belongs to another group than this member's
+/// `previous` view: two sides of a split that meet again, or groups that formed apart at start-up
+/// (found later by discovery). Such a member is kept out of the view until the groups merge on
+/// the merge timers (see the crate documentation), so that a flapping link does not merge and
+/// split the groups, and their data, over and over.
+///
+/// It is another group's when it is a full member (active or leaving) that is not in the view,
+/// it follows another master than this member's, and it has been out of this member's view for
+/// at least `merge_run_delay` (`absent_for`; `None`: never in it). A member that was out only
+/// briefly (a stalled process, a lost gossip round) is taken back at once, and so are members
+/// joining, members that follow our master, and everyone while this member itself is joining.
+pub fn from_another_group(
+    member: &Member,
+    previous: &ClusterView,
+    local_joining: bool,
+    absent_for: Option<std::time::Duration>,
+    merge_run_delay: std::time::Duration,
+) -> bool {
+    if local_joining || member.id == previous.local || previous.member(&member.id).is_some() {
+        return false;
+    }
+    if !matches!(member.state, MemberState::Active | MemberState::Leaving) {
+        return false;
+    }
+    let (Some(ours), Some(theirs)) = (previous.master.as_ref(), member.master.as_ref()) else {
+        return false;
+    };
+    ours != theirs && absent_for.is_none_or(|absent| absent >= merge_run_delay)
+}
+
 /// Which active members to exclude from ownership because other members cannot reach them over
 /// the data plane, from the members' `unreachable` reports. Each report of an active member about
 /// another is a directed edge, reporter to target. While some member is the target of at least
@@ -241,6 +271,7 @@ pub(crate) mod tests {
             ext: Default::default(),
             unreachable: Vec::new(),
             gone: Vec::new(),
+            master: None,
             handover: None,
         }
     }
@@ -267,6 +298,33 @@ pub(crate) mod tests {
         let excluded = excluded_members(&members);
         assert_eq!(excluded, ids(&[("a", 1)]));
         assert_eq!(compute_master(&members, &excluded), Some(MemberId::new("b", 2)));
+    }
+
+    fn following(node_id: &str, generation: u64, master: (&str, u64)) -> Member {
+        let mut m = member(node_id, generation, MemberState::Active);
+        m.master = Some(MemberId::new(master.0, master.1));
+        m
+    }
+
+    #[test]
+    fn members_of_another_group_are_told_from_members_of_ours() {
+        use std::time::Duration;
+        let delay = Duration::from_secs(10);
+        // Our view: a (master) and b. c and d follow c: another group.
+        let ours = view(vec![following("a", 1, ("a", 1)), following("b", 2, ("a", 1))]);
+        let c = following("c", 3, ("c", 3));
+        assert!(from_another_group(&c, &ours, false, None, delay), "never in our view");
+        assert!(from_another_group(&c, &ours, false, Some(delay), delay), "out of it for the run delay");
+        assert!(!from_another_group(&c, &ours, false, Some(Duration::from_secs(1)), delay), "out only briefly");
+        assert!(!from_another_group(&c, &ours, true, None, delay), "we are joining: everyone is welcome");
+        // A member of our group we had not seen, a joining member, members already in the view.
+        assert!(!from_another_group(&following("e", 5, ("a", 1)), &ours, false, None, delay));
+        let mut joining = following("f", 6, ("f", 6));
+        joining.state = MemberState::Joining;
+        assert!(!from_another_group(&joining, &ours, false, None, delay));
+        assert!(!from_another_group(&following("b", 2, ("c", 3)), &ours, false, None, delay));
+        // Nothing published yet: not judged.
+        assert!(!from_another_group(&member("g", 7, MemberState::Active), &ours, false, None, delay));
     }
 
     #[test]

@@ -147,15 +147,25 @@ async fn valid_frames_by_hand_are_answered() {
     node.shutdown().await;
 }
 
+/// The configured handshake timeout (200 ms here) is the one applied: the stalled connection is
+/// closed no sooner than 200 ms after it was opened, and long before the 5 s default would close it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshake_is_closed_after_the_handshake_timeout() {
     let mut config = config("node", 1);
-    config.handshake_timeout = std::time::Duration::from_millis(200);
+    let configured = std::time::Duration::from_millis(200);
+    let default = config.handshake_timeout;
+    assert_eq!(default, std::time::Duration::from_secs(5), "the default this test tells apart");
+    config.handshake_timeout = configured;
     let node = start_with(config).await;
     node.register(ECHO, echo());
+    // Before connecting: the node's timer starts when it accepts, which is later.
+    let opened = tokio::time::Instant::now();
     let mut stream = TcpStream::connect(node.local_addr()).await.unwrap();
     stream.write_all(b"GRP").await.unwrap();
     closed_by_peer(stream).await;
+    let closed_after = opened.elapsed();
+    assert!(closed_after >= configured, "closed after {closed_after:?}, before the configured {configured:?}");
+    assert!(closed_after < default / 2, "closed after {closed_after:?}: the configured {configured:?} was not applied");
     legit_peer_still_talks(&node).await;
     node.shutdown().await;
 }

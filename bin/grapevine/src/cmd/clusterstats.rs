@@ -1,8 +1,10 @@
 //! `grapevine clusterstats`: what a running member knows about the cluster, read from its admin
 //! endpoint's `/stats`, printed like Open-Xchange's `showruntimestats -c` (or as JSON).
 //!
-//! The printer reads the document into structs where every field has a default and unknown
-//! fields are ignored, so a CLI of one version can read the `/stats` of another.
+//! The printer reads the document into the member's own stats types
+//! (`grapevine::stats::ClusterStats`), where every field has a default and unknown fields are
+//! ignored, so a CLI of one version can read the `/stats` of another, and a counter is added in
+//! one place.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -48,111 +50,9 @@ pub fn run(args: ClusterStatsArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The `/stats` document, as far as this CLI knows it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Stats {
-    pub cluster_name: String,
-    pub node_id: String,
-    pub generation: u64,
-    pub master: Option<String>,
-    pub view_version: u64,
-    pub members: Vec<MemberRow>,
-    pub local: Local,
-    pub gossip: Gossip,
-    pub partitions: Option<Partitions>,
-    pub maps: Vec<MapRow>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct MemberRow {
-    pub node_id: String,
-    pub generation: u64,
-    pub gossip_addr: String,
-    pub data_addr: String,
-    pub admin_addr: Option<String>,
-    pub protocol_version: String,
-    pub state: String,
-    pub uptime_s: u64,
-    pub is_master: bool,
-    pub attributes: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Local {
-    pub state: String,
-    pub healthy: bool,
-    pub health_reason: Option<String>,
-    pub uptime_s: u64,
-    pub config: RuntimeConfig,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RuntimeConfig {
-    pub bind: String,
-    pub public_address: String,
-    pub port: u16,
-    pub port_range: String,
-    pub admin_addr: Option<String>,
-    pub discovery: String,
-    pub members: Vec<String>,
-    pub gossip_interval_ms: u64,
-    pub phi_threshold: f64,
-    pub failure_detection_ms: u64,
-    pub dead_member_grace_s: u64,
-    pub join_timeout_ms: u64,
-    pub probe_interval_ms: u64,
-    pub merge_first_run_delay_s: u64,
-    pub merge_run_delay_s: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Gossip {
-    pub gossip_rounds: u64,
-    pub datagrams_in: u64,
-    pub datagrams_out: u64,
-    pub foreign_cluster_peers: u64,
-    pub incompatible_members: u64,
-    pub events: u64,
-    pub view_version: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Partitions {
-    pub count: u32,
-    pub epoch: u64,
-    pub migrating: u64,
-    pub owned_by_member: BTreeMap<String, u32>,
-    pub backups_by_member: BTreeMap<String, u32>,
-}
-
-/// One map, summed over the members (each member's part is in `per_member`, shown by `--json`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct MapRow {
-    pub name: String,
-    pub owned_entries: u64,
-    pub backup_entries: u64,
-    pub hits: u64,
-    pub gets: u64,
-    pub puts: u64,
-    pub removes: u64,
-    pub get_p99_us: u64,
-    pub put_p99_us: u64,
-    pub memory_bytes: u64,
-    pub backup_count: u8,
-    pub async_backup_count: u8,
-    pub per_member: Vec<Value>,
-    pub merge_kept_existing: u64,
-    pub merge_took_merging: u64,
-    pub merge_policy: String,
-    pub min_cluster_size: u32,
-}
+/// The `/stats` document: the member's own type (every field has a default and unknown fields are
+/// ignored, so documents of other versions read too).
+pub use grapevine::stats::ClusterStats as Stats;
 
 /// Sections of `/stats` this printer knows.
 const KNOWN_SECTIONS: &[&str] = &[
@@ -166,6 +66,7 @@ const KNOWN_SECTIONS: &[&str] = &[
     "gossip",
     "partitions",
     "maps",
+    "topics",
 ];
 
 pub fn parse(doc: &Value) -> Result<Stats, serde_json::Error> {
@@ -189,6 +90,14 @@ pub fn format_uptime(seconds: u64) -> String {
         _ => format!("{d}d {h:02}h {m:02}m"),
     }
 }
+
+/// The line under the near-cache table.
+const NEAR_CACHE_LEGEND: &str = "  (summed over members; PURGES: partitions dropped at once after a missed event, \
+                                 an owner change or a silent owner)";
+
+/// The line under the topics table.
+const TOPIC_LEGEND: &str = "  (RECEIVED: once per subscriber; DROPPED: slow subscribers, or discard_newest; \
+                            LOST: behind the ring buffer)";
 
 /// The line under the maps table.
 const MAP_LEGEND: &str = "  (ENTRIES: owned copies; BACKUP: backup copies; P99: the highest of any member; \
@@ -426,6 +335,74 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
         if !rows.is_empty() {
             let _ = writeln!(out, "{MAP_LEGEND}");
         }
+        for m in stats.maps.iter().filter(|m| m.under_replicated_partitions > 0 || m.under_replicated_writes > 0) {
+            let _ = writeln!(
+                out,
+                "  UNDER-REPLICATED {}: {} partitions have fewer than {} synchronous backups, {} writes were \
+                 acknowledged with fewer (too few members: start more, or lower backup_count)",
+                or_dash(&m.name),
+                m.under_replicated_partitions,
+                m.backup_count,
+                m.under_replicated_writes
+            );
+        }
+    }
+
+    let near_cached: Vec<_> = stats.maps.iter().filter_map(|m| m.near_cache.as_ref().map(|n| (&m.name, n))).collect();
+    if !near_cached.is_empty() {
+        let _ = writeln!(out, "\nNEAR CACHES (cluster-wide; each member's part: --json)");
+        let header = ["MAP", "ENTRIES", "HITS", "MISSES", "HIT RATIO", "INVALIDATIONS", "PURGES"];
+        let rows: Vec<Vec<String>> = near_cached
+            .iter()
+            .map(|(name, n)| {
+                let reads = n.hits + n.misses;
+                let ratio =
+                    if reads == 0 { "-".to_string() } else { format!("{:.1} %", n.hits as f64 * 100.0 / reads as f64) };
+                vec![
+                    shorten(or_dash(name), MAP_NAME_WIDTH),
+                    format_count(n.entries),
+                    format_count(n.hits),
+                    format_count(n.misses),
+                    ratio,
+                    format_count(n.invalidations),
+                    format_count(n.purges),
+                ]
+            })
+            .collect();
+        let mut numeric = [true; 7];
+        numeric[0] = false;
+        table(&mut out, &header, &rows, &numeric);
+        let _ = writeln!(out, "{NEAR_CACHE_LEGEND}");
+    }
+
+    if stats.partitions.is_some() || !stats.topics.is_empty() {
+        let _ = writeln!(out, "\nTOPICS (cluster-wide; each member's part: --json)");
+        let header = ["NAME", "KIND", "PUBLISHED", "RECEIVED", "SUBSCRIBERS", "DROPPED", "LOST", "MALFORMED", "STORED"];
+        let rows: Vec<Vec<String>> = stats
+            .topics
+            .iter()
+            .map(|t| {
+                let reliable = t.kind == "reliable";
+                vec![
+                    shorten(or_dash(&t.name), MAP_NAME_WIDTH),
+                    or_dash(&t.kind).to_string(),
+                    format_count(t.published),
+                    format_count(t.received),
+                    t.subscribers.to_string(),
+                    format_count(t.dropped),
+                    if reliable { format_count(t.lost) } else { "-".to_string() },
+                    format_count(t.malformed),
+                    if reliable { format_count(t.stored) } else { "-".to_string() },
+                ]
+            })
+            .collect();
+        let mut numeric = [true; 9];
+        numeric[0] = false;
+        numeric[1] = false;
+        table(&mut out, &header, &rows, &numeric);
+        if !rows.is_empty() {
+            let _ = writeln!(out, "{TOPIC_LEGEND}");
+        }
     }
 
     if !stats.maps.is_empty() {
@@ -487,8 +464,10 @@ mod tests {
       "maps": [
         {"name": "sessions", "owned_entries": 1234567, "backup_entries": 1234567, "hits": 9876543210,
          "gets": 9999999999, "puts": 123456789, "removes": 4567, "get_p99_us": 850, "put_p99_us": 12345,
-         "memory_bytes": 1610612736, "backup_count": 1, "async_backup_count": 0, "near_cache": true,
-         "merge_kept_existing": 12, "merge_took_merging": 3456789, "merge_policy": "latest-update",
+         "memory_bytes": 1610612736, "backup_count": 1, "async_backup_count": 0, "eviction": "lru",
+         "near_cache": {"map": "sessions", "entries": 420, "hits": 9000, "misses": 1000, "invalidations": 12,
+           "purges": 3},
+         "memory_bytes": 1610612736, "backup_count": 1, "async_backup_count": 0,          "merge_kept_existing": 12, "merge_took_merging": 3456789, "merge_policy": "latest-update",
          "min_cluster_size": 2,
          "per_member": [{"node_id": "web-1", "name": "sessions", "owned_entries": 617283}]},
         {"name": "a-map-with-a-rather-long-name", "owned_entries": 0, "backup_entries": 0, "hits": 0,
@@ -496,7 +475,13 @@ mod tests {
          "backup_count": 2, "async_backup_count": 1, "per_member": []},
         {"name": "sparse"}
       ],
-      "topics": []
+      "topics": [
+        {"name": "cache-invalidation", "kind": "topic", "published": 1500000, "received": 4500000,
+         "subscribers": 3, "dropped": 7, "lost": 0, "malformed": 1, "per_member": []},
+        {"name": "orders", "kind": "reliable", "published": 42, "received": 84, "subscribers": 2, "dropped": 0,
+         "lost": 5, "stored": 42, "memory_bytes": 9000}
+      ],
+      "queues": []
     }"#;
 
     #[test]
@@ -533,7 +518,9 @@ mod tests {
             "Table epoch        4",
             "Migrations         2 (only the master counts them: ask web-1)",
             "MAPS",
-            "not shown by this version of the CLI: topics",
+            "NEAR CACHES",
+            "TOPICS",
+            "not shown by this version of the CLI: queues",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
@@ -584,6 +571,15 @@ mod tests {
         let header = lines.iter().position(|l| l.trim_start().starts_with("NAME")).unwrap();
         let entries_end = lines[header].find("ENTRIES").unwrap() + "ENTRIES".len();
         assert_eq!(lines[header + 1].find("1234567").map(|i| i + 7), Some(entries_end), "{text}");
+        // Near caches and topics.
+        let header = lines.iter().position(|l| l.trim_start().starts_with("MAP ")).unwrap();
+        assert_eq!(cells(lines[header + 1]), ["sessions", "420", "9000", "1000", "90.0", "%", "12", "3"]);
+        let header = lines.iter().position(|l| l.trim_start().starts_with("NAME") && l.contains("KIND")).unwrap();
+        for name in ["PUBLISHED", "RECEIVED", "SUBSCRIBERS", "DROPPED", "LOST", "MALFORMED", "STORED"] {
+            assert!(lines[header].contains(name), "{name} in {}", lines[header]);
+        }
+        assert_eq!(cells(lines[header + 1]), ["cache-invalidation", "topic", "1.5M", "4.5M", "3", "7", "-", "1", "-"]);
+        assert_eq!(cells(lines[header + 2]), ["orders", "reliable", "42", "84", "2", "0", "5", "0", "42"]);
         for line in &lines {
             assert!(line.chars().count() <= 120, "wider than 120 columns: {line}");
             assert_eq!(line.trim_end(), *line, "trailing spaces: {line:?}");
@@ -600,6 +596,8 @@ mod tests {
         let text = render(&parse(&doc).unwrap(), &extra_sections(&doc));
         assert!(text.contains("Migrations         3\n"), "{text}");
         assert!(text.contains("MAPS") && text.contains("(none)"), "{text}");
+        assert!(text.contains("TOPICS"), "{text}");
+        assert!(!text.contains("NEAR CACHES"), "no map has a near cache: {text}");
         assert!(!text.contains("not shown"), "{text}");
     }
 

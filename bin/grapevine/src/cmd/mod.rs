@@ -9,6 +9,7 @@ pub mod clusterstats;
 pub mod map;
 pub mod master;
 pub mod start;
+pub mod topic;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -20,6 +21,8 @@ pub enum Command {
     Master(master::MasterArgs),
     /// Read and write entries of a distributed map (string keys and values).
     Map(map::MapArgs),
+    /// Publish to and subscribe to topics (string messages).
+    Topic(topic::TopicArgs),
 }
 
 impl Command {
@@ -29,6 +32,7 @@ impl Command {
             Command::Clusterstats(args) => clusterstats::run(args),
             Command::Master(args) => master::run(args),
             Command::Map(args) => map::run(args),
+            Command::Topic(args) => topic::run(args),
         }
     }
 }

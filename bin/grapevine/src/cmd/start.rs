@@ -2,7 +2,8 @@
 //!
 //! The first signal leaves the cluster gracefully (bounded by `shutdown_timeout_seconds`) and
 //! exits 0; a second signal during that shutdown stops at once and exits 128 + the signal number
-//! (130 for SIGINT, 143 for SIGTERM). A graceful shutdown that runs out of time exits 1. A signal
+//! (130 for SIGINT, 143 for SIGTERM). A graceful shutdown whose hand-over runs out of time
+//! (`shutdown_timeout_seconds`) leaves anyway, logs what was not handed over, and exits 1. A signal
 //! that arrives while the member is still starting (looking for the cluster) stops it at once and
 //! exits 0.
 
@@ -20,6 +21,10 @@ use crate::{Failure, logging};
 
 /// How long an immediate stop (second signal, shutdown timeout) may take before the process exits.
 const KILL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long leaving may take once the hand-over is over (or its wait ran out): announcing the
+/// departure and stopping the member's tasks.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Run a cluster member until SIGTERM or SIGINT.
 ///
@@ -51,6 +56,10 @@ pub struct StartArgs {
     /// Static discovery: comma-separated `host`, `host:port` or `host:first-last` (key `members`).
     #[arg(long, value_name = "LIST")]
     pub members: Option<String>,
+    /// How members find each other (key `discovery`, default static): `static` (the `members`
+    /// list) or `mdns` (multicast DNS on the local network; not together with `members`).
+    #[arg(long, value_enum, value_name = "MECHANISM")]
+    pub discovery: Option<DiscoveryArg>,
     /// This member's id, unique in the cluster (key `node_id`). Default: `<hostname>-<port>`
     /// (`<hostname>-<bind>-<port>` when `--bind` is set).
     #[arg(long, value_name = "ID")]
@@ -58,13 +67,23 @@ pub struct StartArgs {
     /// Log format on stderr (key `log_format`). The level comes from RUST_LOG.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
-    /// Split-brain merge: seconds after start-up before the master first looks for other groups
-    /// of this cluster to merge with (key `merge_first_run_delay_seconds`, default 20).
+    /// Split-brain merge: seconds this member runs before it merges with another group of its
+    /// cluster (key `merge_first_run_delay_seconds`, default 20; fractions allowed).
     #[arg(long, value_name = "SECONDS")]
-    pub merge_first_run_delay: Option<u64>,
-    /// Split-brain merge: seconds between later looks (key `merge_run_delay_seconds`, default 10).
+    pub merge_first_run_delay: Option<f64>,
+    /// Split-brain merge: seconds another group must stay visible before the merge (key
+    /// `merge_run_delay_seconds`, default 10).
     #[arg(long, value_name = "SECONDS")]
-    pub merge_run_delay: Option<u64>,
+    pub merge_run_delay: Option<f64>,
+}
+
+/// `--discovery`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DiscoveryArg {
+    /// The `members` list.
+    Static,
+    /// Multicast DNS on the local network.
+    Mdns,
 }
 
 /// `--log-format`.
@@ -85,6 +104,10 @@ impl StartArgs {
             admin_port: self.admin_port,
             resp_port: self.resp_port,
             members: self.members.clone(),
+            discovery: self.discovery.map(|d| match d {
+                DiscoveryArg::Static => "static".to_string(),
+                DiscoveryArg::Mdns => "mdns".to_string(),
+            }),
             node_id: self.node_id.clone(),
             log_format: self.log_format.map(|f| match f {
                 LogFormatArg::Text => "text".to_string(),
@@ -154,16 +177,25 @@ async fn serve(config: Config) -> Result<(), Failure> {
     if let Some(resp) = &resp {
         resp.shutdown().await;
     }
+    // The hand-over wait inside is bounded by shutdown_timeout_seconds; past it the member leaves
+    // anyway (announcing it, so peers take over at once) and says what it still held. The outer
+    // bound only catches a leave that hangs after that.
     tokio::select! {
-        finished = tokio::time::timeout(shutdown_timeout, cluster.shutdown()) => match finished {
-            Ok(()) => {
+        finished = tokio::time::timeout(shutdown_timeout + LEAVE_TIMEOUT, cluster.shutdown_reporting()) => match finished {
+            Ok(Ok(())) => {
                 info!("stopped");
                 Ok(())
             }
+            Ok(Err(_incomplete)) => {
+                // Cluster::shutdown_reporting logged what was not handed over and what that means.
+                warn!("stopped after leaving without a complete hand-over; exiting with status 1");
+                Err(Failure::exit(1))
+            }
             Err(_) => {
                 warn!(
-                    "graceful shutdown did not finish within shutdown_timeout_seconds = {}; stopping at once",
-                    shutdown_timeout.as_secs()
+                    "graceful shutdown did not finish within shutdown_timeout_seconds = {} + {} s; stopping at once",
+                    shutdown_timeout.as_secs(),
+                    LEAVE_TIMEOUT.as_secs()
                 );
                 kill(&cluster).await;
                 Err(Failure::exit(1))

@@ -24,6 +24,8 @@ pub const FAST_TIMERS: &[(&str, &str)] = &[
     ("GRAPEVINE_GOSSIP__INTERVAL_MS", "100"),
     ("GRAPEVINE_GOSSIP__JOIN_TIMEOUT_MS", "1000"),
     ("GRAPEVINE_GOSSIP__PROBE_INTERVAL_MS", "200"),
+    ("GRAPEVINE_MERGE_FIRST_RUN_DELAY_SECONDS", "0"),
+    ("GRAPEVINE_MERGE_RUN_DELAY_SECONDS", "1"),
 ];
 
 /// A `grapevine` command with a clean environment: no inherited `GRAPEVINE_*` variable, no
