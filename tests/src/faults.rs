@@ -362,7 +362,8 @@ fn classify(error: &MapError) -> Outcome {
         | MapError::ShuttingDown { .. }
         | MapError::Codec { .. }
         | MapError::Invalid(_)
-        | MapError::Rejected { .. } => Outcome::Failed,
+        | MapError::Rejected { .. }
+        | MapError::BelowMinClusterSize { .. } => Outcome::Failed,
         MapError::Indeterminate { .. } | MapError::Failed { .. } => Outcome::Unknown,
     }
 }

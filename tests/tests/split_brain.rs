@@ -209,8 +209,13 @@ async fn merged_entries_go_through_each_policy_on_their_owner_are_replicated_and
             let p = a.map_service().partition_of(&key);
             let backup = a.map_service().table().row(p)[1].clone();
             let holder = [a, b, c].into_iter().find(|m| *m.local() == backup).unwrap();
-            let held: Vec<Record> =
-                holder.map_service().local_entries(&name, p).into_iter().filter(|(k, _)| *k == key).map(|(_, r)| r).collect();
+            let held: Vec<Record> = holder
+                .map_service()
+                .local_entries(&name, p)
+                .into_iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, r)| r)
+                .collect();
             assert_eq!(held.len(), 1, "{policy}: the backup holds the merged entry");
             assert_eq!((held[0].value.clone(), held[0].updated_ms), (encoded("merging"), entries[0].1.updated_ms));
         }

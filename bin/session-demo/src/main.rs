@@ -118,6 +118,9 @@ impl Cli {
                 LogFormatArg::Text => "text".to_string(),
                 LogFormatArg::Json => "json".to_string(),
             }),
+            // Set the merge timers in the file or the environment (GRAPEVINE_MERGE_*).
+            merge_first_run_delay_seconds: None,
+            merge_run_delay_seconds: None,
         }
     }
 }

@@ -34,8 +34,8 @@ pub use cluster::{
 };
 pub use config::{Config, ConfigError, DiscoveryMode, InvalidationConfig, RespLimits};
 pub use grapevine_map::{
-    EntryEventKind, Expiry, MapConfig, MapError, MapService, MergeOutcome, MergePolicy, NearCacheConfig, NearCacheStats,
-    PartitionSummary, PutMode, Record, SetExpiry,
+    EntryEventKind, Expiry, MapConfig, MapError, MapService, MergeOutcome, MergePolicy, NearCacheConfig,
+    NearCacheStats, PartitionSummary, PutMode, Record, SetExpiry,
 };
 pub use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,

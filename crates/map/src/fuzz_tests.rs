@@ -12,11 +12,11 @@ use grapevine_net::codec;
 use proptest::prelude::*;
 
 use crate::invalidation::{InvMsg, InvReply, Run as InvalidationRun};
+use crate::merge::MergePolicy;
 use crate::messages::{
     EntryEventKind, LocalMapStats, LocalStats, MigrationId, Msg, MultiOp, Op, OpResult, PutMode, RawEntryEvent, ReplOp,
     Reply, TermStart,
 };
-use crate::merge::MergePolicy;
 use crate::near_cache::NearCacheStats;
 use crate::record::{Expiry, Record};
 use crate::ring::RingWrite;

@@ -60,8 +60,8 @@ pub use config::{
     BACKUP_COUNT_MAX, InvalidationSettings, MapConfig, MapSettings, NearCacheConfig, RELIABLE_TOPIC_MAP_PREFIX,
 };
 pub use error::MapError;
-pub use merge::{MergePolicy, UnknownMergePolicy, Verdict};
 pub use invalidation::INVALIDATION_SERVICE;
+pub use merge::{MergePolicy, UnknownMergePolicy, Verdict};
 pub use messages::{EntryEventKind, LocalMapStats, LocalStats, PutMode, RawEntryEvent};
 pub use near_cache::NearCacheStats;
 pub use node::PartitionLost;
@@ -384,7 +384,11 @@ impl MapService {
                 Ok(OpResult::Flag(false)) => outcome.kept_existing += 1,
                 Ok(other) => outcome.failed.push((
                     key,
-                    MapError::Failed { op: "merge", map: map.to_string(), error: format!("unexpected result {other:?}") },
+                    MapError::Failed {
+                        op: "merge",
+                        map: map.to_string(),
+                        error: format!("unexpected result {other:?}"),
+                    },
                 )),
                 Err(error) => outcome.failed.push((key, error)),
             }

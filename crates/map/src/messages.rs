@@ -101,7 +101,6 @@ impl Op {
             | Op::SetTtl { key, .. }
             | Op::Ttl { key }
             | Op::Merge { key, .. }
-
             | Op::NearGet { key }
             | Op::RingAppend { key, .. }
             | Op::RingRead { key, .. } => key,

@@ -71,8 +71,11 @@ impl MapCounters {
             }
             // Not a put: a merge is counted by its verdict.
             "merge" => {
-                let counter =
-                    if matches!(result, OpResult::Flag(true)) { &self.merge_took_merging } else { &self.merge_kept_existing };
+                let counter = if matches!(result, OpResult::Flag(true)) {
+                    &self.merge_took_merging
+                } else {
+                    &self.merge_kept_existing
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             _ => {

@@ -688,7 +688,13 @@ mod tests {
         }
     }
 
-    fn merge(mp: &mut MapPartition, k: &str, record: &Record, policy: MergePolicy, now: u64) -> (OpResult, Option<Change>) {
+    fn merge(
+        mp: &mut MapPartition,
+        k: &str,
+        record: &Record,
+        policy: MergePolicy,
+        now: u64,
+    ) -> (OpResult, Option<Change>) {
         exec(mp, Op::Merge { key: key(k), record: record.clone(), policy }, now)
     }
 
@@ -715,8 +721,14 @@ mod tests {
         // The merged entry came with its own hit count (0); one read makes it 1. Under higher-hits
         // an entry with fewer hits does not replace it, one with more does.
         exec(&mut mp, Op::Get { key: key("k") }, 3_003);
-        assert_eq!(merge(&mut mp, "k", &merging("few", 900, 0), MergePolicy::HigherHits, 3_003).0, OpResult::Flag(false));
-        assert_eq!(merge(&mut mp, "k", &merging("many", 900, 7), MergePolicy::HigherHits, 3_004).0, OpResult::Flag(true));
+        assert_eq!(
+            merge(&mut mp, "k", &merging("few", 900, 0), MergePolicy::HigherHits, 3_003).0,
+            OpResult::Flag(false)
+        );
+        assert_eq!(
+            merge(&mut mp, "k", &merging("many", 900, 7), MergePolicy::HigherHits, 3_004).0,
+            OpResult::Flag(true)
+        );
 
         let (r, c) = merge(&mut mp, "new", &older, MergePolicy::PutIfAbsent, 3_005);
         assert_eq!((r, c.map(|c| c.kind)), (OpResult::Flag(true), Some(EntryEventKind::Added)));

@@ -47,8 +47,8 @@ pub use view::{ClusterView, MemberEvent};
 pub use view::excluded_members;
 
 use member::{
-    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_GONE, KEY_HANDOVER, KEY_MASTER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE, KEY_UNREACHABLE,
-    PREFIX_ATTR, PREFIX_EXT, format_handover, format_ids, member_from_node_state,
+    KEY_ADMIN_ADDR, KEY_DATA_ADDR, KEY_GONE, KEY_HANDOVER, KEY_MASTER, KEY_MASTER_CLAIM, KEY_PROTOCOL, KEY_STATE,
+    KEY_UNREACHABLE, PREFIX_ATTR, PREFIX_EXT, format_handover, format_ids, member_from_node_state,
 };
 use transport::{PreboundTransport, TransportShared};
 
@@ -758,9 +758,9 @@ impl Inner {
                 held.push(member.id.clone());
                 let theirs = member.master.clone().expect("another group's member names its master");
                 if groups.announced.insert(theirs.clone()) {
-                    let wait = run_delay.saturating_sub(now.duration_since(since)).max(
-                        first_delay.saturating_sub(now.duration_since(groups.started)),
-                    );
+                    let wait = run_delay
+                        .saturating_sub(now.duration_since(since))
+                        .max(first_delay.saturating_sub(now.duration_since(groups.started)));
                     warn!(
                         local = %self.local,
                         their_master = %theirs,
@@ -812,7 +812,8 @@ impl Inner {
             groups.departed.remove(&member.id);
         }
         if groups.departed.len() > DEPARTED_MAX {
-            let mut by_age: Vec<(Instant, MemberId)> = groups.departed.iter().map(|(id, at)| (*at, id.clone())).collect();
+            let mut by_age: Vec<(Instant, MemberId)> =
+                groups.departed.iter().map(|(id, at)| (*at, id.clone())).collect();
             by_age.sort();
             for (_, id) in by_age.into_iter().take(groups.departed.len() - DEPARTED_MAX) {
                 groups.departed.remove(&id);

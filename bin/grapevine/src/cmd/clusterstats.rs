@@ -234,11 +234,11 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
     row(&mut out, "Dead member grace", &format!("{} s", config.dead_member_grace_s));
     row(&mut out, "Join timeout", &format!("{} ms", config.join_timeout_ms));
     row(&mut out, "Probe interval", &format!("{} ms", config.probe_interval_ms));
-    // Members older than the merge timers do not report them.
-    if config.merge_run_delay_s > 0 {
-        let merge = format!("first after {} s, then every {} s", config.merge_first_run_delay_s, config.merge_run_delay_s);
-        row(&mut out, "Merge runs", &merge);
-    }
+    let merge = format!(
+        "after {} s running, with the other group visible for {} s",
+        config.merge_first_run_delay_s, config.merge_run_delay_s
+    );
+    row(&mut out, "Merge groups", &merge);
 
     let g = &stats.gossip;
     let _ = writeln!(out, "\nGOSSIP");
@@ -247,6 +247,12 @@ pub fn render(stats: &Stats, extra: &[String]) -> String {
     row(&mut out, "Member events", &g.events.to_string());
     row(&mut out, "Foreign peers", &g.foreign_cluster_peers.to_string());
     row(&mut out, "Incompatible", &g.incompatible_members.to_string());
+    row(&mut out, "Other groups", &format!("{} members waiting for the merge timers", g.outside_members));
+    let last = match &g.last_merge {
+        Some((at_ms, master)) => format!(" (last: the group of {master}, at {at_ms} ms since the epoch)"),
+        None => String::new(),
+    };
+    row(&mut out, "Groups merged", &format!("{}{last}", g.groups_merged));
 
     let _ = writeln!(out, "\nMEMBERS");
     let header = ["NODE ID", "GOSSIP ADDR", "ADMIN ADDR", "VERSION", "STATE", "UPTIME", "MASTER"];
@@ -510,7 +516,7 @@ mod tests {
             "Dead member grace  900 s",
             "Join timeout       5000 ms",
             "Probe interval     2000 ms",
-            "Merge runs         first after 20 s, then every 10 s",
+            "Merge groups       after 20 s running, with the other group visible for 10 s",
             "SPLIT BRAIN",
             "MEMBERS",
             "PARTITIONS",
@@ -565,7 +571,8 @@ mod tests {
         assert_eq!(cells(lines[header + 3])[0], "sparse");
         assert!(lines[header + 3].trim_end().ends_with("0+0"), "{}", lines[header + 3]);
         // Split brain: policy, protection and merge counts per map.
-        let header = lines.iter().position(|l| l.trim_start().starts_with("NAME") && l.contains("MERGE POLICY")).unwrap();
+        let header =
+            lines.iter().position(|l| l.trim_start().starts_with("NAME") && l.contains("MERGE POLICY")).unwrap();
         assert_eq!(cells(lines[header + 1]), ["sessions", "latest-update", "2", "12", "3.5M"]);
         assert_eq!(cells(lines[header + 3]), ["sparse", "-", "off", "0", "0"]);
         let header = lines.iter().position(|l| l.trim_start().starts_with("NAME")).unwrap();
