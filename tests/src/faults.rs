@@ -196,7 +196,15 @@ pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
     config.shutdown_timeout_seconds = 10;
     config.merge_first_run_delay_seconds = 0.0;
     config.merge_run_delay_seconds = 0.5;
-    config.maps.insert(MAP.to_string(), grapevine::MapConfig { backup_count, ..Default::default() });
+    // `discard`: the smaller side's writes are not merged at a heal, so what the checker allows
+    // (a minority side's acknowledgements may be lost, never the majority's) is exactly what the
+    // cluster guarantees. A merging policy may let the smaller side's entry of a key overrule a
+    // later removal on the larger side (removals are not merged), which this checker does not
+    // model; `tests/tests/split_brain.rs` checks the merging policies.
+    config.maps.insert(
+        MAP.to_string(),
+        grapevine::MapConfig { backup_count, merge_policy: grapevine::MergePolicy::Discard, ..Default::default() },
+    );
     config
 }
 

@@ -228,3 +228,104 @@ async fn merged_entries_go_through_each_policy_on_their_owner_are_replicated_and
         assert_eq!(row.puts, 2, "{policy}: merges are not counted as puts");
     }
 }
+
+/// One map per policy.
+fn policies_config(name: &str) -> Config {
+    let mut config = test_config(name);
+    for policy in [MergePolicy::LatestUpdate, MergePolicy::PutIfAbsent, MergePolicy::PassThrough, MergePolicy::Discard]
+    {
+        config.maps.insert(policy.to_string(), MapConfig { merge_policy: policy, ..MapConfig::default() });
+    }
+    config
+}
+
+/// A member cut off from the other two (both ways, gossip and data) keeps serving alone; both
+/// sides write during the split: keys only the lone side wrote, keys both wrote (the lone side
+/// last), keys the lone side removed. When the cut heals, the lone member merges into the larger
+/// side and each map's policy decides: afterwards every member reads the same values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_maps_policy() {
+    let cluster = TestCluster::start_with(3, policies_config).await;
+    cluster.wait_settled().await;
+    let (a, b, c) = (cluster.member(0), cluster.member(1), cluster.member(2));
+    let names: Vec<String> = ["latest-update", "put-if-absent", "pass-through", "discard"].map(String::from).to_vec();
+    for name in &names {
+        let map = a.map::<String, String>(name).unwrap();
+        map.put(&"before".to_string(), &"old".to_string()).await.unwrap();
+        map.put(&"removed-by-c".to_string(), &"old".to_string()).await.unwrap();
+    }
+
+    cut(a, c, true);
+    cut(b, c, true);
+    wait_until("c alone, a and b without it", WAIT, || {
+        c.view().len() == 1 && a.view().member(c.local()).is_none() && b.view().member(c.local()).is_none()
+    })
+    .await;
+    wait_settled(&[a, b]).await;
+    wait_settled(&[c]).await;
+    // Both sides write "both"; the larger side first, so the smaller side's write is the later one.
+    for name in &names {
+        let on_a = a.map::<String, String>(name).unwrap();
+        on_a.put(&"both".to_string(), &"a".to_string()).await.unwrap();
+        on_a.put(&"only-a".to_string(), &"a".to_string()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await; // distinct update times (ms clock)
+    for name in &names {
+        let on_c = c.map::<String, String>(name).unwrap();
+        on_c.put(&"both".to_string(), &"c".to_string()).await.unwrap();
+        on_c.put(&"only-c".to_string(), &"c".to_string()).await.unwrap();
+        on_c.remove(&"removed-by-c".to_string()).await.unwrap();
+    }
+
+    cut(a, c, false);
+    cut(b, c, false);
+    cluster.wait_all_active(3).await;
+    cluster.wait_settled().await;
+
+    // (map, key, value expected after the merge)
+    let s = |v: &str| Some(v.to_string());
+    let expected: Vec<(&str, &str, Option<String>)> = vec![
+        ("latest-update", "both", s("c")),
+        ("latest-update", "only-c", s("c")),
+        ("put-if-absent", "both", s("a")),
+        ("put-if-absent", "only-c", s("c")),
+        ("pass-through", "both", s("c")),
+        ("pass-through", "only-c", s("c")),
+        ("discard", "both", s("a")),
+        ("discard", "only-c", None),
+    ];
+    let read_all = |map: String, key: String| async move {
+        let mut values = Vec::new();
+        for m in [a, b, c] {
+            values.push(m.map::<String, String>(&map).unwrap().get(&key).await.unwrap());
+        }
+        values
+    };
+    for (map, key, want) in &expected {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let values = read_all(map.to_string(), key.to_string()).await;
+            if values.iter().all(|v| v == want) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "map {map} key {key}: {values:?} through a, b, c; expected {want:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // What every policy keeps: the larger side's own writes, the entries from before the split,
+    // and (removals are not merged) the key the smaller side removed.
+    for name in &names {
+        for (key, want) in [("only-a", "a"), ("before", "old"), ("removed-by-c", "old")] {
+            let values = read_all(name.clone(), key.to_string()).await;
+            assert!(values.iter().all(|v| v.as_deref() == Some(want)), "map {name} key {key}: {values:?}");
+        }
+    }
+    // The owners counted what they did.
+    let took: u64 = [a, b, c]
+        .iter()
+        .flat_map(|m| m.map_service().local_stats().maps)
+        .filter(|m| m.name == "latest-update")
+        .map(|m| m.merge_took_merging)
+        .sum();
+    assert!(took >= 2, "the owners took the merging entries of latest-update: {took}");
+}

@@ -11,7 +11,8 @@
 //!    is healthy and back in the balancer before the next;
 //! 5. **scale out and in**: a fourth instance is added, then the first one removed (SIGTERM).
 //!
-//! Each request is counted in the phase during which it was sent. **Sessions lost**: a request
+//! Each request is counted in the phase during which it was sent, and a failed one in the phase
+//! during which it failed. **Sessions lost**: a request
 //! that finds its user logged out (401), that answers for another user, or whose counter is not
 //! the next one. A request without an answer from the service (transport error, or an error that
 //! haproxy generated: no `x-served-by` header) may or may not have been applied, so after `k`
@@ -363,6 +364,9 @@ impl Client {
             let phase = shared.phase.load(Ordering::SeqCst);
             let outcome = self.post("/incr");
             shared.record(phase, |p| p.requests += 1);
+            // A request that fails does so because of what happened while it was in flight: one
+            // sent just before the kill and cut by it counts in the kill's phase.
+            let failed_in = shared.phase.load(Ordering::SeqCst).max(phase);
             match outcome {
                 Ok(answer) if answer.status == 200 => {
                     let counter = answer.body["counter"].as_u64();
@@ -418,12 +422,14 @@ impl Client {
                         unanswered += 1;
                     }
                     let body: String = answer.text.chars().take(300).collect();
-                    shared
-                        .failure(phase, format!("{}: HTTP {} from {from}: {}", self.user, answer.status, body.trim()));
+                    shared.failure(
+                        failed_in,
+                        format!("{}: HTTP {} from {from}: {}", self.user, answer.status, body.trim()),
+                    );
                 }
                 Err(error) => {
                     unanswered += 1;
-                    shared.failure(phase, format!("{}: no answer: {error}", self.user));
+                    shared.failure(failed_in, format!("{}: no answer: {error}", self.user));
                 }
             }
             std::thread::sleep(pause);

@@ -36,6 +36,7 @@ mod node;
 mod owner;
 mod protection;
 mod record;
+mod rejoin;
 mod replica;
 mod ring;
 mod stats;
@@ -129,9 +130,7 @@ pub struct MergeOutcome {
     pub failed: Vec<(Vec<u8>, MapError)>,
 }
 
-/// Merge operations one [`MapService::merge_entries`] call keeps in flight at once: enough to hide
-/// the round trip to the owners, few enough to leave the members' request queues to other work.
-pub const MERGE_IN_FLIGHT: usize = 32;
+pub use rejoin::MERGE_IN_FLIGHT;
 
 /// The expiry of a [`MapService::set`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,42 +357,14 @@ impl MapService {
         policy: MergePolicy,
         entries: Vec<(Vec<u8>, Record)>,
     ) -> Result<MergeOutcome, MapError> {
-        self.node.check_running(map)?;
-        let mut outcome = MergeOutcome::default();
-        let mut pending = entries.into_iter();
-        let mut calls = tokio::task::JoinSet::new();
-        loop {
-            while calls.len() < MERGE_IN_FLIGHT {
-                let Some((key, record)) = pending.next() else { break };
-                let node = self.node.clone();
-                let map = map.to_string();
-                calls.spawn(async move {
-                    let result = node.call(&map, Op::Merge { key: key.clone(), record, policy }).await;
-                    (key, result)
-                });
-            }
-            let Some(joined) = calls.join_next().await else { break };
-            let (key, result) = match joined {
-                Ok(done) => done,
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                // Tasks are never aborted here, and the set is dropped only with the future.
-                Err(error) => unreachable!("a merge task was cancelled: {error}"),
-            };
-            match result {
-                Ok(OpResult::Flag(true)) => outcome.took_merging += 1,
-                Ok(OpResult::Flag(false)) => outcome.kept_existing += 1,
-                Ok(other) => outcome.failed.push((
-                    key,
-                    MapError::Failed {
-                        op: "merge",
-                        map: map.to_string(),
-                        error: format!("unexpected result {other:?}"),
-                    },
-                )),
-                Err(error) => outcome.failed.push((key, error)),
-            }
+        match self.node.merge_entries(map, policy, entries).await {
+            Ok(merged) => Ok(MergeOutcome {
+                kept_existing: merged.kept_existing,
+                took_merging: merged.took_merging,
+                failed: merged.failed.into_iter().map(|(key, _, error)| (key, error)).collect(),
+            }),
+            Err((error, _)) => Err(error),
         }
-        Ok(outcome)
     }
 
     /// `Ok` unless a map this member knows of (configured, or used here) has a `min_cluster_size`

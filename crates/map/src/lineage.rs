@@ -17,7 +17,8 @@
 //! that member gone; a member that kept working under an older table on its own side is not a
 //! laggard of the newer one but the other side of a split. The **largest side wins** (ties: the
 //! side whose table descends from the other's, as it carries the later decisions; then the side
-//! with the oldest member), and the master publishes a successor of the winner that lists
+//! whose table names more members, as the master may have heard only part of a side so far; then
+//! the side with the oldest member), and the master publishes a successor of the winner that lists
 //! the losing tables as ancestors ([`crate::table::PartitionTable::successor_superseding`]), so
 //! their holders apply it as newer history.
 //!
@@ -133,10 +134,17 @@ pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
         let Some(t) = table_of(id) else { return false };
         top.iter().all(|(other, _)| other == id || t.descends_from(other))
     });
+    // Without one, the side whose table names more members: the master may be asking while its
+    // view is still filling up after a heal (members come back one gossip round apart), and a
+    // side it heard one member of so far is the larger one if its table names more.
+    let named =
+        |id: &TableId| table_of(id).map_or(0, |t| t.rows.iter().flatten().collect::<BTreeSet<&MemberId>>().len());
+    let most_named = top.iter().map(|(id, _)| named(id)).max().unwrap_or(0);
     let winner = match newest {
         Some((id, _)) => (*id).clone(),
         None => top
             .iter()
+            .filter(|(id, _)| named(id) == most_named)
             .min_by(|(a_id, a), (b_id, b)| {
                 a.first()
                     .cmp(&b.first())
@@ -212,6 +220,21 @@ mod tests {
         let next = kept.successor_superseding(&id("a"), 7, kept.rows.clone(), &[&alone]);
         assert!(follower_applies(&alone, &next, &id("c"), true));
         assert!(follower_applies(&kept, &next, &id("a"), true));
+    }
+
+    #[test]
+    fn a_stalled_master_heard_before_the_whole_other_side_is_back_loses() {
+        // a is stopped (SIGSTOP); b and c declare it dead and b publishes without it. a wakes,
+        // declares b and c dead at once (their heartbeats are old), publishes a table with only
+        // itself, then hears b again a gossip round before c: it decides with b's answer alone.
+        let agreed = agreed();
+        let without_a = agreed.successor(&id("b"), 6, spread(&["b", "c"]));
+        let alone = agreed.successor(&id("a"), 6, spread(&["a"]));
+        assert_eq!(winner(&[("a", &alone), ("b", &without_a)]), without_a.id(), "b's table names two members");
+        assert_eq!(winner(&[("a", &alone), ("b", &without_a), ("c", &without_a)]), without_a.id());
+        // Equal sides whose tables name as many members: the oldest member's side, as before.
+        let other = agreed.successor(&id("b"), 6, spread(&["b"]));
+        assert_eq!(winner(&[("a", &alone), ("b", &other)]), alone.id());
     }
 
     #[test]

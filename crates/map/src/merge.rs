@@ -241,8 +241,19 @@ mod tests {
         #[test]
         fn an_expired_merging_entry_never_wins(
             policy in any_policy(), existing in prop::option::of(any_record()), merging in any_record(),
+            ttl_or_idle in any::<bool>(),
         ) {
-            prop_assume!(merging.is_expired(NOW, 0));
+            // Made expired: by its time to live, or by its maximum idle time, ended before NOW.
+            let mut merging = merging;
+            if ttl_or_idle {
+                merging.updated_ms = merging.updated_ms.min(NOW - 1);
+                merging.created_ms = merging.created_ms.min(merging.updated_ms);
+                merging.ttl_ms = NOW - merging.updated_ms;
+            } else {
+                merging.accessed_ms = merging.accessed_ms.min(NOW - 1);
+                merging.max_idle_ms = NOW - merging.accessed_ms;
+            }
+            prop_assert!(merging.is_expired(NOW, 0), "{merging:?}");
             prop_assert_eq!(decide(policy, existing.as_ref(), &merging, NOW), Verdict::KeepExisting);
         }
 

@@ -77,6 +77,8 @@ pub(crate) struct Tables {
     /// Since when this member, holding the table with this id, has been behind the master's.
     lagging: Mutex<Option<(TableId, Instant)>>,
     pub(crate) fetches: AtomicU64,
+    /// The tables applied, with when: where this member's side forked off (split-brain merge).
+    log: Mutex<crate::rejoin::TableLog>,
 }
 
 impl Tables {
@@ -90,6 +92,7 @@ impl Tables {
             kept_own: Mutex::new(None),
             lagging: Mutex::new(None),
             fetches: AtomicU64::new(0),
+            log: Mutex::new(crate::rejoin::TableLog::default()),
         }
     }
 }
@@ -122,9 +125,24 @@ impl Node {
         let now = now_ms();
         let migration_window_ms = self.settings.migration_timeout.as_millis() as u64;
         let mut takeovers = Vec::new();
+        // This member's table is not in the new one's lineage: its side of a split lost. What it
+        // wrote as owner meanwhile is merged into the winner's cluster (`crate::rejoin`).
+        let mut merging = {
+            let mut log = self.tables.log.lock().unwrap();
+            let lost = !table.term_in_lineage(&old.id());
+            let merging = lost.then(|| crate::rejoin::Merging::new(log.forked_at(&table), old.id(), table.id()));
+            log.push(table.id(), now);
+            merging
+        };
         for p in 0..table.partition_count() {
             let (old_row, new_row) = (old.row(p), table.row(p));
             let mut data = self.slot(p).data.lock().unwrap();
+            if let Some(merging) = merging.as_mut()
+                && old.owner(p) == Some(&self.local)
+                && old.term(p) != table.term(p)
+            {
+                merging.collect(&self.settings, &data);
+            }
             // A new table: whatever a replica said about the partition is re-examined under it.
             data.fenced = None;
             data.applied = table.id();
@@ -179,6 +197,9 @@ impl Node {
             let node = self.clone();
             let table = id.clone();
             self.tasks.spawn(async move { node.take_over_partitions(table, takeovers).await });
+        }
+        if let Some(merging) = merging.filter(|m| !m.is_empty()) {
+            self.tasks.spawn(crate::rejoin::push(self.clone(), merging));
         }
         debug!(table = %id, "partition table applied");
         true

@@ -131,7 +131,9 @@ pub(crate) fn compute_master(members: &[Member], excluded: &BTreeSet<MemberId>) 
 /// split the groups, and their data, over and over.
 ///
 /// It is another group's when it is a full member (active or leaving) that is not in the view,
-/// it follows another master than this member's, and it has been out of this member's view for
+/// it follows another master than this member's (and than any member of the view is or follows:
+/// a view still filling up after a join may have computed a master of its own from the first
+/// members it heard of), and it has been out of this member's view for
 /// at least `merge_run_delay` (`absent_for`; `None`: never in it). A member that was out only
 /// briefly (a stalled process, a lost gossip round) is taken back at once, and so are members
 /// joining, members that follow our master, and everyone while this member itself is joining.
@@ -151,7 +153,13 @@ pub fn from_another_group(
     let (Some(ours), Some(theirs)) = (previous.master.as_ref(), member.master.as_ref()) else {
         return false;
     };
-    ours != theirs && absent_for.is_none_or(|absent| absent >= merge_run_delay)
+    // Its master is ours, one of our members, or the master one of our members follows: the same
+    // group, seen from a view that is still filling up (a member that just joined computes its
+    // master from the first members it heard of, and follows the real one a moment later).
+    let same_group = ours == theirs
+        || previous.member(theirs).is_some()
+        || previous.members.iter().any(|m| m.master.as_ref() == Some(theirs));
+    !same_group && absent_for.is_none_or(|absent| absent >= merge_run_delay)
 }
 
 /// Which active members to exclude from ownership because other members cannot reach them over
@@ -325,6 +333,20 @@ pub(crate) mod tests {
         assert!(!from_another_group(&following("b", 2, ("c", 3)), &ours, false, None, delay));
         // Nothing published yet: not judged.
         assert!(!from_another_group(&member("g", 7, MemberState::Active), &ours, false, None, delay));
+        // A member that just joined and heard of b before a: its master is b, a member of ours.
+        assert!(!from_another_group(&following("h", 8, ("b", 2)), &ours, false, None, delay));
+    }
+
+    #[test]
+    fn a_member_whose_view_is_still_filling_up_takes_in_its_own_group_at_once() {
+        use std::time::Duration;
+        let delay = Duration::from_secs(10);
+        // s2 restarted and heard of s3 first: its view computes s3 as master, while s3 follows
+        // s1. s1 (which follows itself) is the master of s2's own group, not another group.
+        let filling = view(vec![following("s2", 9, ("s3", 3)), following("s3", 3, ("s1", 1))]);
+        assert!(!from_another_group(&following("s1", 1, ("s1", 1)), &filling, false, None, delay));
+        // A group of its own is still another group.
+        assert!(from_another_group(&following("x", 4, ("x", 4)), &filling, false, None, delay));
     }
 
     #[test]
