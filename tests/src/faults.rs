@@ -20,7 +20,9 @@
 //! **Minority sides.** A member that ends up alone or with a minority of the cluster (a two-way
 //! cut, a member that hears nobody, a member whose gossip is cut, or one that just woke up from a
 //! stall) is a side of its own and keeps serving: what it acknowledges while apart is resolved by
-//! the merge policies (not built yet; today discarded when the sides meet). Operations completed
+//! the map's merge policy when the sides meet (the harness's map uses `discard`: such writes are
+//! dropped, which is what the checker models; `tests/tests/split_brain.rs` tests the merging
+//! policies). Operations completed
 //! through a member whose view held at most half the cluster are marked as such; the checker
 //! allows them to be lost (and reports how many were), never the others.
 //!

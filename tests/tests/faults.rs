@@ -64,7 +64,7 @@ fn seeded_fault_schedules_lose_no_acknowledged_write() {
     let minority: usize = reports.iter().map(|r| r.minority_losses).sum();
     eprintln!(
         "fault harness: {} schedules passed, {} failed, in {:?}; {ops} operations, {acknowledged} acknowledged, \
-         {minority} keys lost a minority side's acknowledged write (allowed until merge policies exist)",
+         {minority} keys lost a minority side's acknowledged write (allowed: the harness's map merges with the discard policy)",
         reports.len(),
         failures.len(),
         started.elapsed()

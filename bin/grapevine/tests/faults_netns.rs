@@ -32,11 +32,13 @@
 //!
 //! **Minority sides.** As in the in-process harness, an operation completed through a member whose
 //! view held at most half of the running members may be lost (what a minority side acknowledges is
-//! discarded when the sides meet; merge policies are future work). A watcher polls each member's
+//! discarded when the sides meet: the harness's map uses the `discard` merge policy). A watcher polls each member's
 //! `/health` (its `members` count, the view's size) every 50 ms; a minority span runs from the
 //! last poll *sent* that showed a majority to the first one *answered* that shows one again, so a
-//! view that changed between two polls is covered. A poll that fails counts as a minority, and so
-//! does a stalled member from SIGSTOP until a second after SIGCONT (on waking it may declare the
+//! view that changed between two polls is covered. A poll that fails counts as a minority, so
+//! does a member on the smaller side of a `Split` while it is cut off (its view can still count
+//! members of the other side for a moment, as they are declared dead one at a time), and so does
+//! a stalled member from SIGSTOP until a second after SIGCONT (on waking it may declare the
 //! others dead for a moment before their gossip reaches it). A member that just started is in a
 //! minority until its polls show otherwise.
 //!
@@ -246,7 +248,7 @@ fn seeded_fault_schedules_on_real_processes_lose_no_acknowledged_write() {
     let sum = |f: fn(&Report) -> usize| passed.iter().map(f).sum::<usize>();
     eprintln!(
         "faults_netns: {} seeds passed, {} failed ({:?}), in {:?}; {} operations, {} acknowledged ({} through a \
-         minority), {} previous values checked; minority writes lost (allowed until merge policies exist): {} seen \
+         minority), {} previous values checked; minority writes lost (allowed: merge_policy discard): {} seen \
          by later writes, {} in final states",
         passed.len(),
         failures.len(),
@@ -541,6 +543,10 @@ struct Incarnation {
     stalled: AtomicBool,
     /// Counted as a minority until then (set at SIGCONT).
     suspect_until: Mutex<Option<Instant>>,
+    /// On the smaller side of a `Split` right now: a minority whatever its view says (members
+    /// of the other side are declared dead one at a time, so for a moment its view can still
+    /// count more than half of the cluster while it can reach only its own side).
+    cut_off: AtomicBool,
     /// When its view held at most half of the running members (see the module's documentation).
     minority: Mutex<Vec<Span>>,
     /// Polls its watcher completed.
@@ -664,8 +670,9 @@ fn watch(shared: Arc<Shared>, inc: Arc<Incarnation>, started: Instant) {
     let mut majority_sent: Option<Instant> = None;
     while inc.ending.lock().unwrap().is_none() && !shared.stop_watchers.load(Ordering::Relaxed) {
         let sent = Instant::now();
-        let forced =
-            inc.stalled.load(Ordering::SeqCst) || inc.suspect_until.lock().unwrap().is_some_and(|until| sent < until);
+        let forced = inc.stalled.load(Ordering::SeqCst)
+            || inc.cut_off.load(Ordering::SeqCst)
+            || inc.suspect_until.lock().unwrap().is_some_and(|until| sent < until);
         let members = get_json(&agent, &inc.url("/health")).ok().and_then(|(_, v)| v["members"].as_u64());
         let alive = shared.alive.load(Ordering::SeqCst) as u64;
         let minority = forced || members.is_none_or(|m| m * 2 <= alive);
@@ -903,6 +910,7 @@ impl Run<'_> {
             log,
             stalled: AtomicBool::new(false),
             suspect_until: Mutex::new(None),
+            cut_off: AtomicBool::new(false),
             minority: Mutex::new(Vec::new()),
             polls: AtomicUsize::new(0),
             ending: Mutex::new(None),
@@ -1058,7 +1066,11 @@ impl Run<'_> {
                 let side: BTreeSet<usize> = side.iter().map(|i| at(*i).slot).collect();
                 let rest: Vec<usize> = live.iter().map(|l| l.slot).filter(|s| !side.contains(s)).collect();
                 let slots = side.iter().map(|s| (*s, rest.clone())).collect();
-                cut(self, slots, Direction::Both, Plane::All)?;
+                let cut_off: Vec<Arc<Incarnation>> = live.iter().filter(|l| side.contains(&l.slot)).cloned().collect();
+                cut_off.iter().for_each(|inc| inc.cut_off.store(true, Ordering::SeqCst));
+                let result = cut(self, slots, Direction::Both, Plane::All);
+                cut_off.iter().for_each(|inc| inc.cut_off.store(false, Ordering::SeqCst));
+                result?;
             }
             Fault::Mute { member } => cut(self, vec![(at(*member).slot, others(*member))], Direction::Out, Plane::All)?,
             Fault::Deaf { member } => cut(self, vec![(at(*member).slot, others(*member))], Direction::In, Plane::All)?,

@@ -262,6 +262,25 @@ fn busy() -> NetReply {
 }
 
 impl Node {
+    /// An owner serves the operations of callers on its own side only. A caller this member's view
+    /// does not hold (it declared it dead, or has not heard of it yet), or one that follows
+    /// another master, is on the other side of a split or a cut of gossip only: what this member
+    /// accepted for it could be acknowledged to a client of the other side and then dropped with
+    /// whichever table loses (the data plane may still connect two sides that gossip has split).
+    /// The caller retries until the sides agree, or its operation times out unapplied.
+    fn foreign_caller(&self, from: &MemberId) -> Option<Reply> {
+        let view = self.membership.view();
+        let Some(caller) = view.member(from) else {
+            return Some(Reply::Retry { reason: format!("{from} is not in this member's view of the cluster") });
+        };
+        match (&view.master, &caller.master) {
+            (Some(ours), Some(theirs)) if ours != theirs => {
+                Some(Reply::Retry { reason: format!("{from} follows master {theirs}, this member follows {ours}") })
+            }
+            _ => None,
+        }
+    }
+
     fn dispatch(self: &Arc<Self>, from: &MemberId, msg: Msg, incoming: &Incoming<'_>) -> NetReply {
         let now = |reply: Reply| NetReply::Now(Node::encode(&reply));
         let one_way = incoming.one_way();
@@ -269,6 +288,9 @@ impl Node {
             Msg::Op { epoch, partition, map, op } => {
                 if partition >= self.settings.partition_count {
                     return now(Reply::Failed { error: format!("partition {partition} does not exist") });
+                }
+                if let Some(reply) = self.foreign_caller(from) {
+                    return now(reply);
                 }
                 // A write that waits for its backups answers later: reserve the slot first, so a
                 // busy member refuses before doing anything.
@@ -290,6 +312,9 @@ impl Node {
                 }
             }
             Msg::Multi { epoch, map, partitions, op } => {
+                if let Some(reply) = self.foreign_caller(from) {
+                    return now(reply);
+                }
                 let Some(slot) = incoming.reserve() else { return busy() };
                 let node = self.clone();
                 NetReply::Later(
@@ -298,6 +323,9 @@ impl Node {
                 )
             }
             Msg::Page { epoch, partition, map, after, limit } => {
+                if let Some(reply) = self.foreign_caller(from) {
+                    return now(reply);
+                }
                 now(self.owner_page(partition, &map, after, limit, epoch))
             }
             Msg::Backup { partition, term, map, seq, op } => {
