@@ -241,14 +241,15 @@ fn policies_config(name: &str) -> Config {
 
 /// A member cut off from the other two (both ways, gossip and data) keeps serving alone; both
 /// sides write during the split: keys only the lone side wrote, keys both wrote (the lone side
-/// last), keys the lone side removed. When the cut heals, the lone member merges into the larger
+/// last, and read more often there), keys the lone side removed. When the cut heals, the lone member merges into the larger
 /// side and each map's policy decides: afterwards every member reads the same values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_maps_policy() {
     let cluster = TestCluster::start_with(3, policies_config).await;
     cluster.wait_settled().await;
     let (a, b, c) = (cluster.member(0), cluster.member(1), cluster.member(2));
-    let names: Vec<String> = ["latest-update", "put-if-absent", "pass-through", "discard"].map(String::from).to_vec();
+    let names: Vec<String> =
+        ["latest-update", "put-if-absent", "pass-through", "higher-hits", "discard"].map(String::from).to_vec();
     for name in &names {
         let map = a.map::<String, String>(name).unwrap();
         map.put(&"before".to_string(), &"old".to_string()).await.unwrap();
@@ -275,6 +276,10 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         on_c.put(&"both".to_string(), &"c".to_string()).await.unwrap();
         on_c.put(&"only-c".to_string(), &"c".to_string()).await.unwrap();
         on_c.remove(&"removed-by-c".to_string()).await.unwrap();
+        // Reads count as hits on the owner: c's entry of "both" is read more often than a's.
+        for _ in 0..3 {
+            assert_eq!(on_c.get(&"both".to_string()).await.unwrap().as_deref(), Some("c"));
+        }
     }
 
     cut(a, c, false);
@@ -291,6 +296,8 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         ("put-if-absent", "only-c", s("c")),
         ("pass-through", "both", s("c")),
         ("pass-through", "only-c", s("c")),
+        ("higher-hits", "both", s("c")),
+        ("higher-hits", "only-c", s("c")),
         ("discard", "both", s("a")),
         ("discard", "only-c", None),
     ];

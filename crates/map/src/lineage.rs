@@ -78,6 +78,28 @@ pub(crate) fn follower_applies(
             || !(staying && current.epoch > 0 && current.holds_any(member) && !incoming.holds_any(member)))
 }
 
+/// A member, other than the follower, that `incoming` takes every replica away from although the
+/// follower sees it alive (`alive`: active, not excluded). The master declared it dead while this
+/// follower still hears it: the master's own gossip may be cut while its data plane still reaches
+/// the followers, so applying its table would hand the member's partitions to a side that can
+/// lose (writes acknowledged under it would be dropped when the sides meet). The follower waits
+/// until it too declares the member dead (or the master keeps it). A table that explicitly
+/// supersedes the follower's (a master that settled a fork) is not held back.
+pub(crate) fn drops_a_live_member<'a>(
+    current: &'a PartitionTable,
+    incoming: &PartitionTable,
+    follower: &MemberId,
+    alive: impl Fn(&MemberId) -> bool,
+) -> Option<&'a MemberId> {
+    if current.epoch == 0 || incoming.supersedes(&current.id()) {
+        return None;
+    }
+    let mut held: Vec<&MemberId> = current.rows.iter().flatten().collect();
+    held.sort();
+    held.dedup();
+    held.into_iter().find(|m| *m != follower && alive(m) && !incoming.holds_any(m))
+}
+
 /// Whether a member holding `theirs` is simply behind a master holding `ours` (it will apply
 /// ours): `theirs` is an ancestor of ours and ours still gives the member replicas (or never did).
 /// Otherwise the member is a side of its own, to settle with [`sides`].
@@ -99,17 +121,38 @@ pub(crate) struct Sides {
 /// Groups `held` (each eligible member and the table it holds) into sides and picks the winner:
 /// see the [module documentation](self). `None` when nobody holds a table yet.
 pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
-    let mut tables: Vec<&PartitionTable> = Vec::new();
+    let mut all: Vec<&PartitionTable> = Vec::new();
     for (_, table) in held {
-        if table.epoch > 0 && !tables.iter().any(|t| t.id() == table.id()) {
-            tables.push(table);
+        if table.epoch > 0 && !all.iter().any(|t| t.id() == table.id()) {
+            all.push(table);
         }
     }
+    // A table published by a member that did not answer (the master no longer hears it), which
+    // took every replica away from a member that did answer, records a decision made on the other
+    // side of a cut: its publisher declared that member dead while members it still reached
+    // applied it. It does not carry the later decisions of this side; its holders belong with the
+    // newest table before it.
+    let answered: BTreeSet<&MemberId> = held.iter().map(|(m, _)| m).collect();
+    let from_the_other_side = |t: &PartitionTable| {
+        t.id().publisher.as_ref().is_some_and(|p| !answered.contains(p))
+            && answered.iter().any(|m| {
+                !t.holds_any(m) && all.iter().any(|u| u.id() != t.id() && t.descends_from(&u.id()) && u.holds_any(m))
+            })
+    };
+    let tables: Vec<&PartitionTable> = all.iter().copied().filter(|t| !from_the_other_side(t)).collect();
     let mut sides: BTreeMap<TableId, BTreeSet<MemberId>> = BTreeMap::new();
     for (member, own) in held {
         if own.epoch == 0 {
             continue;
         }
+        let own: &PartitionTable = if tables.iter().any(|t| t.id() == own.id()) {
+            own
+        } else {
+            match tables.iter().copied().filter(|t| own.descends_from(&t.id())).max_by_key(|t| t.id()) {
+                Some(before) => before,
+                None => own,
+            }
+        };
         // The tables this member would follow as newer history: its own, and those that descend
         // from it and still give it replicas.
         let candidates: Vec<&PartitionTable> = tables
@@ -129,7 +172,7 @@ pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
     // member, then the older publisher.
     let largest = sides.values().map(BTreeSet::len).max()?;
     let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(_, m)| m.len() == largest).collect();
-    let table_of = |id: &TableId| tables.iter().find(|t| t.id() == *id).copied();
+    let table_of = |id: &TableId| all.iter().find(|t| t.id() == *id).copied();
     let newest = top.iter().find(|(id, _)| {
         let Some(t) = table_of(id) else { return false };
         top.iter().all(|(other, _)| other == id || t.descends_from(other))
@@ -220,6 +263,41 @@ mod tests {
         let next = kept.successor_superseding(&id("a"), 7, kept.rows.clone(), &[&alone]);
         assert!(follower_applies(&alone, &next, &id("c"), true));
         assert!(follower_applies(&kept, &next, &id("a"), true));
+    }
+
+    #[test]
+    fn a_table_the_cut_off_master_made_without_a_member_that_is_heard_does_not_decide() {
+        // a's gossip is cut (its data plane works). a declares b dead first and publishes a table
+        // without b, which c applies (it still follows a). Then b and c declare a dead; b, the new
+        // master, asks b and c: a's table, which took everything away from b, must not win, or b
+        // drops its data for partitions whose only other copy is on a.
+        let agreed = agreed();
+        let without_b = agreed.successor(&id("a"), 6, spread(&["a", "c"]));
+        let found = sides(&[(id("b"), &agreed), (id("c"), &without_b)]).unwrap();
+        assert_eq!(found.winner, agreed.id());
+        assert_eq!(found.sides[&agreed.id()], [id("b"), id("c")].into_iter().collect());
+        // a's table still decides when a answers (it is a side of its own, with c)...
+        assert_eq!(winner(&[("a", &without_b), ("b", &agreed), ("c", &without_b)]), without_b.id());
+        // ...and a table a dead master made without removing anyone who answers is followed.
+        let moved = agreed.successor(&id("a"), 6, spread(&["b", "c", "a"]));
+        assert_eq!(winner(&[("b", &agreed), ("c", &moved)]), moved.id());
+    }
+
+    #[test]
+    fn a_follower_holds_back_a_table_that_drops_a_member_it_still_hears() {
+        let agreed = agreed();
+        let without_b = agreed.successor(&id("a"), 6, spread(&["a", "c"]));
+        let alive = |m: &MemberId| *m == id("b");
+        assert_eq!(drops_a_live_member(&agreed, &without_b, &id("c"), alive), Some(&id("b")));
+        // Once c too declares b dead, it applies the table; b itself is judged by follower_applies.
+        assert_eq!(drops_a_live_member(&agreed, &without_b, &id("c"), |_| false), None);
+        assert_eq!(drops_a_live_member(&agreed, &without_b, &id("b"), |m| *m == id("b")), None);
+        // A table that settles a fork against the follower's is applied.
+        let settled = agreed.successor_superseding(&id("a"), 7, spread(&["a", "c"]), &[&agreed]);
+        assert_eq!(drops_a_live_member(&agreed, &settled, &id("c"), alive), None);
+        // Moving replicas without dropping anyone is fine.
+        let moved = agreed.successor(&id("a"), 6, spread(&["c", "b", "a"]));
+        assert_eq!(drops_a_live_member(&agreed, &moved, &id("c"), |_| true), None);
     }
 
     #[test]

@@ -146,7 +146,13 @@ impl Node {
             });
         }
         let mut held = vec![(self.local.clone(), (*self.table()).clone())];
-        let mut complete = true;
+        // Members held outside the view by the merge timers belong to a side too: deciding without
+        // them could pick the smaller side (part of the other group is already in the view).
+        let outside = self.membership.outside_members();
+        if !outside.is_empty() {
+            debug!(?outside, "members of another group wait for the merge timers; deciding on tables once they are in");
+        }
+        let mut complete = outside.is_empty();
         while let Some(joined) = requests.join_next().await {
             match joined {
                 Ok((member, Some(table))) => held.push((member, table)),

@@ -171,6 +171,11 @@ impl Node {
             self.want_master_table();
             return Some(Reply::Retry { reason });
         }
+        if let Some(reason) = self.undecided_fork(table) {
+            self.want_master_table();
+            self.master_wakeup.notify_one();
+            return Some(Reply::Retry { reason });
+        }
         if table.owner(p) != Some(&self.local) {
             return Some(Reply::WrongOwner { epoch: table.epoch });
         }

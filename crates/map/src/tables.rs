@@ -79,6 +79,8 @@ pub(crate) struct Tables {
     pub(crate) fetches: AtomicU64,
     /// The tables applied, with when: where this member's side forked off (split-brain merge).
     log: Mutex<crate::rejoin::TableLog>,
+    /// [`Node::undecided_fork`] for a view version and table.
+    fork_check: Mutex<Option<(u64, TableId, Option<String>)>>,
 }
 
 impl Tables {
@@ -93,6 +95,7 @@ impl Tables {
             lagging: Mutex::new(None),
             fetches: AtomicU64::new(0),
             log: Mutex::new(crate::rejoin::TableLog::default()),
+            fork_check: Mutex::new(None),
         }
     }
 }
@@ -283,6 +286,25 @@ impl Node {
         // Only a member that is leaving gives its replicas up to a table without it; an excluded
         // one waits for the master to settle it (exclusion can flap while reports spread).
         let staying = view.local_member().is_some_and(|m| m.state == grapevine_membership::MemberState::Active);
+        let alive = |m: &MemberId| {
+            !view.excluded.contains(m)
+                && view.member(m).is_some_and(|m| m.state == grapevine_membership::MemberState::Active)
+        };
+        if let Some(member) = lineage::drops_a_live_member(&current, &table, &self.local, alive) {
+            let mut logged = self.tables.kept_own.lock().unwrap();
+            if logged.as_ref() != Some(&table.id()) {
+                info!(
+                    local = %self.local,
+                    theirs = %table.id(),
+                    ours = %current.id(),
+                    %member,
+                    "the master's table drops a member this member still hears: waiting until this member declares \
+                     it dead too (the master's gossip may be cut while its messages still arrive)"
+                );
+                *logged = Some(table.id());
+            }
+            return false;
+        }
         if lineage::follower_applies(&current, &table, &self.local, staying) {
             return self.apply_table(table);
         }
@@ -446,6 +468,40 @@ impl Node {
                 data.fenced = None;
             }
         }
+    }
+
+    /// Why this member must not serve under `table` yet: an active member of its view holds a
+    /// table that `table`'s lineage does not contain. Either this member is behind (it fetches the
+    /// newer one), or the two come from sides that acted apart and meet again (a healed split or
+    /// cut) and the master has not yet decided which side's table wins: whatever this member
+    /// accepted under its own could be dropped with it. Cached per view and table, as every
+    /// operation asks.
+    pub(crate) fn undecided_fork(&self, table: &PartitionTable) -> Option<String> {
+        let view = self.membership.view();
+        let mut cache = self.tables.fork_check.lock().unwrap();
+        if let Some((version, id, reason)) = cache.as_ref()
+            && *version == view.version
+            && *id == table.id()
+        {
+            return reason.clone();
+        }
+        let active =
+            |m: &MemberId| view.member(m).is_some_and(|m| m.state == grapevine_membership::MemberState::Active);
+        let reason = self
+            .gossip_tables()
+            .into_iter()
+            .find(|t| t.member != self.local && active(&t.member) && !table.descends_from(&t.table))
+            .map(|t| {
+                format!(
+                    "{} holds partition table {}, which this member's table {} does not descend from: waiting until \
+                     the master settles which one holds",
+                    t.member,
+                    t.table,
+                    table.id()
+                )
+            });
+        *cache = Some((view.version, table.id(), reason.clone()));
+        reason
     }
 
     /// Why `table` is not the master's, if it is not.

@@ -520,6 +520,13 @@ impl Membership {
         Ok(target)
     }
 
+    /// Members of this cluster in another group that are held outside the view until the merge
+    /// timers pass (see the crate documentation). While there are any, the view holds only part of
+    /// what will be one cluster: a decision between the groups' data should wait for them.
+    pub fn outside_members(&self) -> Vec<MemberId> {
+        self.inner.groups.lock().unwrap().outside.keys().cloned().collect()
+    }
+
     /// Counters for stats and metrics.
     pub fn stats(&self) -> MembershipStats {
         let t = &self.inner.transport;

@@ -98,7 +98,8 @@ pub enum NetError {
         /// What the remote reported.
         reason: String,
     },
-    /// The member was forgotten (it left the cluster); queued and pending work was dropped.
+    /// The member was forgotten (it left the cluster); work still queued for it was dropped
+    /// (requests already written to it fail with [`NetError::ConnectionLost`] instead).
     #[error("member {peer} has left the cluster; messages to it were dropped")]
     PeerGone {
         /// The member.

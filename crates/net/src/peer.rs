@@ -216,10 +216,14 @@ impl PeerState {
         }
     }
 
-    /// Fails every pending request, queued or written.
-    pub(crate) fn fail_all_pending(&mut self, error: &NetError) {
+    /// Fails every pending request: those still queued with `error`, those already written to a
+    /// connection with `ConnectionLost` (the peer may have handled them; a caller told anything
+    /// else would send a write again that was applied).
+    pub(crate) fn fail_all_pending(&mut self, peer: &MemberId, error: &NetError) {
         for (_, p) in self.pending.drain() {
-            let _ = p.tx.send(Err(error.clone()));
+            let result =
+                if p.written_on.is_some() { NetError::ConnectionLost { peer: peer.clone() } } else { error.clone() };
+            let _ = p.tx.send(Err(result));
         }
     }
 
@@ -261,7 +265,7 @@ impl PeerState {
             dial.token.cancel();
         }
         self.fail_queue(peer, &error);
-        self.fail_all_pending(&error);
+        self.fail_all_pending(peer, &error);
         self.closed = Some(error);
     }
 }
