@@ -10,6 +10,7 @@ use grapevine::{Expiry, MapError, PutMode, SetExpiry};
 use crate::Shared;
 use crate::glob;
 use crate::info;
+use crate::pubsub::{self, PubSub};
 use crate::reply::Reply;
 
 /// What the connection does after a reply.
@@ -27,12 +28,14 @@ pub(crate) struct Session {
     pub(crate) proto: u8,
     pub(crate) map: String,
     pub(crate) name: Option<Bytes>,
+    /// The channels subscribed to and their messages on the way.
+    pub(crate) pubsub: PubSub,
     default_map: String,
 }
 
 impl Session {
-    pub(crate) fn new(id: u64, map: &str) -> Session {
-        Session { id, proto: 2, map: map.to_string(), name: None, default_map: map.to_string() }
+    pub(crate) fn new(id: u64, map: &str, pubsub: PubSub) -> Session {
+        Session { id, proto: 2, map: map.to_string(), name: None, pubsub, default_map: map.to_string() }
     }
 }
 
@@ -55,6 +58,7 @@ const fn spec(name: &'static str, arity: i64, flags: &'static [&'static str], ke
 const W: &[&str] = &["write"];
 const R: &[&str] = &["readonly", "fast"];
 const A: &[&str] = &["fast"];
+const PUBSUB: &[&str] = &["pubsub", "noscript", "loading", "stale"];
 const NOKEY: (i64, i64, i64) = (0, 0, 0);
 const ONE: (i64, i64, i64) = (1, 1, 1);
 const ALL: (i64, i64, i64) = (1, -1, 1);
@@ -101,7 +105,16 @@ pub(crate) const COMMANDS: &[Spec] = &[
     spec("WAIT", 3, &[], NOKEY),
     spec("RESET", 1, A, NOKEY),
     spec("QUIT", -1, A, NOKEY),
+    spec("PUBLISH", 3, &["pubsub", "loading", "stale", "fast"], NOKEY),
+    spec("SUBSCRIBE", -2, PUBSUB, NOKEY),
+    spec("UNSUBSCRIBE", -1, PUBSUB, NOKEY),
+    spec("PSUBSCRIBE", -2, PUBSUB, NOKEY),
+    spec("PUNSUBSCRIBE", -1, PUBSUB, NOKEY),
+    spec("PUBSUB", -2, &["pubsub", "loading", "stale"], NOKEY),
 ];
+
+/// What a RESP2 connection in subscribed mode may send (RESP3 connections may send anything).
+const SUBSCRIBED_MODE: &[&str] = &["SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "PING", "QUIT", "RESET"];
 
 /// The spec of a command name, any case.
 pub(crate) fn lookup(name: &[u8]) -> Option<&'static Spec> {
@@ -187,6 +200,13 @@ pub(crate) async fn execute(shared: &Shared, session: &mut Session, args: Vec<By
     let argc = args.len() as i64;
     if (spec.arity > 0 && argc != spec.arity) || (spec.arity < 0 && argc < -spec.arity) {
         return (wrong_arity(spec.name), After::Continue);
+    }
+    if session.proto < 3 && session.pubsub.subscribed() && !SUBSCRIBED_MODE.contains(&spec.name) {
+        let message = format!(
+            "Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            spec.name.to_ascii_lowercase()
+        );
+        return (Reply::err(message), After::Continue);
     }
     if spec.name == "QUIT" {
         return (Reply::ok(), After::Close);
@@ -302,6 +322,11 @@ async fn run(shared: &Shared, session: &mut Session, name: &'static str, args: &
             try_map!(maps.clear(map));
             Reply::ok()
         }
+        "PING" if session.proto < 3 && session.pubsub.subscribed() => match args.len() {
+            1 => Reply::Array(vec![Reply::text("pong"), Reply::text("")]),
+            2 => Reply::Array(vec![Reply::text("pong"), Reply::Bulk(args[1].clone())]),
+            _ => wrong_arity(name),
+        },
         "PING" => match args.len() {
             1 => Reply::Simple("PONG"),
             2 => Reply::Bulk(args[1].clone()),
@@ -355,7 +380,17 @@ async fn run(shared: &Shared, session: &mut Session, name: &'static str, args: &
             let backups = config.maps.get(map).or(config.maps.get("default")).map_or(1, |m| m.backup_count);
             Reply::Int(i64::from(backups))
         }
+        "PUBLISH" => publish(shared, args).await,
+        "SUBSCRIBE" => session.pubsub.subscribe(&shared.cluster, &args[1..]).await,
+        "UNSUBSCRIBE" => session.pubsub.unsubscribe(&args[1..]).await,
+        "PSUBSCRIBE" => Reply::err(
+            "PSUBSCRIBE is not supported: grapevine topics have no pattern subscriptions; SUBSCRIBE to each channel by \
+             name",
+        ),
+        "PUNSUBSCRIBE" => session.pubsub.punsubscribe(&args[1..]),
+        "PUBSUB" => pubsub_command(shared, args),
         "RESET" => {
+            session.pubsub.clear().await;
             session.proto = 2;
             session.map = session.default_map.clone();
             session.name = None;
@@ -526,6 +561,55 @@ fn client(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
             Reply::err(format!("wrong number of arguments for 'client|{}' command", lossy(&sub).to_lowercase()))
         }
         _ => Reply::err(format!("unknown subcommand '{}'. Try CLIENT HELP.", lossy(&args[1]))),
+    }
+}
+
+/// `PUBLISH channel message`: the number of subscribers on this member that the message was
+/// queued for, plus one for each other member with subscribers that it was sent to (that member
+/// delivers it to all of its subscribers; how many they are is not known here). 0: no
+/// subscriber anywhere, as far as this member knows.
+async fn publish(shared: &Shared, args: &[Bytes]) -> Reply {
+    let name = try_arg!(pubsub::topic_name(&args[1]));
+    let topic = match shared.cluster.topic::<Vec<u8>>(name) {
+        Ok(topic) => topic,
+        Err(error) => return Reply::err(error),
+    };
+    match topic.publish_reporting(&args[2].to_vec()).await {
+        Ok(delivered) => Reply::Int((delivered.local_subscribers + delivered.members) as i64),
+        Err(error) => Reply::err(error),
+    }
+}
+
+/// `PUBSUB CHANNELS [pattern] | NUMSUB [channel ...] | NUMPAT`: this member's subscribers of
+/// plain topics (RESP connections and the member's own), not the cluster's.
+fn pubsub_command(shared: &Shared, args: &[Bytes]) -> Reply {
+    let sub = args[1].to_ascii_uppercase();
+    let local = || {
+        let stats = shared.cluster.topic_service().local_stats();
+        stats.into_iter().filter(|t| t.kind == "topic" && t.subscribers > 0).map(|t| (t.name, t.subscribers))
+    };
+    match (sub.as_slice(), args.len()) {
+        (b"CHANNELS", 2 | 3) => Reply::Array(
+            local()
+                .filter(|(name, _)| args.get(2).is_none_or(|pattern| glob::matches(pattern, name.as_bytes())))
+                .map(|(name, _)| Reply::text(name))
+                .collect(),
+        ),
+        (b"NUMSUB", _) => {
+            let counts: std::collections::HashMap<String, u64> = local().collect();
+            let mut pairs = Vec::with_capacity(2 * (args.len() - 2));
+            for channel in &args[2..] {
+                let n = std::str::from_utf8(channel).ok().and_then(|c| counts.get(c)).copied().unwrap_or(0);
+                pairs.push(Reply::Bulk(channel.clone()));
+                pairs.push(Reply::Int(n as i64));
+            }
+            Reply::Array(pairs)
+        }
+        (b"NUMPAT", 2) => Reply::Int(0),
+        (b"CHANNELS" | b"NUMPAT", _) => {
+            Reply::err(format!("wrong number of arguments for 'pubsub|{}' command", lossy(&sub).to_lowercase()))
+        }
+        _ => Reply::err(format!("unknown subcommand '{}'. Try PUBSUB HELP.", lossy(&args[1]))),
     }
 }
 

@@ -1,16 +1,20 @@
 //! One client connection: read what arrived, execute every complete request in order, write all
 //! their replies with one write, repeat. A protocol error is answered and closes the connection.
+//! While the connection has subscriptions, it also writes out the messages of its push queue
+//! whenever they arrive (bounded by the same write timeout as replies).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::commands::{After, Session, execute};
+use crate::pubsub::PubSub;
 use crate::reply::{Reply, encode};
 use crate::request::next_request;
 use crate::{Shared, reply};
@@ -21,6 +25,10 @@ const BUFFER_BYTES: usize = 4096;
 const FLUSH_BYTES: usize = 64 << 10;
 /// How long writing a refusal may take.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// TCP keepalive: idle time before the first probe, and between probes. Closes connections whose
+/// client's host vanished without a FIN (subscribed connections are never closed for idleness).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Answers a connection that cannot be served with `message` and closes it.
 pub(crate) async fn refuse(mut socket: TcpStream, message: &'static str) {
@@ -56,9 +64,13 @@ async fn flush(socket: &mut TcpStream, out: &mut BytesMut, timeout: Option<Durat
 
 pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cancel: &CancellationToken) {
     let _ = socket.set_nodelay(true);
+    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
+    if let Err(error) = SockRef::from(&socket).set_tcp_keepalive(&keepalive) {
+        debug!(id, %error, "could not enable TCP keepalive");
+    }
     let limits = shared.settings.limits;
     let idle = shared.settings.idle_timeout;
-    let mut session = Session::new(id, &shared.settings.default_map);
+    let mut session = Session::new(id, &shared.settings.default_map, PubSub::new(shared.pubsub.clone()));
     let mut input = BytesMut::with_capacity(BUFFER_BYTES);
     let mut out = BytesMut::with_capacity(BUFFER_BYTES);
     // One cancellation future and one idle timer for the connection's life, rather than one of
@@ -105,16 +117,39 @@ pub(crate) async fn serve(shared: &Shared, mut socket: TcpStream, id: u64, cance
         if input.capacity() - input.len() < BUFFER_BYTES / 4 {
             input.reserve(BUFFER_BYTES.max(input.len()));
         }
+        // Not biased (beyond what is ready first): a flood of messages must not keep a
+        // subscriber's commands (UNSUBSCRIBE) from being read, nor the other way round.
         let read = loop {
             tokio::select! {
-                biased;
                 _ = &mut cancelled => return,
                 read = socket.read_buf(&mut input) => break read,
-                _ = &mut idle_timer, if idle.is_some() => {
-                    let deadline = last_read + idle.unwrap_or_default();
-                    if Instant::now() >= deadline {
-                        debug!(id, "RESP connection idle; closing it");
+                push = session.pubsub.next(), if session.pubsub.has_queue() => {
+                    encode(&mut out, push, session.proto);
+                    while out.len() < FLUSH_BYTES {
+                        let Some(push) = session.pubsub.try_next() else { break };
+                        encode(&mut out, push, session.proto);
+                    }
+                    let flushed = tokio::select! {
+                        biased;
+                        _ = &mut cancelled => return,
+                        flushed = flush(&mut socket, &mut out, idle) => flushed,
+                    };
+                    if !flushed {
+                        debug!(id, "RESP subscriber did not take its messages in time; closing it");
                         return;
+                    }
+                }
+                _ = &mut idle_timer, if idle.is_some() => {
+                    let idle = idle.unwrap_or_default();
+                    let mut deadline = last_read + idle;
+                    let now = Instant::now();
+                    if now >= deadline {
+                        // As in Redis, a subscriber is not idle: it waits for messages.
+                        if !session.pubsub.subscribed() {
+                            debug!(id, "RESP connection idle; closing it");
+                            return;
+                        }
+                        deadline = now + idle;
                     }
                     idle_timer.as_mut().reset(deadline.into());
                 }

@@ -111,6 +111,7 @@ pub(crate) async fn render(shared: &Shared, session: &Session, args: &[Bytes]) -
             "clients" => {
                 let _ = writeln!(out, "connected_clients:{}", counters.connected.load(Ordering::Relaxed));
                 let _ = writeln!(out, "maxclients:{}", shared.settings.max_connections);
+                let _ = writeln!(out, "pubsub_clients:{}", shared.pubsub.clients.load(Ordering::Relaxed));
             }
             "memory" => {
                 let local = cluster.map_service().local_stats();
@@ -124,6 +125,16 @@ pub(crate) async fn render(shared: &Shared, session: &Session, args: &[Bytes]) -
                 let _ = writeln!(out, "total_commands_processed:{}", c.commands_processed.load(Ordering::Relaxed));
                 let _ = writeln!(out, "rejected_connections:{}", c.rejected_connections.load(Ordering::Relaxed));
                 let _ = writeln!(out, "total_error_replies_protocol:{}", c.protocol_errors.load(Ordering::Relaxed));
+                let p = &shared.pubsub;
+                let topics = cluster.topic_service().local_stats();
+                let channels = topics.iter().filter(|t| t.kind == "topic" && t.subscribers > 0).count();
+                let _ = writeln!(out, "pubsub_channels:{channels}");
+                let _ = writeln!(out, "pubsub_patterns:0");
+                let _ = writeln!(out, "pubsub_subscriptions:{}", p.subscriptions.load(Ordering::Relaxed));
+                let _ = writeln!(out, "pubsub_messages_pushed:{}", p.pushed.load(Ordering::Relaxed));
+                let _ = writeln!(out, "pubsub_messages_dropped:{}", p.dropped.load(Ordering::Relaxed));
+                let _ = writeln!(out, "pubsub_messages_undecodable:{}", p.undecodable.load(Ordering::Relaxed));
+                let _ = writeln!(out, "pubsub_queued_bytes:{}", p.queued_bytes.load(Ordering::Relaxed));
             }
             "keyspace" => {
                 if let Ok(keys) = cluster.map_service().len(&session.map).await {

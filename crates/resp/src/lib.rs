@@ -16,11 +16,29 @@
 //! values are stored byte for byte as the map's encoded keys and values (they are not
 //! bincode-encoded as `DistributedMap<K, V>` does), and any member serves any key: the member
 //! forwards each command to the key's owner. The README's operator guide lists the commands.
+//!
+//! **Pub/sub.** A channel is grapevine's plain topic of the same name (1 to 255 bytes of
+//! printable UTF-8), a message its payload as raw bytes: `PUBLISH` through any member reaches the
+//! `SUBSCRIBE`rs of every member, and a Rust service's `cluster.topic::<Vec<u8>>(name)` or
+//! `topic::<String>(name)` (the codec encodes both alike) sees the same messages. Delivery is the
+//! topics': best effort, in publish order per publishing member. `PUBLISH` answers the number of
+//! subscribers on this member that the message was queued for plus one for each other member
+//! with subscribers that it was sent to (that member delivers it to all of its own; how many is
+//! not known here); 0 means no subscriber anywhere, as far as this member knows. `SUBSCRIBE` and
+//! `UNSUBSCRIBE` answer as Redis does (push frames in RESP3); a RESP2 connection in subscribed mode
+//! may send only (P)SUBSCRIBE, (P)UNSUBSCRIBE, PING, QUIT and RESET. There are no pattern
+//! subscriptions (`PSUBSCRIBE` is refused). A connection subscribes to at most 1024 channels; its
+//! messages wait in a queue of at most 1024 messages and 1 MiB, and a client that reads slower
+//! than they come misses those that do not fit (`INFO stats`: `pubsub_messages_dropped`). A
+//! subscribed connection is not closed for being idle (as in Redis); TCP keepalive closes it
+//! once its client's host is gone. `PUBSUB CHANNELS/NUMSUB/NUMPAT` count this member's
+//! subscribers only.
 
 mod commands;
 mod conn;
 mod glob;
 mod info;
+mod pubsub;
 mod reply;
 pub mod request;
 
@@ -125,6 +143,7 @@ pub(crate) struct Shared {
     pub(crate) cluster: Cluster,
     pub(crate) settings: Settings,
     pub(crate) counters: Counters,
+    pub(crate) pubsub: Arc<pubsub::Counters>,
     pub(crate) addr: SocketAddr,
     pub(crate) started: Instant,
 }
@@ -185,7 +204,14 @@ pub async fn serve(cluster: Cluster, settings: Settings) -> Result<RespServer, R
         addr: SocketAddr::new(settings.bind, *settings.ports.start()),
         reason: e.to_string(),
     })?;
-    let shared = Arc::new(Shared { cluster, settings, counters: Counters::default(), addr, started: Instant::now() });
+    let shared = Arc::new(Shared {
+        cluster,
+        settings,
+        counters: Counters::default(),
+        pubsub: Arc::default(),
+        addr,
+        started: Instant::now(),
+    });
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(accept_loop(listener, shared.clone(), cancel.clone(), tasks.clone()));

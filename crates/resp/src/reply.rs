@@ -24,6 +24,12 @@ pub(crate) enum Reply {
     Map(Vec<(Reply, Reply)>),
     /// Text for humans (`INFO`): a bulk string in RESP2, a verbatim string in RESP3.
     Verbatim(String),
+    /// Out-of-band data (pub/sub messages and confirmations): an array in RESP2, a push frame
+    /// (`>`) in RESP3.
+    Push(Vec<Reply>),
+    /// Several replies to one command, one after the other (`SUBSCRIBE a b` answers one
+    /// confirmation per channel). Only at the top level.
+    Many(Vec<Reply>),
 }
 
 impl Reply {
@@ -64,6 +70,7 @@ fn resp2(reply: Reply) -> Frame2 {
         Reply::Array(items) => Frame2::Array(items.into_iter().map(resp2).collect()),
         Reply::Map(pairs) => Frame2::Array(pairs.into_iter().flat_map(|(k, v)| [resp2(k), resp2(v)]).collect()),
         Reply::Verbatim(s) => Frame2::BulkString(Bytes::from(s)),
+        Reply::Push(items) | Reply::Many(items) => Frame2::Array(items.into_iter().map(resp2).collect()),
     }
 }
 
@@ -82,11 +89,19 @@ fn resp3(reply: Reply) -> Frame3 {
         Reply::Verbatim(s) => {
             Frame3::VerbatimString { data: Bytes::from(s), format: VerbatimStringFormat::Text, attributes: None }
         }
+        Reply::Push(items) => Frame3::Push { data: items.into_iter().map(resp3).collect(), attributes: None },
+        Reply::Many(items) => Frame3::Array { data: items.into_iter().map(resp3).collect(), attributes: None },
     }
 }
 
 /// Appends `reply` to `out` in protocol version `proto` (2 or 3).
 pub(crate) fn encode(out: &mut BytesMut, reply: Reply, proto: u8) {
+    if let Reply::Many(replies) = reply {
+        for reply in replies {
+            encode(out, reply, proto);
+        }
+        return;
+    }
     let encoded = if proto >= 3 {
         redis_protocol::resp3::encode::complete::extend_encode(out, &resp3(reply), false)
     } else {
@@ -118,5 +133,10 @@ mod tests {
         assert_eq!(enc(map.clone(), 2), b"*2\r\n$5\r\nproto\r\n:3\r\n");
         assert_eq!(enc(map, 3), b"%1\r\n$5\r\nproto\r\n:3\r\n");
         assert_eq!(enc(Reply::Verbatim("a".into()), 3), b"=5\r\ntxt:a\r\n");
+        let push = Reply::Push(vec![Reply::text("unsubscribe"), Reply::Null, Reply::Int(0)]);
+        assert_eq!(enc(push.clone(), 2), b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n");
+        assert_eq!(enc(push, 3), b">3\r\n$11\r\nunsubscribe\r\n_\r\n:0\r\n");
+        let many = Reply::Many(vec![Reply::Int(1), Reply::ok()]);
+        assert_eq!(enc(many, 3), b":1\r\n+OK\r\n");
     }
 }

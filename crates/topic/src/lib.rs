@@ -50,7 +50,7 @@ pub use config::{
 };
 pub use error::TopicError;
 pub use messages::TopicKind;
-pub use plain::{Subscription, Topic};
+pub use plain::{Delivered, Subscription, Topic};
 pub use reliable::{ReliableSubscription, ReliableTopic, StartAt};
 
 use messages::{Envelope, TopicMsg, TopicReply};
@@ -296,10 +296,11 @@ impl Inner {
     }
 
     /// Queues `delivery` for every local subscriber of plain topic `topic`, dropping it for
-    /// those whose queue is full.
-    fn deliver_plain(&self, topic: &str, delivery: Delivery) {
+    /// those whose queue is full. Returns the subscribers it was queued for.
+    fn deliver_plain(&self, topic: &str, delivery: Delivery) -> usize {
         let mut plain = self.plain.lock().unwrap();
-        let Some(subscribers) = plain.get_mut(topic) else { return };
+        let Some(subscribers) = plain.get_mut(topic) else { return 0 };
+        let mut queued = 0;
         let counters = self.counters(TopicKind::Plain, topic);
         for sub in subscribers.iter_mut() {
             let mut item = delivery.clone();
@@ -309,6 +310,7 @@ impl Inner {
             match sub.tx.try_send(item) {
                 Ok(()) => {
                     sub.missed = 0;
+                    queued += 1;
                     if matches!(delivery, Delivery::Message { .. }) {
                         counters.received.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -323,6 +325,7 @@ impl Inner {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        queued
     }
 
     /// A reliable topic's message `seq` was stored: hand it to this member's readers.

@@ -52,19 +52,29 @@ impl<T: Serialize + DeserializeOwned> Topic<T> {
     /// every member with subscribers (and delivered to this member's own); delivery is best
     /// effort (a member that fails meanwhile misses it).
     pub async fn publish(&self, message: &T) -> Result<(), TopicError> {
+        self.publish_reporting(message).await.map(|_| ())
+    }
+
+    /// [`Topic::publish`], telling whom the message was handed to: this member's subscribers
+    /// whose queue took it, and the other members with subscribers it was sent to.
+    pub async fn publish_reporting(&self, message: &T) -> Result<Delivered, TopicError> {
         if self.inner.cancel.is_cancelled() {
             return Err(TopicError::ShuttingDown { topic: self.name.to_string() });
         }
         let envelope = self.inner.envelope(&self.name, message)?;
         let counters = self.inner.counters(TopicKind::Plain, &self.name);
         counters.published.fetch_add(1, Ordering::Relaxed);
+        let mut delivered = Delivered::default();
         let members = self.inner.registry.members(TopicKind::Plain, &self.name);
         if !members.is_empty() {
             let body = encode(&TopicMsg::Publish { topic: self.name.to_string(), envelope: envelope.clone() });
             for member in members {
-                if let Err(error) = self.inner.net.send(&member, TOPIC_SERVICE, body.clone()) {
-                    counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    debug!(%member, %error, topic = %self.name, "topic message not sent");
+                match self.inner.net.send(&member, TOPIC_SERVICE, body.clone()) {
+                    Ok(()) => delivered.members += 1,
+                    Err(error) => {
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        debug!(%member, %error, topic = %self.name, "topic message not sent");
+                    }
                 }
             }
         }
@@ -79,9 +89,9 @@ impl<T: Serialize + DeserializeOwned> Topic<T> {
                 },
                 Err(error) => Delivery::Malformed { from: self.inner.local.to_string(), message: error.to_string() },
             };
-            self.inner.deliver_plain(&self.name, delivery);
+            delivered.local_subscribers = self.inner.deliver_plain(&self.name, delivery);
         }
-        Ok(())
+        Ok(delivered)
     }
 
     /// Subscribes to messages published from now on, on any member. The subscription is
@@ -116,6 +126,16 @@ impl<T: Serialize + DeserializeOwned> Topic<T> {
         }
         Ok(subscription)
     }
+}
+
+/// Whom one [`Topic::publish_reporting`] handed its message to, as far as this member knows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Subscribers on this member whose queue took the message (a full queue drops it).
+    pub local_subscribers: usize,
+    /// Other members with subscribers that the message was sent to; each delivers it to its own
+    /// subscribers (how many is not known here).
+    pub members: usize,
 }
 
 /// A subscription to a plain topic: [`Subscription::recv`] the messages, or use it as a
