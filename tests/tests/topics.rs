@@ -321,3 +321,23 @@ async fn subscriptions_are_announced_and_retracted_in_gossip() {
     drop(sub);
     wait_until("the retraction to be gossiped", WAIT, || !sees_subscription(a, "topic:gossiped", b)).await;
 }
+
+/// Topic names come from callers and from other members: the counters kept per name are
+/// bounded, those of further topics summed under one name, so publishing to ever-new names does
+/// not grow a member's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_of_ever_new_topic_names_are_bounded() {
+    let cluster = TestCluster::start(1).await;
+    cluster.wait_settled().await;
+    let member = cluster.member(0);
+    let extra = 10;
+    for i in 0..grapevine::TOPIC_STATS_MAX + extra {
+        member.topic::<u32>(&format!("t-{i}")).unwrap().publish(&1).await.unwrap();
+    }
+    let stats = member.topic_service().local_stats();
+    assert!(stats.len() <= grapevine::TOPIC_STATS_MAX + 1, "{} topics counted", stats.len());
+    let other = stats.iter().find(|t| t.name == grapevine::OTHER_TOPICS).expect("the overflow row");
+    assert_eq!(other.published, extra as u64);
+    let total: u64 = stats.iter().map(|t| t.published).sum();
+    assert_eq!(total, (grapevine::TOPIC_STATS_MAX + extra) as u64, "every publish is counted once");
+}

@@ -41,8 +41,8 @@ pub use grapevine_membership::{
     ClusterView, Member, MemberEvent, MemberId, MemberState, PROTOCOL_VERSION, ProtocolVersion,
 };
 pub use grapevine_topic::{
-    Delivered, Message, OverloadPolicy, ReliableSubscription, ReliableTopic, ReliableTopicConfig, StartAt,
-    Subscription, Topic, TopicConfig, TopicError, TopicKind, TopicService, TopicStats,
+    Delivered, Message, OTHER_TOPICS, OverloadPolicy, ReliableSubscription, ReliableTopic, ReliableTopicConfig,
+    StartAt, Subscription, TOPIC_STATS_MAX, Topic, TopicConfig, TopicError, TopicKind, TopicService, TopicStats,
 };
 pub use map::{DistributedMap, Entries, EntryEvent, EntryListener, ListenError};
 pub use singleton::{MASTER_TASK_STOP_TIMEOUT, MasterTask};

@@ -65,6 +65,13 @@ const RELIABLE_KEY_PREFIX: &str = "rtopic:";
 /// Topics one member may register explicitly on another.
 const REGISTRATIONS_PER_MEMBER_MAX: usize = 4096;
 
+/// Topics a member keeps counters for by name (`/stats`, `/metrics`); the counters of further
+/// topics are summed under [`OTHER_TOPICS`].
+pub const TOPIC_STATS_MAX: usize = 4096;
+
+/// The name the counters of topics beyond [`TOPIC_STATS_MAX`] are summed under.
+pub const OTHER_TOPICS: &str = "(other topics)";
+
 /// What a message adds to its payload at most on the wire (names, envelope, framing).
 const MESSAGE_OVERHEAD_BYTES: usize = 2048;
 
@@ -233,7 +240,10 @@ impl Inner {
         if let Some(c) = counters.get(&(kind, topic.to_string())) {
             return c.clone();
         }
-        counters.entry((kind, topic.to_string())).or_default().clone()
+        // Topic names come from callers and from other members: beyond the bound, counters are
+        // summed under one name instead of growing without limit.
+        let name = if counters.len() >= TOPIC_STATS_MAX { OTHER_TOPICS } else { topic };
+        counters.entry((kind, name.to_string())).or_default().clone()
     }
 
     /// The largest envelope a message of `topic` may have.
