@@ -39,13 +39,25 @@ impl GrapevineCluster {
     /// all of them as active and replication has settled (the balanced partition table, every
     /// backup confirmed).
     pub async fn start(n: usize, third: u8, first_host: u8) -> anyhow::Result<GrapevineCluster> {
+        Self::start_with(n, third, first_host, |_| {}).await
+    }
+
+    /// [`GrapevineCluster::start`] with `configure` applied to every member's configuration.
+    pub async fn start_with(
+        n: usize,
+        third: u8,
+        first_host: u8,
+        configure: impl Fn(&mut Config),
+    ) -> anyhow::Result<GrapevineCluster> {
         anyhow::ensure!(n > 0, "a cluster needs at least one member");
         let name = format!("bench-{}", std::process::id());
         let mut members: Vec<Cluster> = Vec::with_capacity(n);
         for i in 0..n {
             let host = first_host.checked_add(i as u8).context("too many members for the address range")?;
             let ip = IpAddr::V4(Ipv4Addr::new(127, 0, third, host));
-            let mut builder = Cluster::builder().config(member_config(&name)).bind(ip);
+            let mut config = member_config(&name);
+            configure(&mut config);
+            let mut builder = Cluster::builder().config(config).bind(ip);
             if !members.is_empty() {
                 let seeds: Vec<String> = members.iter().map(|m| m.addresses().gossip.to_string()).collect();
                 builder = builder.discovery(grapevine::Discovery::static_list(seeds));
