@@ -2,7 +2,8 @@
 //! namespace, on private bridges: no member has a static list.
 //!
 //! **Needs** root, `ip` (iproute2) and `nft` (nftables), like `chaos_netns.rs`; without them each
-//! test prints why and passes, unless `CHAOS_NETNS_REQUIRED=1` makes that a failure. The records
+//! namespace test is reported ignored with the reason (its own harness, like `chaos_netns.rs`),
+//! or fails when `CHAOS_NETNS_REQUIRED=1`. The records
 //! are checked with python-zeroconf (Debian's `python3-zeroconf`, installed by `.ci/run`), an mDNS
 //! implementation independent of grapevine's; without it a test fails saying how to install it,
 //! unless `GRAPEVINE_ALLOW_SKIP=1` (then it prints `SKIPPED: ...` for that check).
@@ -26,7 +27,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
+
+mod netns;
+use netns::{ip, quiet, unavailable};
 
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
 
@@ -50,6 +55,63 @@ const NFT_TABLE: &str = "gvmdnscut";
 
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The namespace scenarios, by name.
+const SCENARIOS: &[(&str, fn())] = &[
+    (
+        "three_members_form_one_cluster_and_another_cluster_stays_out",
+        three_members_form_one_cluster_and_another_cluster_stays_out,
+    ),
+    ("members_started_at_once_become_one_cluster", members_started_at_once_become_one_cluster),
+    (
+        "groups_formed_apart_find_each_other_and_become_one_cluster",
+        groups_formed_apart_find_each_other_and_become_one_cluster,
+    ),
+    (
+        "a_member_with_two_interfaces_announces_only_on_the_configured_one",
+        a_member_with_two_interfaces_announces_only_on_the_configured_one,
+    ),
+];
+
+/// Runs the tests; the namespace ones are reported ignored, with the reason, when this host
+/// cannot build labs (failures instead when `CHAOS_NETNS_REQUIRED` is set).
+fn main() {
+    let args = Arguments::from_args();
+    let unavailable = unavailable(&format!("gm{}probe", std::process::id()));
+    let required = netns::required();
+    if let Some(reason) = &unavailable
+        && !required
+        && !args.list
+    {
+        println!(
+            "mdns_netns: the {} network-namespace tests are ignored: {reason}. Run them as root with iproute2 and \
+             nftables; CHAOS_NETNS_REQUIRED=1 makes this a failure.",
+            SCENARIOS.len()
+        );
+    }
+    let mut trials: Vec<Trial> = SCENARIOS
+        .iter()
+        .map(|&(name, scenario)| {
+            let reason = unavailable.clone();
+            Trial::test(name, move || match reason {
+                Some(reason) => Err(Failed::from(format!(
+                    "network namespaces are unavailable: {reason}{}",
+                    if required { " (CHAOS_NETNS_REQUIRED is set)" } else { "" }
+                ))),
+                None => {
+                    scenario();
+                    Ok(())
+                }
+            })
+            .with_ignored_flag(unavailable.is_some() && !required)
+        })
+        .collect();
+    trials.push(Trial::test("conflicting_or_unknown_discovery_settings_are_start_up_errors", || {
+        conflicting_or_unknown_discovery_settings_are_start_up_errors();
+        Ok(())
+    }));
+    libtest_mimic::run(&args, trials).exit();
+}
+
 // ------------------------------------------------------------------------------------------------
 // The scenarios
 // ------------------------------------------------------------------------------------------------
@@ -58,9 +120,8 @@ static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// cluster name on the same network stays out (and both sides log why); python-zeroconf reads each
 /// member's record and finds what the member reports about itself; a member that stops gracefully
 /// says goodbye and disappears from its peers' candidates and from the network.
-#[test]
 fn three_members_form_one_cluster_and_another_cluster_stays_out() {
-    let Some(mut lab) = Lab::create("form", 'a', 0) else { return };
+    let mut lab = Lab::create("form", 'a', 0);
     let cluster = lab.cluster.clone();
     for node in ["n1", "n2", "n3"] {
         lab.add_member(node, &cluster, &[Lan::A], &[]);
@@ -107,10 +168,9 @@ fn three_members_form_one_cluster_and_another_cluster_stays_out() {
 /// Members started at the same moment with mDNS, each of them alone at first (1+1+1), end as one
 /// cluster with one master and one settled table, with the default discovery settings. Several
 /// rounds, since it is a race.
-#[test]
 fn members_started_at_once_become_one_cluster() {
     for round in 0..3 {
-        let Some(mut lab) = Lab::create("atonce", 'b', 1) else { return };
+        let mut lab = Lab::create("atonce", 'b', 1);
         let cluster = lab.cluster.clone();
         for node in ["n1", "n2", "n3"] {
             lab.add_member(node, &cluster, &[Lan::A], &[]);
@@ -131,9 +191,8 @@ fn members_started_at_once_become_one_cluster() {
 /// Groups that formed apart (2+1: n3 could not hear n1 and n2, nor they it, while all started)
 /// find each other through discovery once the network lets them, and become one cluster within
 /// the deadline: discovery keeps querying, so the groups do not have to wait for a restart.
-#[test]
 fn groups_formed_apart_find_each_other_and_become_one_cluster() {
-    let Some(mut lab) = Lab::create("groups", 'c', 2) else { return };
+    let mut lab = Lab::create("groups", 'c', 2);
     let cluster = lab.cluster.clone();
     for node in ["n1", "n2", "n3"] {
         lab.add_member(node, &cluster, &[Lan::A], &[]);
@@ -162,9 +221,8 @@ fn groups_formed_apart_find_each_other_and_become_one_cluster() {
 /// advertises eth1's address, joins the member on LAN B, and is invisible on LAN A: the member
 /// there stays alone, and python-zeroconf on LAN A sees that member's record but not its own.
 /// Without the setting the member refuses to start, naming both interfaces.
-#[test]
 fn a_member_with_two_interfaces_announces_only_on_the_configured_one() {
-    let Some(mut lab) = Lab::create("twoif", 'd', 3) else { return };
+    let mut lab = Lab::create("twoif", 'd', 3);
     let cluster = lab.cluster.clone();
     lab.add_member("d1", &cluster, &[Lan::A, Lan::B], &[("GRAPEVINE_MDNS_INTERFACES", "eth1")]);
     lab.add_member("b1", &cluster, &[Lan::B], &[]);
@@ -209,7 +267,6 @@ fn a_member_with_two_interfaces_announces_only_on_the_configured_one() {
 
 /// Configuring both mechanisms, or an interface that does not exist, stops the member at start
 /// with exit status 2 and a message naming the key. (No namespace needed: nothing is sent.)
-#[test]
 fn conflicting_or_unknown_discovery_settings_are_start_up_errors() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
         let mut command = Command::new(BIN);
@@ -271,16 +328,10 @@ struct Lab {
 }
 
 impl Lab {
-    fn create(test: &'static str, tag: char, slot: u8) -> Option<Lab> {
+    /// Builds the lab for test `test`; [`main`] checked that this host can.
+    fn create(test: &'static str, tag: char, slot: u8) -> Lab {
         let pid = std::process::id();
         let prefix = format!("gm{pid}{tag}");
-        if let Some(reason) = unavailable(&format!("{prefix}x")) {
-            if std::env::var_os("CHAOS_NETNS_REQUIRED").is_some_and(|v| !v.is_empty() && v != "0") {
-                panic!("mdns test {test}: network namespaces are required (CHAOS_NETNS_REQUIRED) but {reason}");
-            }
-            eprintln!("skipping mdns test {test}: {reason}");
-            return None;
-        }
         let one_at_a_time = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("mdns-{pid}-{test}"));
         let _ = std::fs::remove_dir_all(&log_dir);
@@ -298,7 +349,7 @@ impl Lab {
             _one_at_a_time: one_at_a_time,
         };
         lab.remove_network();
-        Some(lab)
+        lab
     }
 
     fn subnet(&self, lan: Lan, host: u32) -> String {
@@ -707,32 +758,6 @@ fn python_with_zeroconf() -> Option<String> {
     panic!("{why}; set GRAPEVINE_ALLOW_SKIP=1 to skip this check");
 }
 
-fn unavailable(probe: &str) -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1));
-    if euid != Some("0") {
-        return Some(format!("not running as root (effective uid {})", euid.unwrap_or("unknown")));
-    }
-    let works = |program: &str, args: &[&str]| match Command::new(program).args(args).output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => {
-            Err(format!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-        }
-        Err(e) => Err(format!("`{program}` cannot run: {e}")),
-    };
-    if let Err(e) = works("ip", &["netns", "list"]) {
-        return Some(format!("{e} (install iproute2)"));
-    }
-    if let Err(e) = works("nft", &["--version"]) {
-        return Some(format!("{e} (install nftables)"));
-    }
-    quiet("ip", &["netns", "del", probe]);
-    let probed = works("ip", &["netns", "add", probe])
-        .and_then(|()| works("ip", &["netns", "exec", probe, "nft", "list", "ruleset"]));
-    quiet("ip", &["netns", "del", probe]);
-    probed.err().map(|e| format!("cannot use a network namespace: {e}"))
-}
-
 /// The third octet of the lab's /28s: the first from `pid % 250` on that no route of the host uses
 /// for `slot` on either LAN.
 fn free_octet(pid: u32, slot: u8) -> u32 {
@@ -747,11 +772,6 @@ fn free_octet(pid: u32, slot: u8) -> u32 {
         .expect("a free /28 in 10.217.0.0/16 and 10.218.0.0/16")
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
 /// Loads an nftables script in namespace `ns`.
 fn nft(ns: &str, script: &str) {
     let mut child = Command::new("ip")
@@ -764,10 +784,6 @@ fn nft(ns: &str, script: &str) {
     child.stdin.take().unwrap().write_all(script.as_bytes()).expect("nft script written");
     let out = child.wait_with_output().expect("nft runs");
     assert!(out.status.success(), "nft -f failed in {ns}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn quiet(program: &str, args: &[&str]) {
-    let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
 fn agent(timeout: Duration) -> ureq::Agent {
