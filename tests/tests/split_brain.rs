@@ -336,3 +336,98 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         .sum();
     assert!(took >= 2, "the owners took the merging entries of latest-update: {took}");
 }
+
+/// A map without backups: the partitions the member cut off owned have no copy on the larger side,
+/// which takes them over empty (and reports them lost). At the heal, the cut-off member merges
+/// every entry of those partitions, not only what it wrote during the split, so nothing written
+/// before the split is lost with `latest-update`; with `discard` it is, as that policy says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_the_heal() {
+    let cluster = TestCluster::start_with(3, |name| {
+        let mut config = test_config(name);
+        // A short acknowledgement timeout, so the entries written before the split are older
+        // than the margin a merge takes in anyway (the timeout plus a second) when the split comes.
+        config.partitions.backup_ack_timeout_ms = 300;
+        for policy in [MergePolicy::LatestUpdate, MergePolicy::Discard] {
+            config.maps.insert(
+                policy.to_string(),
+                MapConfig { merge_policy: policy, backup_count: 0, ..MapConfig::default() },
+            );
+        }
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    let (a, b, c) = (cluster.member(0), cluster.member(1), cluster.member(2));
+    let keys: Vec<u32> = (0..120).collect();
+    for name in ["latest-update", "discard"] {
+        let map = a.map::<u32, u32>(name).unwrap();
+        for k in &keys {
+            map.put(k, k).await.unwrap();
+        }
+    }
+    // The keys c owns: their only copy.
+    let on_c_only: Vec<u32> = keys
+        .iter()
+        .copied()
+        .filter(|k| {
+            let p = a.map_service().partition_of(&encode_key(k));
+            a.map_service().table().owner(p) == Some(c.local())
+        })
+        .collect();
+    assert!(!on_c_only.is_empty(), "c owns some of 120 keys");
+    // Age the entries past the margin (the condition is the clock itself).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    cut(a, c, true);
+    cut(b, c, true);
+    wait_until("c alone, a and b without it", WAIT, || {
+        c.view().len() == 1 && a.view().member(c.local()).is_none() && b.view().member(c.local()).is_none()
+    })
+    .await;
+    wait_settled(&[a, b]).await;
+    let on_a = a.map::<u32, u32>("latest-update").unwrap();
+    for k in &on_c_only {
+        assert_eq!(on_a.get(k).await.unwrap(), None, "key {k}: the larger side has no copy of c's partitions");
+    }
+    // Written on the larger side during the split into one of those partitions: kept (it is
+    // later than c's entry).
+    let rewritten = on_c_only[0];
+    on_a.put(&rewritten, &1_000).await.unwrap();
+
+    cut(a, c, false);
+    cut(b, c, false);
+    cluster.wait_all_active(3).await;
+    cluster.wait_settled().await;
+    for (name, back) in [("latest-update", true), ("discard", false)] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut wrong = Vec::new();
+            for m in [a, b, c] {
+                let map = m.map::<u32, u32>(name).unwrap();
+                for k in &keys {
+                    let want = if *k == rewritten && name == "latest-update" {
+                        Some(1_000)
+                    } else if on_c_only.contains(k) && !back {
+                        None
+                    } else {
+                        Some(*k)
+                    };
+                    let got = map.get(k).await.unwrap();
+                    if got != want {
+                        wrong.push((m.local().node_id.to_string(), *k, got, want));
+                    }
+                }
+            }
+            if wrong.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: (member, key, read, expected) {:?}",
+                &wrong[..wrong.len().min(8)]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -5,21 +5,31 @@
 //! adjusts the partitions, and [`push`] offers them, once the table is applied, to the owners of
 //! the cluster it joined, where each map's merge policy decides ([`crate::merge::decide`]).
 //!
-//! Which entries: those of every partition this member owned under its last table whose owner
-//! term the winning table does not continue (a partition whose term the winner continues was
-//! owned by this member on both sides: its data is the winner's), last written at or after the
-//! moment this member applied its side's first table outside the winner's lineage. Older entries
-//! were written before the sides parted: the winner holds them as they were, or changed or
-//! removed them since, and merging them back would undo its removals (removals are not merged).
-//! What the smaller side acknowledged between the cut and its first table of its own (possible
-//! only where every synchronous replica was on its side) is not merged. Ring buffers (reliable
-//! topics) are not merged, nor maps whose policy is `discard`.
+//! Which entries, per partition this member owned under its last table whose owner term the
+//! winning table does not continue (a partition whose term the winner continues was owned by this
+//! member on both sides: its data is the winner's):
+//! - every entry, when none of the partition's synchronous replicas in the last table both sides
+//!   shared is on the winner's side ([`winner_kept`]): the winner took the partition over empty
+//!   and reported it lost, and this member holds the only copy of what was written before the
+//!   split;
+//! - otherwise the entries last written since [`MERGE_MARGIN`] plus the backup acknowledgement
+//!   timeout before this member applied its side's first table outside the winner's lineage.
+//!   Older entries were written before the sides parted and reached the winner's replica: it
+//!   holds them as they were, or changed or removed them since, and merging them back would undo
+//!   its removals (removals are not merged). The margin takes in what this member acknowledged
+//!   between the cut and its side's first table: such a write waited for that table (its backup on
+//!   the other side was unreachable) for at most the acknowledgement timeout. Entries written a
+//!   little before the split fall in the margin too: for the comparing policies they tie with the
+//!   winner's copy (which it keeps), for `pass-through` they overwrite what the winner wrote in
+//!   them since.
+//!
+//! Ring buffers (reliable topics) are not merged, nor maps whose policy is `discard`.
 //!
 //! Bounded: at most [`MERGE_ENTRIES_MAX`] entries and [`MERGE_BYTES_MAX`] bytes are kept for a
 //! merge; beyond that the rest is dropped with a warning that says how many (the policy would
 //! have decided about them; the winner's entries stay).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +40,7 @@ use crate::merge::MergePolicy;
 use crate::node::{Node, PartitionData};
 use crate::record::Record;
 use crate::table::{PartitionTable, TableId};
+use grapevine_membership::MemberId;
 
 /// The most entries one merge keeps in memory.
 pub(crate) const MERGE_ENTRIES_MAX: usize = 1_000_000;
@@ -40,28 +51,38 @@ pub(crate) const MERGE_BYTES_MAX: usize = 256 << 20;
 /// Tables this member remembers applying, with when, to find where its side forked off.
 pub(crate) const TABLE_LOG_MAX: usize = 64;
 
+/// Added to the backup acknowledgement timeout: how long before its side's first table of its own
+/// a member's entries are still merged (see the module docs).
+pub(crate) const MERGE_MARGIN: Duration = Duration::from_secs(1);
+
 /// Rounds of merging the entries that failed (owner unreachable, timeouts) before giving up.
 const MERGE_ROUNDS: u32 = 5;
 
-/// The tables this member applied, oldest first, with the wall-clock time (ms) of each.
+/// The tables this member applied, oldest first, with the wall-clock time (ms) of each (the
+/// tables themselves: the one a merge starts from tells which partitions the winner lost).
 #[derive(Debug, Default)]
 pub(crate) struct TableLog {
-    applied: VecDeque<(TableId, u64)>,
+    applied: VecDeque<(Arc<PartitionTable>, u64)>,
 }
 
 impl TableLog {
-    pub(crate) fn push(&mut self, id: TableId, now: u64) {
+    pub(crate) fn push(&mut self, table: Arc<PartitionTable>, now: u64) {
         if self.applied.len() == TABLE_LOG_MAX {
             self.applied.pop_front();
         }
-        self.applied.push_back((id, now));
+        self.applied.push_back((table, now));
+    }
+
+    /// The newest remembered table `winner` continues: the last one both sides shared.
+    pub(crate) fn base(&self, winner: &PartitionTable) -> Option<Arc<PartitionTable>> {
+        self.applied.iter().rev().find(|(t, _)| winner.term_in_lineage(&t.id())).map(|(t, _)| t.clone())
     }
 
     /// When this member's side left `winner`'s lineage: the time it applied the first table after
     /// the newest one `winner` continues (its oldest remembered table's when `winner` continues
     /// none of them; 0, everything, when it remembers none).
     pub(crate) fn forked_at(&self, winner: &PartitionTable) -> u64 {
-        let at = fork_time(self.applied.iter().map(|(id, at)| (winner.term_in_lineage(id), *at)));
+        let at = fork_time(self.applied.iter().map(|(t, at)| (winner.term_in_lineage(&t.id()), *at)));
         let oldest = self.applied.front().map(|(_, at)| *at);
         // Every remembered table is outside the winner's lineage and older ones were forgotten:
         // the fork may be older still.
@@ -81,11 +102,30 @@ fn fork_time(log: impl DoubleEndedIterator<Item = (bool, u64)> + Clone) -> u64 {
     first_outside.unwrap_or(0)
 }
 
+/// Whether the winner's side kept a synchronous replica of a partition whose row was `base_row`
+/// in the last table both sides shared: some of its first `durable` replicas is on the winner's
+/// side. When none is, the winner took the partition over with nothing (and reported it lost).
+pub(crate) fn winner_kept(base_row: &[MemberId], durable: usize, winner_side: &BTreeSet<MemberId>) -> bool {
+    base_row.iter().take(durable.max(1)).any(|m| winner_side.contains(m))
+}
+
+/// The members of the winner's side: those `winner` names that `ours` (this member's last table,
+/// its side's) does not.
+pub(crate) fn winner_side(ours: &PartitionTable, winner: &PartitionTable) -> BTreeSet<MemberId> {
+    let named = |t: &PartitionTable| t.rows.iter().flatten().cloned().collect::<BTreeSet<MemberId>>();
+    let ours = named(ours);
+    named(winner).into_iter().filter(|m| !ours.contains(m)).collect()
+}
+
 /// The entries of a side that lost, by map, to be merged into the winner's cluster.
 #[derive(Debug)]
 pub(crate) struct Merging {
-    /// Entries written at or after this time (ms) are merged.
+    /// Entries written at or after this time (ms) are merged (all of a partition the winner lost).
     pub(crate) since_ms: u64,
+    /// The last table both sides shared (`None`: none is remembered, every entry is merged).
+    base: Option<Arc<PartitionTable>>,
+    /// The winner's members that were not on this member's side.
+    winner_side: BTreeSet<MemberId>,
     /// Why this member merges: its table and the winner's.
     pub(crate) ours: TableId,
     pub(crate) theirs: TableId,
@@ -94,26 +134,52 @@ pub(crate) struct Merging {
     bytes: usize,
     /// Entries left out over the bounds.
     pub(crate) dropped: u64,
+    /// Partitions (of some map) the winner lost, whose every entry is merged.
+    pub(crate) lost_partitions: u64,
 }
 
 impl Merging {
-    pub(crate) fn new(since_ms: u64, ours: TableId, theirs: TableId) -> Merging {
-        Merging { since_ms, ours, theirs, maps: BTreeMap::new(), entries: 0, bytes: 0, dropped: 0 }
+    /// A merge of what this member wrote since `since_ms` (or, in partitions the winner lost,
+    /// ever) on its side, whose last table is `ours`, into `winner`'s.
+    pub(crate) fn new(
+        since_ms: u64,
+        base: Option<Arc<PartitionTable>>,
+        ours: &PartitionTable,
+        winner: &PartitionTable,
+    ) -> Merging {
+        Merging {
+            since_ms,
+            base,
+            winner_side: winner_side(ours, winner),
+            ours: ours.id(),
+            theirs: winner.id(),
+            maps: BTreeMap::new(),
+            entries: 0,
+            bytes: 0,
+            dropped: 0,
+            lost_partitions: 0,
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.maps.is_empty()
     }
 
-    /// Takes the entries of one partition this member owned: those of maps that merge, written
-    /// at or after `since_ms`.
-    pub(crate) fn collect(&mut self, settings: &MapSettings, data: &PartitionData) {
+    /// Takes the entries of partition `p`, which this member owned: those of maps that merge,
+    /// written at or after `since_ms`, or all of them where the winner kept no synchronous replica.
+    pub(crate) fn collect(&mut self, settings: &MapSettings, p: u32, data: &PartitionData) {
         for (name, mp) in &data.maps {
-            if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) || settings.map(name).merge_policy == MergePolicy::Discard {
+            let config = settings.map(name);
+            if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) || config.merge_policy == MergePolicy::Discard {
                 continue;
             }
+            let all = self
+                .base
+                .as_ref()
+                .is_none_or(|base| !winner_kept(base.row(p), config.durable_replicas(), &self.winner_side));
+            self.lost_partitions += u64::from(all && mp.entries.len() > 0);
             for (key, record) in mp.entries.iter() {
-                if record.updated_ms < self.since_ms {
+                if !all && record.updated_ms < self.since_ms {
                     continue;
                 }
                 let size = key.len() + record.value.len();
@@ -135,6 +201,7 @@ pub(crate) async fn push(node: Arc<Node>, merging: Merging) {
     let total: usize = merging.maps.values().map(Vec::len).sum();
     info!(
         ours = %merging.ours, theirs = %merging.theirs, entries = total, since_ms = merging.since_ms,
+        partitions_lost_by_the_winner = merging.lost_partitions,
         "this member's side of a split lost to the larger one: merging the entries it wrote meanwhile"
     );
     if merging.dropped > 0 {
@@ -264,6 +331,34 @@ mod tests {
         // A table the winner continues after one it does not (the side rejoined the winner's
         // lineage for a while, then forked again): the last fork counts.
         assert_eq!(fork_time([(false, 1), (true, 2), (false, 3)].iter().copied()), 3);
+    }
+
+    fn m(name: &str) -> MemberId {
+        MemberId::new(name, 1)
+    }
+
+    #[test]
+    fn a_partition_whose_synchronous_replicas_were_all_on_the_losing_side_was_lost_by_the_winner() {
+        let winner: BTreeSet<MemberId> = [m("a"), m("b")].into();
+        // c owned it, a was its backup: the winner promoted a and has the data.
+        assert!(winner_kept(&[m("c"), m("a")], 2, &winner));
+        // c and d (both on the losing side) held it: the winner has nothing.
+        assert!(!winner_kept(&[m("c"), m("d"), m("a")], 2, &winner), "a was only an asynchronous backup");
+        assert!(winner_kept(&[m("c"), m("d"), m("a")], 3, &winner));
+        // No backups: only the owner counts.
+        assert!(!winner_kept(&[m("c"), m("a")], 1, &winner));
+        assert!(winner_kept(&[m("a")], 0, &winner), "the owner always counts");
+        assert!(!winner_kept(&[], 2, &winner), "a row with no replica kept nothing");
+    }
+
+    #[test]
+    fn the_winners_side_is_who_its_table_names_and_ours_does_not() {
+        let mut ours = PartitionTable::empty(3);
+        ours.rows = vec![vec![m("c")], vec![m("c"), m("d")], vec![m("d")]];
+        let mut winner = PartitionTable::empty(3);
+        winner.rows = vec![vec![m("a"), m("b")], vec![m("b"), m("d")], vec![m("a")]];
+        // d appears in both (it rejoined the winner already): it is not the winner's side.
+        assert_eq!(winner_side(&ours, &winner), [m("a"), m("b")].into());
     }
 
     proptest! {

@@ -125,6 +125,7 @@ impl Node {
         if table.id() == old.id() {
             return false;
         }
+        let table = Arc::new(table);
         let now = now_ms();
         let migration_window_ms = self.settings.migration_timeout.as_millis() as u64;
         let mut takeovers = Vec::new();
@@ -133,8 +134,12 @@ impl Node {
         let mut merging = {
             let mut log = self.tables.log.lock().unwrap();
             let lost = !table.term_in_lineage(&old.id());
-            let merging = lost.then(|| crate::rejoin::Merging::new(log.forked_at(&table), old.id(), table.id()));
-            log.push(table.id(), now);
+            let merging = lost.then(|| {
+                let margin = (self.settings.backup_ack_timeout + crate::rejoin::MERGE_MARGIN).as_millis() as u64;
+                let since = log.forked_at(&table).saturating_sub(margin);
+                crate::rejoin::Merging::new(since, log.base(&table), &old, &table)
+            });
+            log.push(table.clone(), now);
             merging
         };
         for p in 0..table.partition_count() {
@@ -144,7 +149,7 @@ impl Node {
                 && old.owner(p) == Some(&self.local)
                 && old.term(p) != table.term(p)
             {
-                merging.collect(&self.settings, &data);
+                merging.collect(&self.settings, p, &data);
             }
             // A new table: whatever a replica said about the partition is re-examined under it.
             data.fenced = None;
@@ -191,7 +196,7 @@ impl Node {
             }
         }
         let id = table.id();
-        self.tables.tx.send_replace(Arc::new(table));
+        self.tables.tx.send_replace(table);
         drop(_serial);
         self.slots.iter().for_each(|s| s.drained.notify_waiters());
         self.master_wakeup.notify_one();
