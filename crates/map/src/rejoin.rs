@@ -177,7 +177,7 @@ impl Merging {
                 .base
                 .as_ref()
                 .is_none_or(|base| !winner_kept(base.row(p), config.durable_replicas(), &self.winner_side));
-            self.lost_partitions += u64::from(all && mp.entries.len() > 0);
+            self.lost_partitions += u64::from(all && !mp.entries.is_empty());
             for (key, record) in mp.entries.iter() {
                 if !all && record.updated_ms < self.since_ms {
                     continue;

@@ -38,7 +38,6 @@ impl Entries {
         self.table.len()
     }
 
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
