@@ -20,11 +20,17 @@
 //! **Minority sides.** A member that ends up alone or with a minority of the cluster (a two-way
 //! cut, a member that hears nobody, a member whose gossip is cut, or one that just woke up from a
 //! stall) is a side of its own and keeps serving: what it acknowledges while apart is resolved by
-//! the map's merge policy when the sides meet (the harness's map uses `discard`: such writes are
-//! dropped, which is what the checker models; `tests/tests/split_brain.rs` tests the merging
-//! policies). Operations completed
-//! through a member whose view held at most half the cluster are marked as such; the checker
-//! allows them to be lost (and reports how many were), never the others.
+//! the map's merge policy when the sides meet. Operations completed through a member whose view
+//! held at most half the cluster are marked as such; the checker allows them to be lost (and
+//! reports how many were), never the others, except as the map's merge policy says
+//! ([`Model`], drawn per schedule): with `discard` nothing else; with `latest-update` and
+//! `put-if-absent` a merged entry of the smaller side may also fill a key the larger side removed
+//! meanwhile (removals are not merged); with `pass-through` it may overwrite anything the larger
+//! side did to the key before the merge.
+//!
+//! **Splits and merges.** Besides single splits, schedules draw flapping links (a side cut and
+//! restored several times, faster than the merge delay) and repeated split/heal cycles (the next
+//! cut comes as soon as the views are whole again, while partitions still migrate).
 //!
 //! A failing schedule prints its seed and steps; `GRAPEVINE_HARNESS_SEED=<seed>` replays it.
 
@@ -74,6 +80,12 @@ impl Rng {
 pub enum Fault {
     /// `side` cannot talk to the others at all (both planes, both directions).
     Split { side: Vec<usize> },
+    /// `side` is cut off as in `Split` and restored again `cuts` times, each cut and each
+    /// restoration a few hundred milliseconds (restorations shorter than the merge delay).
+    Flap { side: Vec<usize>, cuts: usize },
+    /// `side` is split off `cycles` times; each cut lasts `hold`, and the next one starts as soon
+    /// as every member sees every other again (the table may still be migrating).
+    Cycles { side: Vec<usize>, cycles: usize },
     /// `member`'s traffic to everyone else is dropped (both planes); it still hears them.
     Mute { member: usize },
     /// Traffic to `member` from everyone else is dropped (both planes); it still sends.
@@ -114,6 +126,8 @@ pub struct Schedule {
     pub members: usize,
     /// Synchronous backups of the map.
     pub backup_count: u8,
+    /// The map's merge policy.
+    pub policy: grapevine::MergePolicy,
     /// The faults, one at a time.
     pub steps: Vec<Step>,
 }
@@ -122,6 +136,15 @@ impl Schedule {
     /// The schedule of `seed`: 3 or 5 members, one to three faults.
     pub fn from_seed(seed: u64) -> Schedule {
         let mut rng = Rng::new(seed);
+        // Policies and the kind of split come from a generator of their own, so that the rest of
+        // a seed's schedule stays what it was before they were drawn.
+        let mut extra = Rng::new(seed ^ 0x6d65_7267_6573_2121);
+        let policy = match extra.below(4) {
+            0 => grapevine::MergePolicy::Discard,
+            1 => grapevine::MergePolicy::LatestUpdate,
+            2 => grapevine::MergePolicy::PutIfAbsent,
+            _ => grapevine::MergePolicy::PassThrough,
+        };
         let members = if rng.below(4) == 0 { 5 } else { 3 };
         let backup_count = if members == 5 && rng.below(2) == 0 { 2 } else { 1 };
         let faults = rng.between(1, 3) as usize;
@@ -141,7 +164,11 @@ impl Schedule {
                         }
                     }
                     side.sort();
-                    Fault::Split { side }
+                    match extra.below(3) {
+                        0 => Fault::Split { side },
+                        1 => Fault::Flap { side, cuts: extra.between(2, 5) as usize },
+                        _ => Fault::Cycles { side, cycles: extra.between(2, 3) as usize },
+                    }
                 }
                 2 | 3 => Fault::Mute { member: pick(&mut rng) },
                 4 => Fault::Deaf { member: pick(&mut rng) },
@@ -168,13 +195,17 @@ impl Schedule {
             let rest = Duration::from_millis(rng.between(100, 800));
             steps.push(Step { fault, hold, rest });
         }
-        Schedule { seed, members, backup_count, steps }
+        Schedule { seed, members, backup_count, policy, steps }
     }
 }
 
 impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "seed {}: {} members, backup_count {}", self.seed, self.members, self.backup_count)?;
+        write!(
+            f,
+            "seed {}: {} members, backup_count {}, merge policy {}",
+            self.seed, self.members, self.backup_count, self.policy
+        )?;
         for step in &self.steps {
             write!(f, "; {:?} for {:?}, rest {:?}", step.fault, step.hold, step.rest)?;
         }
@@ -184,7 +215,7 @@ impl fmt::Display for Schedule {
 
 /// The member configuration of the harness: short timers, so that failure detection and
 /// migrations happen within the schedule.
-pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
+pub fn harness_config(cluster_name: &str, backup_count: u8, policy: grapevine::MergePolicy) -> Config {
     let mut config = crate::test_config(cluster_name);
     config.gossip.interval_ms = 100;
     config.gossip.phi_threshold = 8.0;
@@ -198,15 +229,10 @@ pub fn harness_config(cluster_name: &str, backup_count: u8) -> Config {
     config.shutdown_timeout_seconds = 10;
     config.merge_first_run_delay_seconds = 0.0;
     config.merge_run_delay_seconds = 0.5;
-    // `discard`: the smaller side's writes are not merged at a heal, so what the checker allows
-    // (a minority side's acknowledgements may be lost, never the majority's) is exactly what the
-    // cluster guarantees. A merging policy may let the smaller side's entry of a key overrule a
-    // later removal on the larger side (removals are not merged), which this checker does not
-    // model; `tests/tests/split_brain.rs` checks the merging policies.
-    config.maps.insert(
-        MAP.to_string(),
-        grapevine::MapConfig { backup_count, merge_policy: grapevine::MergePolicy::Discard, ..Default::default() },
-    );
+    // The checker knows what each policy may do to the larger side's history ([`Model`]).
+    config
+        .maps
+        .insert(MAP.to_string(), grapevine::MapConfig { backup_count, merge_policy: policy, ..Default::default() });
     config
 }
 
@@ -388,6 +414,9 @@ struct Lab {
     stopped: AtomicBool,
     /// Members alive (not killed or gone) right now: the cluster's size for the minority test.
     alive: AtomicUsize,
+    /// When the cluster was whole again after a fault (settled, or for split cycles, views
+    /// whole): by then a smaller side's entries are merged ([`Model::PassThrough`]).
+    merges: Mutex<Vec<Instant>>,
 }
 
 impl Lab {
@@ -482,9 +511,72 @@ async fn client(id: u32, cluster: Arc<Lab>, history: Arc<History>, stop: Arc<Ato
     }
 }
 
+/// What a merge may do to the larger side's history of a key, by the map's merge policy: the
+/// checker's model of [`grapevine::MergePolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    /// `discard`: the smaller side's writes are dropped; the larger side's history stands.
+    Discard,
+    /// `latest-update`, `put-if-absent`: a merged entry of the smaller side replaces the larger
+    /// side's state only where the key is absent there (removed meanwhile: removals are not
+    /// merged) or holds an older entry (which real-time order allows anyway, except for writes
+    /// in the same millisecond: entries are ordered by their millisecond update times).
+    Fill,
+    /// `pass-through`: a merged entry replaces whatever the larger side did to the key before
+    /// the merge (and fills absent keys, as `Fill`).
+    PassThrough,
+}
+
+impl Model {
+    /// The model of `policy` (the comparing policies other than latest-update are not drawn).
+    pub fn of(policy: grapevine::MergePolicy) -> Model {
+        match policy {
+            grapevine::MergePolicy::Discard => Model::Discard,
+            grapevine::MergePolicy::PassThrough => Model::PassThrough,
+            _ => Model::Fill,
+        }
+    }
+}
+
+/// Writes this close after a merged entry's write may tie with it (millisecond update times).
+const SAME_MS: Duration = Duration::from_millis(2);
+
+/// How long after the cluster is whole again a smaller side's entries may still be merging.
+const MERGE_SLACK: Duration = Duration::from_secs(2);
+
+/// Whether the merge of `w`, a write acknowledged on a minority side, explains that the
+/// non-minority changes `lost` (each started after `w` finished) do not show in the final state,
+/// under `model`. `ops` is the key's whole history, `merges` when the cluster was whole again
+/// after each fault.
+fn merge_explains(model: Model, w: &Op, lost: &[&Op], ops: &[Op], merges: &[Instant]) -> bool {
+    if model == Model::Discard || !w.minority || w.value.is_none() {
+        return false;
+    }
+    // The first time after `w` the sides were whole: pass-through overwrites what came before.
+    let merged = merges.iter().copied().filter(|m| *m >= w.completed).min();
+    let rest: Vec<&&Op> = lost
+        .iter()
+        .filter(|o| {
+            let tie = o.value.is_some() && o.invoked <= w.completed + SAME_MS;
+            let overwritten = model == Model::PassThrough && merged.is_some_and(|m| o.invoked <= m + MERGE_SLACK);
+            !tie && !overwritten
+        })
+        .collect();
+    // The rest must have been wiped out by a removal on the larger side that the merge then
+    // filled: every one of them started before that removal finished.
+    rest.is_empty()
+        || ops.iter().any(|r| {
+            r.value.is_none()
+                && !r.minority
+                && r.outcome != Outcome::Failed
+                && rest.iter().all(|o| o.invoked <= r.completed)
+        })
+}
+
 /// Why the final state of a key contradicts the history, if it does. `last` is what the members
-/// hold. Minority operations may be lost; the returned flag says one was.
-pub fn check_key(ops: &[Op], last: Option<u64>) -> Result<bool, String> {
+/// hold. Minority operations may be lost, and larger-side ones as far as a merge of a minority
+/// write explains it under `model`; the returned flag says one was.
+pub fn check_key(ops: &[Op], last: Option<u64>, model: Model, merges: &[Instant]) -> Result<bool, String> {
     // The operation whose effect the final state is (None: the initial absence).
     let writers: Vec<&Op> = ops.iter().filter(|o| o.value == last).collect();
     let binding = |w: Option<&Op>| -> Result<bool, String> {
@@ -493,11 +585,11 @@ pub fn check_key(ops: &[Op], last: Option<u64>) -> Result<bool, String> {
         // the final state would show them (or something later), not the writer's.
         let overtaken: Vec<&Op> =
             ops.iter().filter(|o| o.outcome == Outcome::Ok && after.is_none_or(|t| o.invoked > t)).collect();
-        if overtaken.iter().all(|o| o.minority) {
+        let lost: Vec<&Op> = overtaken.iter().copied().filter(|o| !o.minority).collect();
+        if lost.is_empty() || w.is_some_and(|w| merge_explains(model, w, &lost, ops, merges)) {
             Ok(!overtaken.is_empty())
         } else {
-            let lost: Vec<&&Op> = overtaken.iter().filter(|o| !o.minority).take(3).collect();
-            Err(format!("acknowledged changes lost: {lost:?}"))
+            Err(format!("acknowledged changes lost: {:?}", &lost[..lost.len().min(3)]))
         }
     };
     if last.is_none() {
@@ -588,9 +680,13 @@ pub async fn run(schedule: Schedule) -> Result<Report, String> {
     epoch();
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let name = format!("faults-{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
-    let config = |_: usize| harness_config(&name, schedule.backup_count);
-    let cluster =
-        Arc::new(Lab { nodes: Mutex::new(Vec::new()), stopped: AtomicBool::new(false), alive: AtomicUsize::new(0) });
+    let config = |_: usize| harness_config(&name, schedule.backup_count, schedule.policy);
+    let cluster = Arc::new(Lab {
+        nodes: Mutex::new(Vec::new()),
+        stopped: AtomicBool::new(false),
+        alive: AtomicUsize::new(0),
+        merges: Mutex::new(Vec::new()),
+    });
     let fail =
         |what: String| format!("{what}\nschedule: {schedule}\nreplay with GRAPEVINE_HARNESS_SEED={}", schedule.seed);
     for i in 0..schedule.members {
@@ -617,6 +713,7 @@ pub async fn run(schedule: Schedule) -> Result<Report, String> {
         // One fault at a time: the promise is about single faults (and up to backup_count members
         // lost at once), so the cluster recovers, replicas confirmed, before the next one.
         settle(&cluster).await.map_err(|e| fail(format!("the cluster did not settle after {:?}: {e}", step.fault)))?;
+        cluster.merges.lock().unwrap().push(Instant::now());
         wait_ops(&history, 20).await.map_err(&fail)?;
         tokio::time::sleep(step.rest).await;
     }
@@ -627,7 +724,8 @@ pub async fn run(schedule: Schedule) -> Result<Report, String> {
     cluster.stopped.store(true, Ordering::Relaxed);
     settle(&cluster).await.map_err(|e| fail(format!("the cluster did not settle after the faults: {e}")))?;
     let ops = history.ops.lock().unwrap().clone();
-    let result = check(&cluster, &ops).await.map_err(fail);
+    let merges = cluster.merges.lock().unwrap().clone();
+    let result = check(&cluster, &ops, Model::of(schedule.policy), &merges).await.map_err(fail);
     for (_, node) in cluster.live() {
         let cluster = node.cluster.clone();
         let _ = node.handle().spawn(async move { cluster.kill().await }).await;
@@ -666,7 +764,10 @@ async fn settle(cluster: &Lab) -> Result<(), String> {
             .iter()
             .all(|v| v.active_members().count() == live.len() && v.master == views[0].master && v.excluded.is_empty())
             && tables.iter().all(|t| *t == tables[0])
-            && live.iter().all(|(_, n)| n.cluster.map_service().is_settled() && n.cluster.health().healthy);
+            && live.iter().all(|(_, n)| {
+                let maps = n.cluster.map_service();
+                maps.is_settled() && !maps.is_merging() && n.cluster.health().healthy
+            });
         if agreed {
             return Ok(());
         }
@@ -688,6 +789,21 @@ async fn settle(cluster: &Lab) -> Result<(), String> {
                 })
                 .collect();
             return Err(states.join("\n  "));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every live member sees every other as active (or `limit` passes); whether they did.
+async fn views_whole(cluster: &Lab, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let live = cluster.live();
+        if live.iter().all(|(_, n)| n.cluster.view().active_members().count() == live.len()) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -719,21 +835,47 @@ async fn apply(
             a.cluster.block_gossip(b.cluster.addresses().gossip, gossip_out, gossip_in, on);
         }
     };
+    // Cuts (or restores) everything between `side` and the others.
+    let split = |side: &[usize], on: bool| {
+        let side: Vec<usize> = side.iter().map(|i| i % n).collect();
+        for a in &side {
+            for b in (0..n).filter(|b| !side.contains(b)) {
+                cut(&node(*a), &node(b), (true, true, true, true), on);
+                cut(&node(b), &node(*a), (true, true, true, true), on);
+            }
+        }
+    };
+    // The flap's timing, from the seed (and the step, so two flaps of a schedule differ).
+    let mut rng = Rng::new(seed ^ step.hold.as_millis() as u64);
     match &step.fault {
         Fault::Split { side } => {
-            let side: Vec<usize> = side.iter().map(|i| i % n).collect();
-            let pairs: Vec<(Arc<Node>, Arc<Node>)> = side
-                .iter()
-                .flat_map(|a| (0..n).filter(|b| !side.contains(b)).map(move |b| (node(*a), node(b))))
-                .collect();
-            for (a, b) in &pairs {
-                cut(a, b, (true, true, true, true), true);
-                cut(b, a, (true, true, true, true), true);
-            }
+            split(side, true);
             tokio::time::sleep(step.hold).await;
-            for (a, b) in &pairs {
-                cut(a, b, (true, true, true, true), false);
-                cut(b, a, (true, true, true, true), false);
+            split(side, false);
+        }
+        Fault::Flap { side, cuts } => {
+            for i in 0..*cuts {
+                split(side, true);
+                tokio::time::sleep(Duration::from_millis(rng.between(200, 1_200))).await;
+                split(side, false);
+                if i + 1 < *cuts {
+                    // Shorter than the harness's merge delay (500 ms): the groups do not merge
+                    // between cuts, their wait starts over.
+                    tokio::time::sleep(Duration::from_millis(rng.between(100, 400))).await;
+                }
+            }
+        }
+        Fault::Cycles { side, cycles } => {
+            for i in 0..*cycles {
+                split(side, true);
+                tokio::time::sleep(step.hold).await;
+                split(side, false);
+                if i + 1 < *cycles {
+                    // Cut again as soon as the groups merged, whatever the table is doing.
+                    let whole = views_whole(cluster, Duration::from_secs(15)).await;
+                    cluster.merges.lock().unwrap().push(Instant::now());
+                    tracing::info!(seed, cycle = i, whole, "harness: views whole again, cutting again");
+                }
             }
         }
         Fault::Mute { member } | Fault::Deaf { member } | Fault::DataMute { member } | Fault::GossipCut { member } => {
@@ -812,7 +954,7 @@ async fn join(cluster: &Arc<Lab>, next_id: &mut usize, seed: u64, config: &(dyn 
 
 /// Reads every key the history touched through every member and checks it against the history;
 /// returns how many keys lost a minority-side acknowledgement.
-async fn check(cluster: &Lab, ops: &[Op]) -> Result<usize, String> {
+async fn check(cluster: &Lab, ops: &[Op], model: Model, merges: &[Instant]) -> Result<usize, String> {
     let mut per_key: BTreeMap<u32, Vec<Op>> = BTreeMap::new();
     for op in ops {
         per_key.entry(op.key).or_default().push(op.clone());
@@ -854,7 +996,7 @@ async fn check(cluster: &Lab, ops: &[Op]) -> Result<usize, String> {
     }
     let state = first.unwrap_or_default();
     for (key, ops) in &per_key {
-        match check_key(ops, state.get(key).copied().flatten()) {
+        match check_key(ops, state.get(key).copied().flatten(), model, merges) {
             Ok(true) => minority_losses += 1,
             Ok(false) => {}
             Err(e) => {
@@ -891,26 +1033,26 @@ mod tests {
     #[test]
     fn the_checker_accepts_the_last_acknowledged_write_and_concurrent_unknowns() {
         let ops = vec![op(Some(1), (0, 10), Outcome::Ok), op(Some(2), (20, 30), Outcome::Ok)];
-        assert_eq!(check_key(&ops, Some(2)), Ok(false));
-        assert!(check_key(&ops, Some(1)).is_err(), "2 was acknowledged after 1 finished");
-        assert!(check_key(&ops, None).is_err());
+        assert_eq!(check_key(&ops, Some(2), Model::Discard, &[]), Ok(false));
+        assert!(check_key(&ops, Some(1), Model::Discard, &[]).is_err(), "2 was acknowledged after 1 finished");
+        assert!(check_key(&ops, None, Model::Discard, &[]).is_err());
         // An unknown write after the last acknowledged one may win.
         let mut with_unknown = ops.clone();
         with_unknown.push(op(Some(3), (40, 50), Outcome::Unknown));
-        assert_eq!(check_key(&with_unknown, Some(3)), Ok(false));
-        assert_eq!(check_key(&with_unknown, Some(2)), Ok(false));
+        assert_eq!(check_key(&with_unknown, Some(3), Model::Discard, &[]), Ok(false));
+        assert_eq!(check_key(&with_unknown, Some(2), Model::Discard, &[]), Ok(false));
         // Concurrent acknowledged writes: either may be last.
         let concurrent = vec![op(Some(1), (0, 30), Outcome::Ok), op(Some(2), (10, 20), Outcome::Ok)];
-        assert_eq!(check_key(&concurrent, Some(1)), Ok(false));
-        assert_eq!(check_key(&concurrent, Some(2)), Ok(false));
+        assert_eq!(check_key(&concurrent, Some(1), Model::Discard, &[]), Ok(false));
+        assert_eq!(check_key(&concurrent, Some(2), Model::Discard, &[]), Ok(false));
         // Removes, and failed writes never show.
         let removed = vec![op(Some(1), (0, 10), Outcome::Ok), op(None, (20, 30), Outcome::Ok)];
-        assert_eq!(check_key(&removed, None), Ok(false));
-        assert!(check_key(&removed, Some(1)).is_err());
+        assert_eq!(check_key(&removed, None, Model::Discard, &[]), Ok(false));
+        assert!(check_key(&removed, Some(1), Model::Discard, &[]).is_err());
         let failed = vec![op(Some(1), (0, 10), Outcome::Failed)];
-        assert!(check_key(&failed, Some(1)).is_err());
-        assert_eq!(check_key(&failed, None), Ok(false));
-        assert!(check_key(&[], Some(9)).is_err());
+        assert!(check_key(&failed, Some(1), Model::Discard, &[]).is_err());
+        assert_eq!(check_key(&failed, None, Model::Discard, &[]), Ok(false));
+        assert!(check_key(&[], Some(9), Model::Discard, &[]).is_err());
     }
 
     #[test]
@@ -918,8 +1060,63 @@ mod tests {
         let mut minority = op(Some(2), (20, 30), Outcome::Ok);
         minority.minority = true;
         let ops = vec![op(Some(1), (0, 10), Outcome::Ok), minority];
-        assert_eq!(check_key(&ops, Some(1)), Ok(true));
-        assert_eq!(check_key(&ops, Some(2)), Ok(false));
+        assert_eq!(check_key(&ops, Some(1), Model::Discard, &[]), Ok(true));
+        assert_eq!(check_key(&ops, Some(2), Model::Discard, &[]), Ok(false));
+    }
+
+    #[test]
+    fn a_merged_minority_write_may_fill_a_key_the_majority_removed_but_not_overrule_a_later_put() {
+        let mut minority = op(Some(2), (20, 30), Outcome::Ok);
+        minority.minority = true;
+        // The larger side removed the key after the minority's write; the merge filled it.
+        let removed = vec![op(Some(1), (0, 10), Outcome::Ok), minority.clone(), op(None, (40, 50), Outcome::Ok)];
+        assert!(check_key(&removed, Some(2), Model::Discard, &[]).is_err(), "discard never brings it back");
+        assert_eq!(check_key(&removed, Some(2), Model::Fill, &[]), Ok(true));
+        // A put and then a removal on the larger side: the removal wiped the put out.
+        let mut put_then_removed = removed.clone();
+        put_then_removed.insert(2, op(Some(3), (32, 35), Outcome::Ok));
+        assert_eq!(check_key(&put_then_removed, Some(2), Model::Fill, &[]), Ok(true));
+        // A later put on the larger side, not removed: the merge keeps it (latest-update: it is
+        // newer; put-if-absent: it is present).
+        let overruled = vec![op(Some(1), (0, 10), Outcome::Ok), minority.clone(), op(Some(3), (40, 50), Outcome::Ok)];
+        assert!(check_key(&overruled, Some(2), Model::Fill, &[]).is_err());
+        // ... unless it came within the same millisecond, where update times tie.
+        let tied = vec![minority.clone(), op(Some(3), (31, 40), Outcome::Ok)];
+        assert_eq!(check_key(&tied, Some(2), Model::Fill, &[]), Ok(true));
+        // A removal followed by a put on the larger side: the put stands.
+        let mut removed_then_put = removed.clone();
+        removed_then_put.push(op(Some(4), (60, 70), Outcome::Ok));
+        assert!(check_key(&removed_then_put, Some(2), Model::Fill, &[]).is_err());
+        // Only a minority write is merged, only a put fills.
+        let mut majority = minority.clone();
+        majority.minority = false;
+        let plain = vec![majority, op(None, (40, 50), Outcome::Ok)];
+        assert!(check_key(&plain, Some(2), Model::Fill, &[]).is_err());
+    }
+
+    #[test]
+    fn pass_through_lets_a_merged_minority_write_overwrite_what_the_majority_did_before_the_merge() {
+        let base = Instant::now();
+        let mut minority = op(Some(2), (20, 30), Outcome::Ok);
+        minority.minority = true;
+        minority.invoked = base + Duration::from_millis(20);
+        minority.completed = base + Duration::from_millis(30);
+        let mut later = op(Some(3), (0, 0), Outcome::Ok);
+        later.invoked = base + Duration::from_millis(100);
+        later.completed = base + Duration::from_millis(110);
+        let ops = vec![minority, later];
+        // Merged at 200 ms: the put at 100 ms came before, the merging entry overwrote it.
+        let merged = [base + Duration::from_millis(200)];
+        assert_eq!(check_key(&ops, Some(2), Model::PassThrough, &merged), Ok(true));
+        assert!(check_key(&ops, Some(2), Model::Fill, &merged).is_err());
+        // Whole again at 50 ms, long before: only within the slack.
+        let early = [base + Duration::from_millis(50)];
+        assert_eq!(check_key(&ops, Some(2), Model::PassThrough, &early), Ok(true), "within MERGE_SLACK");
+        let mut much_later = ops.clone();
+        much_later[1].invoked = base + MERGE_SLACK + Duration::from_millis(500);
+        much_later[1].completed = much_later[1].invoked + Duration::from_millis(10);
+        assert!(check_key(&much_later, Some(2), Model::PassThrough, &early).is_err());
+        assert!(check_key(&ops, Some(2), Model::PassThrough, &[]).is_err(), "no merge after it");
     }
 
     #[test]
@@ -966,6 +1163,9 @@ mod tests {
             .flat_map(|s| Schedule::from_seed(s).steps)
             .map(|s| format!("{:?}", s.fault).split([' ', '{']).next().unwrap().to_string())
             .collect();
-        assert_eq!(kinds.len(), 10, "every kind of fault is drawn: {kinds:?}");
+        assert_eq!(kinds.len(), 12, "every kind of fault is drawn: {kinds:?}");
+        let policies: std::collections::BTreeSet<String> =
+            (0..200).map(|s| Schedule::from_seed(s).policy.to_string()).collect();
+        assert_eq!(policies.len(), 4, "{policies:?}");
     }
 }

@@ -522,6 +522,12 @@ impl MapService {
         }
     }
 
+    /// Whether this member is still offering its side's entries to the cluster it merged into
+    /// after a split (see `merge_policy`).
+    pub fn is_merging(&self) -> bool {
+        self.node.merges_running.load(Ordering::SeqCst) > 0
+    }
+
     /// True when, as far as this member can tell, replication is complete: it has the newest table,
     /// the table is the balanced plan for the active members (nothing left to migrate), and the
     /// backups of every partition it owns have confirmed they hold their data.

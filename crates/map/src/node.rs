@@ -85,7 +85,16 @@ pub(crate) struct PartitionData {
     /// the published table finds another id here while a newer one is being applied: it must not
     /// act on state the newer table already changed (a dropped copy would read as absent).
     pub(crate) applied: TableId,
+    /// As owner: when (ms) writes began that were acknowledged although a synchronous backup
+    /// never confirmed them (it left the view and its replacement got them instead; most recent
+    /// last, at most [`ACKED_ALONE_MAX`]). If the backup was cut off on the other side of a split
+    /// that this side loses, the winner never saw those writes: the merge takes them in
+    /// ([`crate::rejoin`]).
+    pub(crate) acked_alone_ms: Vec<u64>,
 }
+
+/// How many [`PartitionData::acked_alone_ms`] times a partition keeps.
+pub(crate) const ACKED_ALONE_MAX: usize = 8;
 
 /// A frozen partition: which migration froze it.
 #[derive(Debug, Clone)]
@@ -139,6 +148,8 @@ pub(crate) struct Node {
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stopped: AtomicBool,
+    /// Merges of this member's side into a winner's ([`crate::rejoin::push`]) still running.
+    pub(crate) merges_running: std::sync::atomic::AtomicUsize,
     /// Near caches and the invalidation bus ([`crate::invalidation`]).
     pub(crate) invalidation: crate::invalidation::Invalidation,
 }
@@ -175,6 +186,7 @@ impl Node {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             stopped: AtomicBool::new(false),
+            merges_running: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

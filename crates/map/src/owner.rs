@@ -19,6 +19,9 @@ use crate::table::{PartitionTable, Term};
 /// term names a member, whose node id may take up to 1 KiB), framing.
 pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 2048;
 
+/// Taken off when a write acknowledged without a departed backup began (clock reading, rounding).
+const ACKED_ALONE_SLACK_MS: u64 = 50;
+
 /// An operation executed by the owner: answered at once, or waiting for backup acknowledgements.
 pub(crate) enum Executed {
     Now(Reply),
@@ -350,6 +353,15 @@ impl Node {
                 .map_err(|e| format!("it left the cluster, and its replacement {member} did not confirm: {e}"))?;
         }
         debug!(partition = p, %departed, "a departed synchronous backup was replaced; the write is on its replacement");
+        // The write began at most the acknowledgement timeout before its deadline.
+        let waited =
+            self.settings.backup_ack_timeout.saturating_sub(deadline.saturating_duration_since(Instant::now()));
+        let began = now_ms().saturating_sub(waited.as_millis() as u64 + ACKED_ALONE_SLACK_MS);
+        let mut data = self.slot(p).data.lock().unwrap();
+        if data.acked_alone_ms.len() == crate::node::ACKED_ALONE_MAX {
+            data.acked_alone_ms.remove(0);
+        }
+        data.acked_alone_ms.push(began);
         Ok(())
     }
 

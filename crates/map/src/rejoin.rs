@@ -12,16 +12,14 @@
 //!   shared is on the winner's side ([`winner_kept`]): the winner took the partition over empty
 //!   and reported it lost, and this member holds the only copy of what was written before the
 //!   split;
-//! - otherwise the entries last written since [`MERGE_MARGIN`] plus the backup acknowledgement
-//!   timeout before this member applied its side's first table outside the winner's lineage.
-//!   Older entries were written before the sides parted and reached the winner's replica: it
-//!   holds them as they were, or changed or removed them since, and merging them back would undo
-//!   its removals (removals are not merged). The margin takes in what this member acknowledged
-//!   between the cut and its side's first table: such a write waited for that table (its backup on
-//!   the other side was unreachable) for at most the acknowledgement timeout. Entries written a
-//!   little before the split fall in the margin too: for the comparing policies they tie with the
-//!   winner's copy (which it keeps), for `pass-through` they overwrite what the winner wrote in
-//!   them since.
+//! - otherwise the entries last written since this member applied its side's first table outside
+//!   the winner's lineage, or since the first write of the partition it acknowledged without its
+//!   synchronous backup after the last table both sides shared (`PartitionData::acked_alone_ms`:
+//!   between the cut and its side's first table, a write whose backup was on the other side
+//!   waited for that table, which replaced the backup, and was then acknowledged). Older entries
+//!   were written before the sides parted and reached the winner's replica: it holds them as they
+//!   were, or changed or removed them since, and merging them back would undo its removals
+//!   (removals are not merged), or, with `pass-through`, overwrite its later writes.
 //!
 //! Ring buffers (reliable topics) are not merged, nor maps whose policy is `discard`.
 //!
@@ -51,10 +49,6 @@ pub(crate) const MERGE_BYTES_MAX: usize = 256 << 20;
 /// Tables this member remembers applying, with when, to find where its side forked off.
 pub(crate) const TABLE_LOG_MAX: usize = 64;
 
-/// Added to the backup acknowledgement timeout: how long before its side's first table of its own
-/// a member's entries are still merged (see the module docs).
-pub(crate) const MERGE_MARGIN: Duration = Duration::from_secs(1);
-
 /// Rounds of merging the entries that failed (owner unreachable, timeouts) before giving up.
 const MERGE_ROUNDS: u32 = 5;
 
@@ -73,9 +67,10 @@ impl TableLog {
         self.applied.push_back((table, now));
     }
 
-    /// The newest remembered table `winner` continues: the last one both sides shared.
-    pub(crate) fn base(&self, winner: &PartitionTable) -> Option<Arc<PartitionTable>> {
-        self.applied.iter().rev().find(|(t, _)| winner.term_in_lineage(&t.id())).map(|(t, _)| t.clone())
+    /// The newest remembered table `winner` continues (the last one both sides shared), with when
+    /// this member applied it.
+    pub(crate) fn base(&self, winner: &PartitionTable) -> Option<(Arc<PartitionTable>, u64)> {
+        self.applied.iter().rev().find(|(t, _)| winner.term_in_lineage(&t.id())).cloned()
     }
 
     /// When this member's side left `winner`'s lineage: the time it applied the first table after
@@ -124,6 +119,9 @@ pub(crate) struct Merging {
     pub(crate) since_ms: u64,
     /// The last table both sides shared (`None`: none is remembered, every entry is merged).
     base: Option<Arc<PartitionTable>>,
+    /// Writes acknowledged without their backup since this time (ms) count: when the base was
+    /// applied, less the acknowledgement timeout (a write may have begun under the table before).
+    alone_after_ms: u64,
     /// The winner's members that were not on this member's side.
     winner_side: BTreeSet<MemberId>,
     /// Why this member merges: its table and the winner's.
@@ -143,13 +141,17 @@ impl Merging {
     /// ever) on its side, whose last table is `ours`, into `winner`'s.
     pub(crate) fn new(
         since_ms: u64,
-        base: Option<Arc<PartitionTable>>,
+        base: Option<(Arc<PartitionTable>, u64)>,
+        settings: &MapSettings,
         ours: &PartitionTable,
         winner: &PartitionTable,
     ) -> Merging {
+        let ack_timeout = settings.backup_ack_timeout.as_millis() as u64;
+        let alone_after_ms = base.as_ref().map_or(0, |(_, at)| at.saturating_sub(ack_timeout));
         Merging {
             since_ms,
-            base,
+            base: base.map(|(table, _)| table),
+            alone_after_ms,
             winner_side: winner_side(ours, winner),
             ours: ours.id(),
             theirs: winner.id(),
@@ -178,8 +180,10 @@ impl Merging {
                 .as_ref()
                 .is_none_or(|base| !winner_kept(base.row(p), config.durable_replicas(), &self.winner_side));
             self.lost_partitions += u64::from(all && !mp.entries.is_empty());
+            let alone = data.acked_alone_ms.iter().copied().filter(|t| *t >= self.alone_after_ms).min();
+            let since = alone.map_or(self.since_ms, |t| t.min(self.since_ms));
             for (key, record) in mp.entries.iter() {
-                if !all && record.updated_ms < self.since_ms {
+                if !all && record.updated_ms < since {
                     continue;
                 }
                 let size = key.len() + record.value.len();

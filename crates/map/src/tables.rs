@@ -135,9 +135,7 @@ impl Node {
             let mut log = self.tables.log.lock().unwrap();
             let lost = !table.term_in_lineage(&old.id());
             let merging = lost.then(|| {
-                let margin = (self.settings.backup_ack_timeout + crate::rejoin::MERGE_MARGIN).as_millis() as u64;
-                let since = log.forked_at(&table).saturating_sub(margin);
-                crate::rejoin::Merging::new(since, log.base(&table), &old, &table)
+                crate::rejoin::Merging::new(log.forked_at(&table), log.base(&table), &self.settings, &old, &table)
             });
             log.push(table.clone(), now);
             merging
@@ -207,7 +205,12 @@ impl Node {
             self.tasks.spawn(async move { node.take_over_partitions(table, takeovers).await });
         }
         if let Some(merging) = merging.filter(|m| !m.is_empty()) {
-            self.tasks.spawn(crate::rejoin::push(self.clone(), merging));
+            self.merges_running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let node = self.clone();
+            self.tasks.spawn(async move {
+                crate::rejoin::push(node.clone(), merging).await;
+                node.merges_running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            });
         }
         debug!(table = %id, "partition table applied");
         true
