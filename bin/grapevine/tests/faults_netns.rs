@@ -80,7 +80,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use grapevine_tests::faults::{Op, Outcome, Rng, check_key, check_observed, epoch};
+use grapevine_tests::faults::{Model, Op, Outcome, Rng, check_key, check_observed, epoch};
 use serde_json::Value;
 
 mod netns;
@@ -1179,7 +1179,7 @@ impl Run<'_> {
             let mut lost = Vec::new();
             for (at, previous) in seen {
                 checked.observations += 1;
-                match check_observed(ops, *at, *previous) {
+                match check_observed(ops, *at, *previous, Model::Discard, &[]) {
                     Ok(minority_lost) => checked.minority_skipped += usize::from(minority_lost),
                     Err(e) => {
                         let why = explain(*key, &e);
@@ -1242,7 +1242,7 @@ impl Run<'_> {
         }
         let state = first.map(|(_, s)| s).unwrap_or_default();
         for (key, ops) in &per_key {
-            match check_key(ops, state.get(key).copied().flatten()) {
+            match check_key(ops, state.get(key).copied().flatten(), Model::Discard, &[]) {
                 Ok(true) => checked.minority_losses += 1,
                 Ok(false) => {}
                 Err(e) => problems.push(format!(
