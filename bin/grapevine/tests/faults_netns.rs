@@ -65,7 +65,7 @@
 //! problems found, the tail of every member's log and where the logs are kept.
 //!
 //! The lab (`gv<pid>z*`): six member namespaces, a bridge in a namespace of its own and a veth to
-//! the host in the /28 `10.213.<o>.192` (slot 12; `chaos_netns.rs` uses slots 0 to 8), as in
+//! the host in the /28 `10.213.<o>.192` (slot 12; `chaos_netns.rs` uses slots 0 to 11), as in
 //! `chaos_netns.rs`. Seeds run one after the other, each with a cluster of its own name.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,7 +99,7 @@ const MAP: &str = "faults";
 /// The nftables table of a cut, in the member's namespace.
 const NFT_TABLE: &str = "gvfaults";
 
-/// The lab's /28 slot (see `chaos_netns.rs`, which uses 0 to 8).
+/// The lab's /28 slot (see `chaos_netns.rs`, which uses 0 to 11).
 const LAB_SLOT: u8 = 12;
 
 /// Member namespaces: members, and members that join.
