@@ -45,7 +45,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
 mod netns;
-use netns::{free_octet, ip, quiet, unavailable};
+use netns::{free_octet, ip, next_millisecond, quiet, unavailable};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
@@ -688,17 +688,6 @@ fn check_protection_error(what: &str, map: &str, error: &str) {
     let map = format!("{map:?}");
     for part in [&map, "protected against split brain", "at least 2", "sees 1", "retry once the network heals"] {
         assert!(error.contains(part), "{what} through n3: {part:?} missing in the error {error:?}");
-    }
-}
-
-/// Waits until the wall clock (milliseconds since the Unix epoch, which update times use) has
-/// moved on by two milliseconds, so that what is written next is certainly later.
-fn next_millisecond() {
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let (start, deadline) = (now(), Instant::now() + Duration::from_secs(1));
-    while now() < start + 2 {
-        assert!(Instant::now() < deadline, "the wall clock does not move");
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

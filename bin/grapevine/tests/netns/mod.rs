@@ -1,9 +1,11 @@
-//! Helpers shared by the network-namespace tests (`chaos_netns.rs`, `faults_netns.rs`): whether
-//! namespaces can be used here, the lab's address block, and running `ip`.
+//! Helpers shared by the network-namespace tests (`chaos_netns.rs`, `faults_netns.rs`,
+//! `mdns_netns.rs`): whether namespaces can be used here, the lab's address block, running `ip`,
+//! and waiting for the clock.
 
 #![allow(dead_code)]
 
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Whether a namespace test that cannot run must fail instead of being skipped
 /// (`CHAOS_NETNS_REQUIRED` set to anything but empty or `0`).
@@ -59,4 +61,16 @@ pub fn ip(args: &[&str]) {
 /// Runs a command, ignoring its output and outcome.
 pub fn quiet(program: &str, args: &[&str]) {
     let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// Waits until the wall clock (milliseconds since the Unix epoch, which entries' update times use)
+/// has moved on by two milliseconds, so that what is written next is certainly later
+/// (`latest-update` compares update times).
+pub fn next_millisecond() {
+    let now = || SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_millis();
+    let (start, deadline) = (now(), Instant::now() + Duration::from_secs(1));
+    while now() < start + 2 {
+        assert!(Instant::now() < deadline, "the wall clock does not move");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
