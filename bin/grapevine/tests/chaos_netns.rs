@@ -32,9 +32,7 @@
 //! A grapevine bug a scenario finds is fixed before the scenario lands; none is ignored.
 
 use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -45,7 +43,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
 mod netns;
-use netns::{free_octet, ip, next_millisecond, quiet, unavailable};
+use netns::{build_bridge_lab, drop_table, free_octet, ip, next_millisecond, nft, remove_bridge_lab, unavailable};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
@@ -768,7 +766,6 @@ impl Lab {
             data: agent(DATA_TIMEOUT),
             _one_at_a_time: one_at_a_time,
         };
-        assert!(lab.host_veth.len() <= 15, "interface name {} is too long", lab.host_veth);
         // Leftovers of a previous run with the same process id.
         lab.remove_network();
 
@@ -781,25 +778,9 @@ impl Lab {
         }
         lab.unused_ip = subnet(13);
 
-        // The bridge lives in its own namespace, so that no firewall of the host (bridged traffic
-        // can go through the host's netfilter hooks) sees traffic between members.
+        let members: Vec<(&str, &str)> = lab.members.iter().map(|m| (m.ns.as_str(), m.ip.as_str())).collect();
+        build_bridge_lab(&lab.switch, &lab.host_veth, &host_ip, &members);
         let sw = lab.switch.as_str();
-        ip(&["netns", "add", sw]);
-        ip(&["-n", sw, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", sw, "link", "set", "br0", "up"]);
-        ip(&["link", "add", &lab.host_veth, "type", "veth", "peer", "name", "host", "netns", sw]);
-        ip(&["-n", sw, "link", "set", "host", "master", "br0", "up"]);
-        ip(&["addr", "add", &host_ip, "dev", &lab.host_veth]);
-        ip(&["link", "set", &lab.host_veth, "up"]);
-        for (i, member) in lab.members.iter().enumerate() {
-            let (ns, port) = (member.ns.as_str(), format!("v{}", i + 1));
-            ip(&["netns", "add", ns]);
-            ip(&["-n", sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns]);
-            ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{}/28", member.ip), "dev", "eth0"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
         eprintln!(
             "chaos test {test}: host {} ({host_ip}) to the bridge in {sw}; members {}",
             lab.host_veth,
@@ -872,31 +853,10 @@ impl Lab {
     /// Drops member `i`'s traffic with `peers` in direction `cut`.
     fn cut(&self, i: usize, peers: &[usize], cut: Cut) {
         let addresses = peers.iter().map(|p| self.members[*p].ip.as_str()).collect::<Vec<_>>().join(", ");
-        let mut script = format!("table inet {NFT_TABLE} {{\n");
-        if matches!(cut, Cut::Both | Cut::InboundOnly) {
-            let _ = writeln!(
-                script,
-                "  chain input {{ type filter hook input priority filter; policy accept; ip saddr {{ {addresses} }} drop; }}"
-            );
-        }
-        if matches!(cut, Cut::Both | Cut::OutboundOnly) {
-            let _ = writeln!(
-                script,
-                "  chain output {{ type filter hook output priority filter; policy accept; ip daddr {{ {addresses} }} drop; }}"
-            );
-        }
-        script.push_str("}\n");
+        let input = matches!(cut, Cut::Both | Cut::InboundOnly);
+        let output = matches!(cut, Cut::Both | Cut::OutboundOnly);
         let member = &self.members[i];
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &member.ns, "nft", "-f", "/dev/stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nft runs");
-        child.stdin.take().unwrap().write_all(script.as_bytes()).expect("nft script written");
-        let out = child.wait_with_output().expect("nft runs");
-        assert!(out.status.success(), "nft -f failed: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+        nft(&member.ns, &drop_table(NFT_TABLE, &addresses, input, output, None)).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("chaos test {}: cut {} off from {addresses} ({cut:?})", self.test, member.node_id);
     }
 
@@ -1289,11 +1249,9 @@ impl Lab {
     /// errors are ignored (nothing to remove).
     fn remove_network(&self) {
         for member in &self.members {
-            quiet("ip", &["netns", "del", &member.ns]);
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&member.ns));
         }
-        quiet("ip", &["netns", "del", &self.switch]);
-        quiet("ip", &["link", "del", &self.host_veth]);
+        remove_bridge_lab(&self.switch, &self.host_veth, self.members.iter().map(|m| m.ns.as_str()));
     }
 }
 

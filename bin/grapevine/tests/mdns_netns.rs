@@ -21,7 +21,6 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -31,7 +30,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
 mod netns;
-use netns::{ip, next_millisecond, quiet, unavailable};
+use netns::{drop_table, ip, next_millisecond, nft, quiet, unavailable};
 
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
 
@@ -541,7 +540,8 @@ impl Lab {
             "table bridge gvmdnsfence {\n  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
              oifname { \"host0\", \"host1\" } ether daddr { 01:00:5e:00:00:fb, 33:33:00:00:00:fb } drop\n    \
              iifname { \"host0\", \"host1\" } ether daddr { 01:00:5e:00:00:fb, 33:33:00:00:00:fb } drop\n  }\n}\n",
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         for (i, member) in self.members.iter().enumerate() {
             let ns = member.ns.as_str();
             ip(&["netns", "add", ns]);
@@ -638,7 +638,7 @@ impl Lab {
             "  chain output {{ type filter hook output priority filter; policy accept; ip daddr {{ {addresses}, 224.0.0.251 }} drop; }}"
         );
         script.push_str("}\n");
-        nft(&self.members[i].ns, &script);
+        nft(&self.members[i].ns, &script).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("mdns test {}: cut {} off from {addresses}", self.test, self.node_id(i));
     }
 
@@ -646,13 +646,8 @@ impl Lab {
     /// their addresses), with a table of its own. Applied on both sides, it cuts the two apart.
     fn drop_from(&self, i: usize, peers: &[usize]) {
         let addresses = peers.iter().flat_map(|p| self.members[*p].ips.clone()).collect::<Vec<_>>().join(", ");
-        nft(
-            &self.members[i].ns,
-            &format!(
-                "table inet {DROP_TABLE} {{\n  chain input {{ type filter hook input priority filter; policy accept; \
-                 ip saddr {{ {addresses} }} drop; }}\n}}\n"
-            ),
-        );
+        nft(&self.members[i].ns, &drop_table(DROP_TABLE, &addresses, true, false, None))
+            .unwrap_or_else(|e| panic!("{e}"));
         eprintln!("mdns test {}: {} drops what {addresses} send", self.test, self.node_id(i));
     }
 
@@ -940,20 +935,6 @@ fn free_octet(pid: u32, slot: u8) -> u32 {
             !routes.contains(&format!("10.217.{o}.{base}/28")) && !routes.contains(&format!("10.218.{o}.{base}/28"))
         })
         .expect("a free /28 in 10.217.0.0/16 and 10.218.0.0/16")
-}
-
-/// Loads an nftables script in namespace `ns`.
-fn nft(ns: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "/dev/stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nft runs");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).expect("nft script written");
-    let out = child.wait_with_output().expect("nft runs");
-    assert!(out.status.success(), "nft -f failed in {ns}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn agent(timeout: Duration) -> ureq::Agent {
