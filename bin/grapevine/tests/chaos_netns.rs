@@ -548,8 +548,50 @@ fn a_two_way_split_heals_into_one_cluster_and_each_maps_policy_resolves_the_conf
         assert_eq!(lab.entry(2, "GET", map, "only-a", None).0, 404, "{map}: n3 cannot know only-a");
     }
 
+    // The owners' merge verdicts so far (cluster-wide, through n1), per map.
+    let verdicts = |map: &str| -> Result<(u64, u64), String> {
+        let stats = lab.stats(0)?;
+        let row = stats["maps"].as_array().and_then(|m| m.iter().find(|r| r["name"] == map)).cloned();
+        let row = row.ok_or_else(|| format!("map {map} is not in n1's /stats"))?;
+        match (row["merge_took_merging"].as_u64(), row["merge_kept_existing"].as_u64()) {
+            (Some(took), Some(kept)) => Ok((took, kept)),
+            _ => Err(format!("map {map}: no merge verdicts in {row}")),
+        }
+    };
+    let before: Vec<(u64, u64)> =
+        POLICY_MAPS.iter().map(|(map, _, _)| verdicts(map).unwrap_or_else(|e| panic!("{e}"))).collect();
+
     lab.hold_split(2, &[0, 1]);
     lab.heal_and_merge(2, &master);
+
+    // Reads count as hits, which higher-hits compares: read nothing before the owners decided on
+    // every entry n3 offers (those it wrote during the split: the conflicting keys and only-c;
+    // discard offers none).
+    //
+    // Known failure (a grapevine gap, not fixed here; see `crates/map/src/rejoin.rs` `push` and
+    // `Merging::collect`): if n3 falls into a group of its own again while it is still offering
+    // its entries (members starved of CPU declare each other dead for a moment), the retries go
+    // to the owners of n3's own new table, i.e. to n3, which "takes" them; n3 rejoins within the
+    // merge run delay and its entries are never offered again (`collect` skips records whose
+    // update time, kept from the split, is older than the new fork). The keys read below then
+    // show the larger side's values (or nothing, for only-c) although the verdicts were counted.
+    let offered = |map: &str| match map {
+        "higher_hits" => 3,
+        "discard" => 0,
+        _ => 2,
+    };
+    wait_until("the owners to decide on every entry n3 wrote during the split", WAIT, || {
+        let mut pending = Vec::new();
+        for ((map, _, _), (took, kept)) in POLICY_MAPS.iter().zip(&before) {
+            // Saturating: a member that did not answer n1 in time is missing from the sums.
+            let (t, k) = verdicts(map)?;
+            let (t, k) = (t.saturating_sub(*took), k.saturating_sub(*kept));
+            if t + k < offered(map) {
+                pending.push(format!("{map}: took {t} kept {k} of {}", offered(map)));
+            }
+        }
+        if pending.is_empty() { Ok(()) } else { Err(pending.join("; ")) }
+    });
 
     // (map, key, the value every member must read; None: absent)
     let a = || Some("a");
@@ -598,12 +640,10 @@ fn a_two_way_split_heals_into_one_cluster_and_each_maps_policy_resolves_the_conf
             assert_eq!((status, size), (200, Some(present)), "size of {map} through {}: {body}", lab.node_id(i));
         }
     }
-    // The owners counted their verdicts: latest-update took n3's "both" and "only-c".
-    let stats = lab.stats(0).expect("n1's /stats");
-    let row = |map: &str| stats["maps"].as_array().and_then(|m| m.iter().find(|r| r["name"] == map)).cloned();
-    let took = |map: &str| row(map).and_then(|r| r["merge_took_merging"].as_u64());
-    assert!(took("latest_update") >= Some(2), "latest_update took n3's entries: {:?}", row("latest_update"));
-    assert_eq!(took("discard"), Some(0), "discard takes nothing: {:?}", row("discard"));
+    // The owners' verdicts: latest-update took n3's "both" and "only-c", discard took nothing.
+    let took = |k: usize| verdicts(POLICY_MAPS[k].0).unwrap_or_else(|e| panic!("{e}")).0.saturating_sub(before[k].0);
+    assert!(took(0) >= 2, "latest_update took n3's both and only-c: {}", took(0));
+    assert_eq!(took(4), 0, "discard takes nothing");
     lab.assert_all_running();
 }
 
