@@ -463,6 +463,13 @@ fn a_host_name_that_starts_resolving_to_a_member_is_joined_through_the_default_a
     lab.check_data(&[0, 1, 2], &keys, true);
 }
 
+/// The split-brain scenarios' failure detector: a silent member is declared dead after about
+/// 1.3 s instead of 0.9 s. Members starved of CPU (debug builds on a busy two-core machine) that
+/// declare each other dead for a moment within a side make a different test: owners change
+/// (higher-hits compares owner-side hit counts, which a promoted backup does not have) and the
+/// merge can meet a flap (see the known failure below).
+const SPLIT_PHI_THRESHOLD: (&str, &str) = ("GRAPEVINE_GOSSIP__PHI_THRESHOLD", "12");
+
 /// The maps of [`a_two_way_split_heals_into_one_cluster_and_each_maps_policy_resolves_the_conflicts`],
 /// one per merge policy, named after it.
 /// (map, policy, the variable that sets it)
@@ -487,6 +494,7 @@ const POLICY_MAPS: &[(&str, &str, &str)] = &[
 /// added except under `discard`; a removal is not merged; and the owners counted their verdicts.
 fn a_two_way_split_heals_into_one_cluster_and_each_maps_policy_resolves_the_conflicts() {
     let mut lab = Lab::create("policies", 'k', 10);
+    lab.env.push(SPLIT_PHI_THRESHOLD);
     lab.env.extend(POLICY_MAPS.iter().map(|(_, policy, variable)| (*variable, *policy)));
     let master = lab.start_all();
     lab.wait_healthy(&[0, 1, 2]);
@@ -655,6 +663,7 @@ fn a_two_way_split_heals_into_one_cluster_and_each_maps_policy_resolves_the_conf
 /// every member.
 fn a_member_cut_off_alone_refuses_a_protected_map_and_the_majority_loses_nothing() {
     let mut lab = Lab::create("protected", 'l', 11);
+    lab.env.push(SPLIT_PHI_THRESHOLD);
     lab.env.push(("GRAPEVINE_MAPS__CHAOS__MIN_CLUSTER_SIZE", "2"));
     // Written through RESP only (RESP stores keys as raw bytes, the HTTP routes encode them).
     lab.env.push(("GRAPEVINE_MAPS__CHAOS_RESP__MIN_CLUSTER_SIZE", "2"));
@@ -1211,27 +1220,25 @@ impl Lab {
     }
 
     /// Keeps member `alone` cut off from `rest` until both sides have seen the split for twice
-    /// [`MERGE_RUN_DELAY`], checking all along that each side still sees only itself: a member
-    /// back within the delay would count as a flap, not as another group, and the heal would not
-    /// go through the merge timers.
+    /// [`MERGE_RUN_DELAY`], checking all along (with `/health`, which asks no other member) that
+    /// `alone` counts one member and each of `rest` counts `rest` (whatever the status: a protected
+    /// map makes it 503): a member back within the delay would count as a flap, not as another
+    /// group, and the heal would not go through the merge timers. A poll that gets no answer (a
+    /// slow machine) shows nothing and is not held against the split.
     fn hold_split(&self, alone: usize, rest: &[usize]) {
-        let expected_rest: Vec<String> = {
-            let mut ids: Vec<String> = rest.iter().map(|i| self.node_id(*i).to_string()).collect();
-            ids.sort();
-            ids
-        };
         let since = Instant::now();
         while since.elapsed() < 2 * MERGE_RUN_DELAY {
-            let check = |i: usize, expected: &[String]| {
-                self.running(i)?;
-                let (_, ids) = self.view(i)?;
-                if ids == expected { Ok(()) } else { Err(format!("{} sees {ids:?}", self.node_id(i))) }
-            };
-            let views = std::iter::once(check(alone, &[self.node_id(alone).to_string()]))
-                .chain(rest.iter().map(|i| check(*i, &expected_rest)))
-                .collect::<Result<Vec<()>, String>>();
-            if let Err(e) = views {
-                panic!("the split did not hold for {:?}: {e}", since.elapsed());
+            for (i, expected) in std::iter::once((alone, 1)).chain(rest.iter().map(|i| (*i, rest.len()))) {
+                self.assert_running(i);
+                let Ok((_, body)) = request(&self.admin, "GET", &self.url(i, "/health"), None) else { continue };
+                let members = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["members"].as_u64());
+                assert_eq!(
+                    members,
+                    Some(expected as u64),
+                    "the split did not hold for {:?}: {} answers {body}",
+                    since.elapsed(),
+                    self.node_id(i)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
