@@ -65,13 +65,12 @@
 //! problems found, the tail of every member's log and where the logs are kept.
 //!
 //! The lab (`gv<pid>z*`): six member namespaces, a bridge in a namespace of its own and a veth to
-//! the host in the /28 `10.213.<o>.192` (slot 12; `chaos_netns.rs` uses slots 0 to 8), as in
+//! the host in the /28 `10.213.<o>.192` (slot 12; `chaos_netns.rs` uses slots 0 to 11), as in
 //! `chaos_netns.rs`. Seeds run one after the other, each with a cluster of its own name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::fs::File;
-use std::io::Write as _;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -84,7 +83,7 @@ use grapevine_tests::faults::{Model, Op, Outcome, Rng, check_key, check_observed
 use serde_json::Value;
 
 mod netns;
-use netns::{free_octet, ip, quiet, unavailable};
+use netns::{build_bridge_lab, drop_table, free_octet, nft, quiet, remove_bridge_lab, unavailable};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
@@ -99,7 +98,7 @@ const MAP: &str = "faults";
 /// The nftables table of a cut, in the member's namespace.
 const NFT_TABLE: &str = "gvfaults";
 
-/// The lab's /28 slot (see `chaos_netns.rs`, which uses 0 to 8).
+/// The lab's /28 slot (see `chaos_netns.rs`, which uses 0 to 11).
 const LAB_SLOT: u8 = 12;
 
 /// Member namespaces: members, and members that join.
@@ -431,26 +430,11 @@ impl Lab {
             slots: (1..=SLOTS).map(|i| SlotNet { ns: format!("{prefix}n{i}"), ip: subnet(i as u32) }).collect(),
             log_root: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-netns-{pid}")),
         };
-        assert!(lab.host_veth.len() <= 15, "interface name {} is too long", lab.host_veth);
         lab.remove_network();
         let host_ip = format!("{}/28", subnet(14));
+        let members: Vec<(&str, &str)> = lab.slots.iter().map(|s| (s.ns.as_str(), s.ip.as_str())).collect();
+        build_bridge_lab(&lab.switch, &lab.host_veth, &host_ip, &members);
         let sw = lab.switch.as_str();
-        ip(&["netns", "add", sw]);
-        ip(&["-n", sw, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", sw, "link", "set", "br0", "up"]);
-        ip(&["link", "add", &lab.host_veth, "type", "veth", "peer", "name", "host", "netns", sw]);
-        ip(&["-n", sw, "link", "set", "host", "master", "br0", "up"]);
-        ip(&["addr", "add", &host_ip, "dev", &lab.host_veth]);
-        ip(&["link", "set", &lab.host_veth, "up"]);
-        for (i, slot) in lab.slots.iter().enumerate() {
-            let (ns, port) = (slot.ns.as_str(), format!("v{}", i + 1));
-            ip(&["netns", "add", ns]);
-            ip(&["-n", sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns]);
-            ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{}/28", slot.ip), "dev", "eth0"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
         eprintln!(
             "faults_netns: host {} ({host_ip}) to the bridge in {sw}; namespaces {}",
             lab.host_veth,
@@ -463,38 +447,14 @@ impl Lab {
     /// `plane`, with a table in its namespace.
     fn cut(&self, slot: usize, peers: &[usize], direction: Direction, plane: Plane) -> Result<(), String> {
         let addresses = peers.iter().map(|p| self.slots[*p].ip.as_str()).collect::<Vec<_>>().join(", ");
-        let protocol = match plane {
-            Plane::All => "",
-            Plane::Data => " meta l4proto tcp",
-            Plane::Gossip => " meta l4proto udp",
+        let only = match plane {
+            Plane::All => None,
+            Plane::Data => Some("meta l4proto tcp"),
+            Plane::Gossip => Some("meta l4proto udp"),
         };
-        let mut script = format!("table inet {NFT_TABLE} {{\n");
-        if matches!(direction, Direction::Both | Direction::In) {
-            let _ = writeln!(
-                script,
-                "  chain input {{ type filter hook input priority filter; policy accept; ip saddr {{ {addresses} }}{protocol} drop; }}"
-            );
-        }
-        if matches!(direction, Direction::Both | Direction::Out) {
-            let _ = writeln!(
-                script,
-                "  chain output {{ type filter hook output priority filter; policy accept; ip daddr {{ {addresses} }}{protocol} drop; }}"
-            );
-        }
-        script.push_str("}\n");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.slots[slot].ns, "nft", "-f", "/dev/stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("nft cannot run: {e}"))?;
-        child.stdin.take().expect("piped stdin").write_all(script.as_bytes()).map_err(|e| format!("nft: {e}"))?;
-        let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("nft -f failed: {}\n{script}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(())
+        let input = matches!(direction, Direction::Both | Direction::In);
+        let output = matches!(direction, Direction::Both | Direction::Out);
+        nft(&self.slots[slot].ns, &drop_table(NFT_TABLE, &addresses, input, output, only))
     }
 
     /// Removes any cut of the member in `slot`.
@@ -503,11 +463,7 @@ impl Lab {
     }
 
     fn remove_network(&self) {
-        for slot in &self.slots {
-            quiet("ip", &["netns", "del", &slot.ns]);
-        }
-        quiet("ip", &["netns", "del", &self.switch]);
-        quiet("ip", &["link", "del", &self.host_veth]);
+        remove_bridge_lab(&self.switch, &self.host_veth, self.slots.iter().map(|s| s.ns.as_str()));
     }
 }
 

@@ -15,13 +15,14 @@
 //! drops every mDNS frame (to 01:00:5e:00:00:fb and 33:33:00:00:00:fb) from and to the host's ports,
 //! so the host neither sees the members' announcements nor answers them, and the namespaces have
 //! no default route. Members start with short timers (100 ms gossip); the mDNS query interval
-//! stays at its default (10 s), since the tests check that the defaults form one cluster in time.
+//! stays at its default (10 s), since the tests check that the defaults form one cluster in time,
+//! except in the group-merge scenarios (`groups_of_*`, [`GROUP_ENV`]), which check what the merge
+//! does with the groups' data and use a 1 s query interval and 1 s merge timers to stay short.
 //! Within this binary the labs run one at a time.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -31,7 +32,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
 mod netns;
-use netns::{ip, quiet, unavailable};
+use netns::{drop_table, ip, next_millisecond, nft, quiet, unavailable};
 
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
 
@@ -52,6 +53,8 @@ const MEMBER_ENV: &[(&str, &str)] = &[
 const PORT: u16 = 5701;
 const ADMIN_PORT: u16 = 5801;
 const NFT_TABLE: &str = "gvmdnscut";
+/// The table of [`Lab::drop_from`].
+const DROP_TABLE: &str = "gvmdnsdrop";
 
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -69,6 +72,18 @@ const SCENARIOS: &[(&str, fn())] = &[
     (
         "a_member_with_two_interfaces_announces_only_on_the_configured_one",
         a_member_with_two_interfaces_announces_only_on_the_configured_one,
+    ),
+    (
+        "groups_of_one_one_and_one_merge_into_one_cluster_with_their_data",
+        groups_of_one_one_and_one_merge_into_one_cluster_with_their_data,
+    ),
+    (
+        "groups_of_two_and_one_merge_into_one_cluster_with_their_data",
+        groups_of_two_and_one_merge_into_one_cluster_with_their_data,
+    ),
+    (
+        "groups_of_three_and_two_merge_into_one_cluster_with_their_data",
+        groups_of_three_and_two_merge_into_one_cluster_with_their_data,
     ),
 ];
 
@@ -265,6 +280,138 @@ fn a_member_with_two_interfaces_announces_only_on_the_configured_one() {
     lab.assert_running(&[0, 1, 2]);
 }
 
+/// The members' settings of the group scenarios, on top of [`MEMBER_ENV`]: short merge timers
+/// (merged 1 s after the other group is seen, at the earliest 1 s after start), a query every
+/// second, so that groups find each other soon after the heal, and a more patient failure
+/// detector.
+const GROUP_ENV: &[(&str, &str)] = &[
+    ("GRAPEVINE_MDNS_QUERY_INTERVAL_MS", "1000"),
+    // Nothing here needs a member declared dead: a silent member is declared so after about 3 s
+    // instead of 0.9 s, so that five debug-build members starved of CPU on a busy machine do not
+    // declare each other dead (and shatter the cluster they just formed) although nothing is cut.
+    ("GRAPEVINE_GOSSIP__PHI_THRESHOLD", "30"),
+    ("GRAPEVINE_MERGE_FIRST_RUN_DELAY_SECONDS", "1"),
+    ("GRAPEVINE_MERGE_RUN_DELAY_SECONDS", "1"),
+];
+
+/// The map the group scenarios write (default policy: `latest-update`).
+const GROUP_MAP: &str = "groups";
+
+/// Three members formed three clusters by mDNS while cut apart (1+1+1), then the cut is removed.
+fn groups_of_one_one_and_one_merge_into_one_cluster_with_their_data() {
+    groups_formed_apart_merge_with_their_data("merge111", 'e', 4, &[1, 1, 1]);
+}
+
+/// Two members and one (2+1), formed apart by mDNS, then the cut is removed.
+fn groups_of_two_and_one_merge_into_one_cluster_with_their_data() {
+    groups_formed_apart_merge_with_their_data("merge21", 'f', 5, &[2, 1]);
+}
+
+/// Three members and two (3+2), formed apart by mDNS, then the cut is removed.
+fn groups_of_three_and_two_merge_into_one_cluster_with_their_data() {
+    groups_formed_apart_merge_with_their_data("merge32", 'g', 6, &[3, 2]);
+}
+
+/// Groups of `sizes` members start by mDNS at the same moment while nftables drops everything
+/// each member receives from the members of the other groups (multicast included), so each group
+/// forms a cluster of its own, with its own master and table. Each group writes keys of its own,
+/// and every group writes one shared key, one group after the other. When the cut is removed,
+/// discovery's next query brings the groups together and the merge timers merge them: one
+/// cluster, one master, one settled table, and through every member every group's keys read
+/// back, the shared key holds the last group's write (`latest-update`), and the members counted
+/// the merges.
+fn groups_formed_apart_merge_with_their_data(test: &'static str, tag: char, slot: u8, sizes: &[usize]) {
+    let mut lab = Lab::create(test, tag, slot);
+    let cluster = lab.cluster.clone();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (g, size) in sizes.iter().enumerate() {
+        let mut group = Vec::new();
+        for k in 0..*size {
+            group.push(lab.members.len());
+            let node = format!("{}{}", (b'a' + g as u8) as char, k + 1);
+            lab.add_member(&node, &cluster, &[Lan::A], GROUP_ENV);
+        }
+        groups.push(group);
+    }
+    lab.build();
+    let everyone: Vec<usize> = (0..lab.members.len()).collect();
+    for group in &groups {
+        let others: Vec<usize> = everyone.iter().copied().filter(|i| !group.contains(i)).collect();
+        for &i in group {
+            lab.drop_from(i, &others);
+        }
+    }
+    for &i in &everyone {
+        lab.start(i);
+    }
+    let mut masters = Vec::new();
+    for group in &groups {
+        masters.push(lab.wait_view(group, &lab.ids(group)));
+        lab.wait_healthy(group);
+        lab.wait_table_settled(group);
+    }
+    eprintln!("mdns test {test}: {} groups formed apart, masters {masters:?}", groups.len());
+
+    // What each group writes while apart: its own keys, and the shared key, later group by group.
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        for (k, key) in (0..6).map(|k| (k, format!("g{g}-k{k}"))) {
+            let value = format!("g{g}-v{k}");
+            lab.put_ok(group[k % group.len()], GROUP_MAP, &key, &value);
+            expected.push((key, value));
+        }
+        next_millisecond();
+        lab.put_ok(group[0], GROUP_MAP, "shared", &format!("g{g}"));
+        next_millisecond();
+    }
+    expected.push(("shared".into(), format!("g{}", groups.len() - 1)));
+
+    let healed = Instant::now();
+    for &i in &everyone {
+        lab.undrop(i);
+    }
+    let master = lab.wait_view(&everyone, &lab.ids(&everyone));
+    let took = healed.elapsed();
+    assert!(took >= Duration::from_secs(1), "merged {took:?} after the heal, before merge_run_delay_seconds (1)");
+    assert!(masters.contains(&master), "the master {master} is one of the groups' masters {masters:?}");
+    lab.wait_healthy(&everyone);
+    lab.wait_table_settled(&everyone);
+    eprintln!("mdns test {test}: one cluster {took:?} after the heal, settled after {:?}", healed.elapsed());
+
+    wait_until("every group's writes to read back through every member", WAIT, || {
+        let mut wrong = Vec::new();
+        for &i in &everyone {
+            for (key, value) in &expected {
+                let url = lab.url(i, &format!("/maps/{GROUP_MAP}/entries/{key}"));
+                match get(&lab.admin, &url) {
+                    Ok((200, body)) if body == *value => {}
+                    other => wrong.push(format!("{key} through {}: expected {value:?}, got {other:?}", lab.node_id(i))),
+                }
+            }
+            let size = get(&lab.admin, &lab.url(i, &format!("/maps/{GROUP_MAP}/size")))
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .and_then(|v| v["size"].as_u64());
+            if size != Some(expected.len() as u64) {
+                wrong.push(format!("size through {}: {size:?}, expected {}", lab.node_id(i), expected.len()));
+            }
+        }
+        if wrong.is_empty() { Ok(()) } else { Err(format!("{} wrong: {}", wrong.len(), wrong.join("; "))) }
+    });
+    // Each of the merges was admitted by the group rule on at least one member (the others may
+    // meet the other group's members after they already follow their own master).
+    let merged: Vec<u64> = everyone
+        .iter()
+        .map(|i| lab.stats(*i).expect("/stats")["gossip"]["groups_merged"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        merged.iter().sum::<u64>() >= groups.len() as u64 - 1,
+        "{} groups merged, yet the members count {merged:?} merged groups",
+        groups.len()
+    );
+    lab.assert_running(&everyone);
+}
+
 /// Configuring both mechanisms, or an interface that does not exist, stops the member at start
 /// with exit status 2 and a message naming the key. (No namespace needed: nothing is sent.)
 fn conflicting_or_unknown_discovery_settings_are_start_up_errors() {
@@ -400,7 +547,8 @@ impl Lab {
             "table bridge gvmdnsfence {\n  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
              oifname { \"host0\", \"host1\" } ether daddr { 01:00:5e:00:00:fb, 33:33:00:00:00:fb } drop\n    \
              iifname { \"host0\", \"host1\" } ether daddr { 01:00:5e:00:00:fb, 33:33:00:00:00:fb } drop\n  }\n}\n",
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         for (i, member) in self.members.iter().enumerate() {
             let ns = member.ns.as_str();
             ip(&["netns", "add", ns]);
@@ -497,8 +645,32 @@ impl Lab {
             "  chain output {{ type filter hook output priority filter; policy accept; ip daddr {{ {addresses}, 224.0.0.251 }} drop; }}"
         );
         script.push_str("}\n");
-        nft(&self.members[i].ns, &script);
+        nft(&self.members[i].ns, &script).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("mdns test {}: cut {} off from {addresses}", self.test, self.node_id(i));
+    }
+
+    /// Drops everything member `i` receives from `peers` (their multicast too: it comes from
+    /// their addresses), with a table of its own. Applied on both sides, it cuts the two apart.
+    fn drop_from(&self, i: usize, peers: &[usize]) {
+        let addresses = peers.iter().flat_map(|p| self.members[*p].ips.clone()).collect::<Vec<_>>().join(", ");
+        nft(&self.members[i].ns, &drop_table(DROP_TABLE, &addresses, true, false, None))
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("mdns test {}: {} drops what {addresses} send", self.test, self.node_id(i));
+    }
+
+    /// Removes [`Lab::drop_from`]'s table of member `i`.
+    fn undrop(&self, i: usize) {
+        ip(&["netns", "exec", &self.members[i].ns, "nft", "delete", "table", "inet", DROP_TABLE]);
+    }
+
+    /// Puts `key` = `value` into `map` through member `i`'s admin endpoint; it must be acknowledged.
+    fn put_ok(&self, i: usize, map: &str, key: &str, value: &str) {
+        let url = self.url(i, &format!("/maps/{map}/entries/{key}"));
+        let reply = self.admin.put(&url).send(value).map_err(|e| e.to_string()).and_then(|mut r| {
+            let status = r.status().as_u16();
+            Ok((status, r.body_mut().read_to_string().map_err(|e| e.to_string())?))
+        });
+        assert!(matches!(&reply, Ok((200, _))), "PUT {map}/{key} through {}: {reply:?}", self.node_id(i));
     }
 
     fn heal(&self, i: usize) {
@@ -770,20 +942,6 @@ fn free_octet(pid: u32, slot: u8) -> u32 {
             !routes.contains(&format!("10.217.{o}.{base}/28")) && !routes.contains(&format!("10.218.{o}.{base}/28"))
         })
         .expect("a free /28 in 10.217.0.0/16 and 10.218.0.0/16")
-}
-
-/// Loads an nftables script in namespace `ns`.
-fn nft(ns: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "/dev/stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nft runs");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).expect("nft script written");
-    let out = child.wait_with_output().expect("nft runs");
-    assert!(out.status.success(), "nft -f failed in {ns}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn agent(timeout: Duration) -> ureq::Agent {

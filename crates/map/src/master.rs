@@ -193,8 +193,9 @@ impl Node {
                     losing = %id,
                     losing_side = ?members,
                     "members that acted as master apart meet again (a healed network split or one-way cut, or \
-                     members started together): the larger side's partition table wins; entries written only on \
-                     the other side meanwhile are discarded"
+                     members started together): the larger side's partition table wins; the other side's members \
+                     offer the entries they wrote meanwhile to its owners, which keep or take each one as the map's \
+                     merge_policy says"
                 );
             }
         }
