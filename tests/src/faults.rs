@@ -434,14 +434,27 @@ impl Lab {
     }
 }
 
-/// Records, on the test's runtime, when `node`'s view holds at most half of the members alive.
+/// Records, on the test's runtime, when `node` is on a minority side: the members that it and that
+/// see each other (its view holds them, and theirs holds it) are at most half of the members
+/// alive. Mutual, because views can be stale one way: a member cut off again right after a brief
+/// heal (a flapping link) still lists a member that already declared it dead, and acknowledges
+/// writes alone under its own table meanwhile.
 fn watch_minority(lab: &Arc<Lab>, node: &Arc<Node>) {
     let (lab, node) = (lab.clone(), node.clone());
     let mut views = node.cluster.watch();
     tokio::spawn(async move {
         loop {
-            let len = views.borrow_and_update().len();
-            let minority = len * 2 <= lab.alive.load(Ordering::SeqCst);
+            let view = views.borrow_and_update().clone();
+            let me = node.cluster.local().clone();
+            let mutual = lab
+                .live()
+                .iter()
+                .filter(|(_, x)| {
+                    let id = x.cluster.local();
+                    *id == me || (view.member(id).is_some() && x.cluster.view().member(&me).is_some())
+                })
+                .count();
+            let minority = mutual * 2 <= lab.alive.load(Ordering::SeqCst);
             {
                 let mut spans = node.minority.lock().unwrap();
                 let open = spans.last().is_some_and(|(_, end)| end.is_none());
@@ -451,10 +464,11 @@ fn watch_minority(lab: &Arc<Lab>, node: &Arc<Node>) {
                     spans.last_mut().expect("open span").1 = Some(Instant::now());
                 }
             }
-            // The alive count changes without a view change: look again now and then.
+            // The others' views and the alive count change without a change of this one: look
+            // again every few milliseconds.
             tokio::select! {
                 changed = views.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {},
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {},
             }
             if lab.stopped.load(Ordering::Relaxed) {
                 return;

@@ -85,16 +85,36 @@ pub(crate) struct PartitionData {
     /// the published table finds another id here while a newer one is being applied: it must not
     /// act on state the newer table already changed (a dropped copy would read as absent).
     pub(crate) applied: TableId,
-    /// As owner: when (ms) writes began that were acknowledged although a synchronous backup
-    /// never confirmed them (it left the view and its replacement got them instead; most recent
-    /// last, at most [`ACKED_ALONE_MAX`]). If the backup was cut off on the other side of a split
-    /// that this side loses, the winner never saw those writes: the merge takes them in
-    /// ([`crate::rejoin`]).
-    pub(crate) acked_alone_ms: Vec<u64>,
+    /// As owner: `(when, since)` (ms): entries written since `since` may be unknown to the other
+    /// side of a split this member's side loses, noted `when` (most recent last, at most
+    /// [`MERGE_FLOORS_MAX`]; [`crate::rejoin`] takes in those noted after the last table both
+    /// sides shared). Noted for writes acknowledged although a synchronous backup never confirmed
+    /// them (it left the view and its replacement got them instead: if it was cut off on the
+    /// other side, the winner never saw them), and for merged entries this member took (they
+    /// keep their older update times).
+    pub(crate) merge_floors: Vec<(u64, u64)>,
 }
 
-/// How many [`PartitionData::acked_alone_ms`] times a partition keeps.
-pub(crate) const ACKED_ALONE_MAX: usize = 8;
+/// How many [`PartitionData::merge_floors`] a partition keeps.
+pub(crate) const MERGE_FLOORS_MAX: usize = 8;
+
+impl PartitionData {
+    /// Notes, at `when`, that entries written since `since` may have to be merged (see
+    /// [`PartitionData::merge_floors`]). Notes made within a second of the last one join it (a
+    /// merge takes in many entries at once), with the earliest `since` and the latest `when`.
+    pub(crate) fn note_merge_floor(&mut self, when: u64, since: u64) {
+        if let Some(last) = self.merge_floors.last_mut()
+            && when.saturating_sub(last.0) < 1_000
+        {
+            *last = (last.0.max(when), last.1.min(since));
+            return;
+        }
+        if self.merge_floors.len() == MERGE_FLOORS_MAX {
+            self.merge_floors.remove(0);
+        }
+        self.merge_floors.push((when, since));
+    }
+}
 
 /// A frozen partition: which migration froze it.
 #[derive(Debug, Clone)]

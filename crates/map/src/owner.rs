@@ -19,8 +19,8 @@ use crate::table::{PartitionTable, Term};
 /// term names a member, whose node id may take up to 1 KiB), framing.
 pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 2048;
 
-/// Taken off when a write acknowledged without a departed backup began (clock reading, rounding).
-const ACKED_ALONE_SLACK_MS: u64 = 50;
+/// Taken off when a write acknowledged without a departed backup began (millisecond clock readings).
+const ACKED_ALONE_SLACK_MS: u64 = 2;
 
 /// An operation executed by the owner: answered at once, or waiting for backup acknowledgements.
 pub(crate) enum Executed {
@@ -134,8 +134,18 @@ impl Node {
             return Executed::Now(reply);
         }
         let (term, idle_floor) = (data.term.clone(), data.owner_since_ms);
+        let merging_updated = match &op {
+            Op::Merge { record, .. } => Some(record.updated_ms),
+            _ => None,
+        };
         let mp = data.maps.entry(map.to_string()).or_insert_with(|| crate::store::MapPartition::new(term.clone()));
         let (result, change) = mp.execute(op, now, idle_floor, &config);
+        if let (Some(updated), OpResult::Flag(true)) = (merging_updated, &result) {
+            // A merged entry keeps its update time, older than this side's fork: if this side
+            // loses a split before the cluster settles (a merge into a group that split off again),
+            // its next merge must still take the entry along.
+            data.note_merge_floor(now, updated);
+        }
         counters.count_owner_op(op_name, &result);
         let Some(change) = change else { return Executed::Now(Reply::Done(result)) };
         let events = vec![event_of(map, &change)];
@@ -353,15 +363,13 @@ impl Node {
                 .map_err(|e| format!("it left the cluster, and its replacement {member} did not confirm: {e}"))?;
         }
         debug!(partition = p, %departed, "a departed synchronous backup was replaced; the write is on its replacement");
-        // The write began at most the acknowledgement timeout before its deadline.
+        // The write was stamped just before its deadline was set, one acknowledgement timeout
+        // before it. To the millisecond: an earlier floor would also merge entries written before
+        // the cut, which the other side has and may have changed since.
         let waited =
             self.settings.backup_ack_timeout.saturating_sub(deadline.saturating_duration_since(Instant::now()));
-        let began = now_ms().saturating_sub(waited.as_millis() as u64 + ACKED_ALONE_SLACK_MS);
-        let mut data = self.slot(p).data.lock().unwrap();
-        if data.acked_alone_ms.len() == crate::node::ACKED_ALONE_MAX {
-            data.acked_alone_ms.remove(0);
-        }
-        data.acked_alone_ms.push(began);
+        let began = now_ms().saturating_sub(waited.as_millis() as u64 + 1 + ACKED_ALONE_SLACK_MS);
+        self.slot(p).data.lock().unwrap().note_merge_floor(began, began);
         Ok(())
     }
 

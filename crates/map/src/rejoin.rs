@@ -14,9 +14,11 @@
 //!   split;
 //! - otherwise the entries last written since this member applied its side's first table outside
 //!   the winner's lineage, or since the first write of the partition it acknowledged without its
-//!   synchronous backup after the last table both sides shared (`PartitionData::acked_alone_ms`:
+//!   synchronous backup after the last table both sides shared (`PartitionData::merge_floors`:
 //!   between the cut and its side's first table, a write whose backup was on the other side
-//!   waited for that table, which replaced the backup, and was then acknowledged). Older entries
+//!   waited for that table, which replaced the backup, and was then acknowledged), or since the
+//!   oldest update time of merged entries it took after that table (a merge into a group that
+//!   split off again before the cluster settled: they keep their older times). Older entries
 //!   were written before the sides parted and reached the winner's replica: it holds them as they
 //!   were, or changed or removed them since, and merging them back would undo its removals
 //!   (removals are not merged), or, with `pass-through`, overwrite its later writes.
@@ -180,8 +182,13 @@ impl Merging {
                 .as_ref()
                 .is_none_or(|base| !winner_kept(base.row(p), config.durable_replicas(), &self.winner_side));
             self.lost_partitions += u64::from(all && !mp.entries.is_empty());
-            let alone = data.acked_alone_ms.iter().copied().filter(|t| *t >= self.alone_after_ms).min();
-            let since = alone.map_or(self.since_ms, |t| t.min(self.since_ms));
+            let floor = data
+                .merge_floors
+                .iter()
+                .filter(|(when, _)| *when >= self.alone_after_ms)
+                .map(|(_, since)| *since)
+                .min();
+            let since = floor.map_or(self.since_ms, |t| t.min(self.since_ms));
             for (key, record) in mp.entries.iter() {
                 if !all && record.updated_ms < since {
                     continue;
@@ -353,6 +360,21 @@ mod tests {
         assert!(!winner_kept(&[m("c"), m("a")], 1, &winner));
         assert!(winner_kept(&[m("a")], 0, &winner), "the owner always counts");
         assert!(!winner_kept(&[], 2, &winner), "a row with no replica kept nothing");
+    }
+
+    #[test]
+    fn merge_floors_join_notes_made_close_together_and_keep_the_latest_few() {
+        let mut data = PartitionData::default();
+        data.note_merge_floor(10_000, 9_000);
+        data.note_merge_floor(10_500, 3_000);
+        data.note_merge_floor(10_900, 9_500);
+        assert_eq!(data.merge_floors, vec![(10_900, 3_000)], "one merge's entries make one note");
+        for i in 1..=20u64 {
+            data.note_merge_floor(10_000 + i * 5_000, 1_000 * i);
+        }
+        assert_eq!(data.merge_floors.len(), crate::node::MERGE_FLOORS_MAX);
+        assert_eq!(data.merge_floors.last(), Some(&(110_000, 20_000)));
+        assert_eq!(data.merge_floors.first(), Some(&(75_000, 13_000)), "the oldest notes go first");
     }
 
     #[test]
