@@ -58,7 +58,8 @@ impl Node {
     /// Sends a partition operation to the partition's owner under this member's table (running
     /// it here when this member is the owner) until the owner gives an answer other than "wrong
     /// owner" or "retry", or the operation timeout passes. `local` runs it here; `msg` builds the
-    /// request for a remote owner; both get this member's table epoch.
+    /// request for a remote owner (`None`: there is none to send any more, which fails the call);
+    /// both get this member's table epoch.
     async fn route<L, F>(
         self: &Arc<Self>,
         map: &str,
@@ -66,7 +67,7 @@ impl Node {
         p: u32,
         retry_if_lost: bool,
         mut local: L,
-        msg: impl Fn(u64) -> Msg,
+        msg: impl Fn(u64) -> Option<Msg>,
     ) -> Result<Reply, MapError>
     where
         L: FnMut(u64) -> F,
@@ -85,10 +86,16 @@ impl Node {
                     format!("partition {p} has no owner")
                 }),
                 Some(owner) if owner == self.local => Attempt::Reply(local(table.epoch).await),
-                Some(owner) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                    self.remote(&owner, Node::encode(&msg(table.epoch)), remaining, retry_if_lost).await
-                }
+                Some(owner) => match msg(table.epoch) {
+                    Some(msg) => {
+                        let remaining =
+                            deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                        self.remote(&owner, Node::encode(&msg), remaining, retry_if_lost).await
+                    }
+                    None => Attempt::Reply(Reply::Failed {
+                        error: "the operation already ran on this member and cannot be sent again".into(),
+                    }),
+                },
             };
             match attempt {
                 Attempt::Reply(Reply::WrongOwner { epoch }) => {
@@ -121,24 +128,37 @@ impl Node {
         }
     }
 
-    /// Executes a key operation wherever its partition lives.
+    /// Executes a key operation wherever its partition lives. Run here (this member owns the
+    /// partition), the operation is moved into the store rather than copied.
     pub(crate) async fn call(self: &Arc<Self>, map: &str, op: Op) -> Result<OpResult, MapError> {
         let started = Instant::now();
         let p = partition_of(op.key(), self.settings.partition_count);
         let name = op.name();
+        let retry_if_lost = op.retry_if_lost();
+        // Taken by the local execution once it runs (it then answers for good: no retry follows);
+        // until then, each attempt borrows it. (Mutexes only this call locks, for a `Send` future.)
+        let op = std::sync::Mutex::new(Some(op));
+        let counters = std::sync::Mutex::new(None);
         let local = |epoch: u64| {
-            let op = op.clone();
+            let (executed, used) = self.owner_execute_taking(p, map, &mut op.lock().unwrap(), epoch);
+            if used.is_some() {
+                *counters.lock().unwrap() = used;
+            }
             async move {
-                match self.owner_execute(p, map, op, epoch) {
+                match executed {
                     crate::owner::Executed::Now(reply) => reply,
                     crate::owner::Executed::Pending(pending) => self.finish_write(pending).await,
                 }
             }
         };
-        let msg = |epoch| Msg::Op { epoch, partition: p, map: map.to_string(), op: op.clone() };
-        match self.route(map, name, p, op.retry_if_lost(), local, msg).await? {
+        let msg = |epoch| {
+            let op = op.lock().unwrap().clone()?;
+            Some(Msg::Op { epoch, partition: p, map: map.to_string(), op })
+        };
+        match self.route(map, name, p, retry_if_lost, local, msg).await? {
             Reply::Done(result) => {
-                self.counters(map).record_latency(name, started.elapsed());
+                let counters = counters.lock().unwrap().take().unwrap_or_else(|| self.counters(map));
+                counters.record_latency(name, started.elapsed());
                 Ok(result)
             }
             other => {
@@ -258,7 +278,7 @@ impl Node {
         limit: u32,
     ) -> Result<crate::store::Page, MapError> {
         let local = |epoch| std::future::ready(self.owner_page(p, map, after.clone(), limit, epoch));
-        let msg = |epoch| Msg::Page { epoch, partition: p, map: map.to_string(), after: after.clone(), limit };
+        let msg = |epoch| Some(Msg::Page { epoch, partition: p, map: map.to_string(), after: after.clone(), limit });
         match self.route(map, "entries", p, true, local, msg).await? {
             Reply::Page { entries, next } => Ok((entries, next)),
             other => Err(MapError::Failed {
