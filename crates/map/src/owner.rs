@@ -26,6 +26,16 @@ pub(crate) enum Executed {
     Pending(PendingWrite),
 }
 
+/// What [`Node::owner_execute_taking`] did about its caller's latency.
+pub(crate) enum Latency {
+    /// The operation did not run (refused): nothing.
+    NotRun,
+    /// Answered at once: recorded.
+    Recorded,
+    /// Waiting for backups: the caller records it in these counters once answered.
+    Counters(Arc<MapCounters>),
+}
+
 /// A write applied by the owner whose synchronous backups have not all answered.
 pub(crate) struct PendingWrite {
     partition: u32,
@@ -105,76 +115,108 @@ impl Node {
     /// Executes `op` on partition `p` as its owner.
     pub(crate) fn owner_execute(self: &Arc<Self>, p: u32, map: &str, op: Op, caller_epoch: u64) -> Executed {
         let mut op = Some(op);
-        self.owner_execute_taking(p, map, &mut op, caller_epoch).0
+        self.owner_execute_taking(p, map, &mut op, caller_epoch, None).0
     }
 
     /// Executes the operation in `op` on partition `p` as its owner, taking it out of `op` only
     /// once it runs: when this member refuses it first (wrong owner, retry), `op` keeps it, so a
-    /// caller on this member can send it elsewhere without having copied it. Also returns the
-    /// map's counters when the operation ran.
+    /// caller on this member can send it elsewhere without having copied it. For a caller on this
+    /// member (`caller_started`: when its call started), records the call's latency when the
+    /// operation is answered at once, and returns the map's counters for it when the answer waits
+    /// for backups.
     pub(crate) fn owner_execute_taking(
         self: &Arc<Self>,
         p: u32,
         map: &str,
         op: &mut Option<Op>,
         caller_epoch: u64,
-    ) -> (Executed, Option<Arc<MapCounters>>) {
-        let now_reply = |reply| (Executed::Now(reply), None);
+        caller_started: Option<Instant>,
+    ) -> (Executed, Latency) {
+        let now_reply = |reply| (Executed::Now(reply), Latency::NotRun);
         let Some(payload_bytes) = op.as_ref().map(Op::payload_bytes) else {
             return now_reply(Reply::Failed { error: "the operation was already executed".into() });
         };
-        let table = self.table();
-        if let Some(reply) = self.check_owner(&table, p, caller_epoch) {
-            return now_reply(reply);
-        }
-        let config = self.settings.map_ref(map);
-        if let Some(reply) = self.protection_retry_with(map, config) {
-            return now_reply(reply);
-        }
-        // An entry must fit in one message to reach its backups: refuse it before applying it here.
-        let entry_bytes = payload_bytes + map.len() + ENTRY_OVERHEAD_BYTES;
-        if entry_bytes > self.net.frame_bytes_max() {
-            return now_reply(Reply::Failed {
-                error: format!(
-                    "the entry takes {entry_bytes} bytes, more than net.frame_bytes_max = {} allows between members; \
-                     store a smaller value or raise net.frame_bytes_max on every member",
-                    self.net.frame_bytes_max()
-                ),
-            });
-        }
-        let now = now_ms();
-        let slot = self.slot(p);
-        let mut data = slot.data.lock().unwrap();
-        if let Some(reply) = refusal_while(&data, p).or_else(|| changing(&data, &table, p)) {
-            return now_reply(reply);
-        }
-        let Some(op) = op.take() else {
-            return now_reply(Reply::Failed { error: "the operation was already executed".into() });
-        };
-        let op_name = op.name();
-        let (term, idle_floor) = (data.term.clone(), data.owner_since_ms);
-        // Looked up by reference first: no copy of the map's name for every operation.
-        if !data.maps.contains_key(map) {
-            data.maps.insert(map.to_string(), crate::store::MapPartition::new(term.clone()));
-        }
-        let mp = data.maps.get_mut(map).expect("the map partition was just inserted");
-        let counters = mp.counters.get_or_insert_with(|| self.counters(map)).clone();
-        let (result, change) = mp.execute(op, now, idle_floor, config);
-        counters.count_owner_op(op_name, &result);
-        let Some(change) = change else { return (Executed::Now(Reply::Done(result)), Some(counters)) };
-        let (seq, acks) = self.replicate_locked(&table, p, map, config, &mut data, change);
-        // Counted while a write waits for its backups, or for its confirmation as a ring append
-        // (see `on_write_confirmed`); a write with neither is complete once the lock is released.
-        let needs_guard = !acks.is_empty() || matches!(result, OpResult::RingStored { .. });
-        let guard = needs_guard.then(|| InflightGuard::new(self, p, &mut data));
-        drop(data);
-        counters.note_sync_backups(map, config.backup_count, acks.len());
-        let Some(guard) = guard.filter(|_| !acks.is_empty()) else {
-            self.on_write_confirmed(p, map, &term, &result);
-            return (Executed::Now(Reply::Done(result)), Some(counters));
-        };
-        let pending = PendingWrite { partition: p, map: map.to_string(), term, seq, result, acks, _inflight: guard };
-        (Executed::Pending(pending), Some(counters))
+        // Read from this thread's copy of the table (see `Node::with_table`).
+        self.with_table(|table| {
+            let refuse = |reply| (Executed::Now(reply), Latency::NotRun);
+            if let Some(reply) = self.check_owner(table, p, caller_epoch) {
+                return refuse(reply);
+            }
+            let config = self.settings.map_ref(map);
+            if let Some(reply) = self.protection_retry_with(map, config) {
+                return refuse(reply);
+            }
+            // An entry must fit in one message to reach its backups: refuse it before applying it here.
+            let entry_bytes = payload_bytes + map.len() + ENTRY_OVERHEAD_BYTES;
+            if entry_bytes > self.net.frame_bytes_max() {
+                return refuse(Reply::Failed {
+                    error: format!(
+                        "the entry takes {entry_bytes} bytes, more than net.frame_bytes_max = {} allows between members; \
+                         store a smaller value or raise net.frame_bytes_max on every member",
+                        self.net.frame_bytes_max()
+                    ),
+                });
+            }
+            let now = now_ms();
+            let slot = self.slot(p);
+            let mut data = slot.data.lock().unwrap();
+            if let Some(reply) = refusal_while(&data, p).or_else(|| changing(&data, table, p)) {
+                return refuse(reply);
+            }
+            let Some(op) = op.take() else {
+                return refuse(Reply::Failed { error: "the operation was already executed".into() });
+            };
+            let op_name = op.name();
+            let idle_floor = data.owner_since_ms;
+            // Looked up by reference first: no copy of the map's name (nor of the term, which
+            // names a member) for every operation.
+            if !data.maps.contains_key(map) {
+                let term = data.term.clone();
+                data.maps.insert(map.to_string(), crate::store::MapPartition::new(term));
+            }
+            let mp = data.maps.get_mut(map).expect("the map partition was just inserted");
+            let (result, change) = mp.execute(op, now, idle_floor, config);
+            let counters = mp.counters.get_or_insert_with(|| self.counters(map));
+            counters.count_owner_op(op_name, &result);
+            let Some(change) = change else {
+                if let Some(started) = caller_started {
+                    counters.record_latency(op_name, started.elapsed());
+                }
+                return (Executed::Now(Reply::Done(result)), Latency::Recorded);
+            };
+            let (seq, acks) = self.replicate_locked(table, p, map, config, &mut data, change);
+            // Counted while a write waits for its backups; one without any is complete once the
+            // lock is released.
+            let pending = !acks.is_empty();
+            let guard = pending.then(|| InflightGuard::new(self, p, &mut data));
+            let term = (pending || matches!(result, OpResult::RingStored { .. })).then(|| data.term.clone());
+            let counters = data.maps.get(map).and_then(|mp| mp.counters.as_ref());
+            if let Some(counters) = counters {
+                counters.note_sync_backups(map, config.backup_count, acks.len());
+            }
+            let latency = match (counters, caller_started) {
+                (Some(counters), Some(started)) if acks.is_empty() => {
+                    counters.record_latency(op_name, started.elapsed());
+                    Latency::Recorded
+                }
+                (Some(counters), _) if !acks.is_empty() => Latency::Counters(counters.clone()),
+                _ => Latency::NotRun,
+            };
+            drop(data);
+            match (guard, term) {
+                (Some(guard), Some(term)) => {
+                    let map = map.to_string();
+                    let pending = PendingWrite { partition: p, map, term, seq, result, acks, _inflight: guard };
+                    (Executed::Pending(pending), latency)
+                }
+                (_, term) => {
+                    if let Some(term) = &term {
+                        self.on_write_confirmed(p, map, term, &result);
+                    }
+                    (Executed::Now(Reply::Done(result)), latency)
+                }
+            }
+        })
     }
 
     /// `None` when this member may serve `p` under `table`; otherwise the reply telling the caller
@@ -511,7 +553,7 @@ impl Node {
 /// applied: the partition's state may already be the newer table's (see
 /// [`PartitionData::applied`]).
 fn changing(data: &PartitionData, table: &PartitionTable, p: u32) -> Option<Reply> {
-    (data.applied != table.id())
+    (!table.has_id(&data.applied))
         .then(|| Reply::Retry { reason: format!("partition {p}: a new partition table is being applied") })
 }
 

@@ -24,6 +24,7 @@
 
 #[cfg(test)]
 mod fuzz_tests;
+pub mod latest;
 mod member;
 mod transport;
 mod view;
@@ -225,6 +226,8 @@ struct Inner {
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     handle: Mutex<Option<ChitchatHandle>>,
     view_tx: watch::Sender<Arc<ClusterView>>,
+    /// `view_tx`'s id for [`latest::with_latest`].
+    view_id: u64,
     events_tx: broadcast::Sender<MemberEvent>,
     poke: Notify,
     stop_tx: watch::Sender<bool>,
@@ -325,6 +328,7 @@ impl Membership {
             chitchat,
             handle: Mutex::new(Some(handle)),
             view_tx,
+            view_id: latest::channel_id(),
             events_tx,
             poke: Notify::new(),
             stop_tx,
@@ -375,6 +379,15 @@ impl Membership {
     /// The current view.
     pub fn view(&self) -> Arc<ClusterView> {
         self.inner.view_tx.borrow().clone()
+    }
+
+    /// Calls `f` with the current view, as [`Membership::view`] gives it, from this thread's copy
+    /// (see [`latest`]): for what every operation reads.
+    pub fn with_view<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+        thread_local! {
+            static VIEWS: std::cell::RefCell<latest::LatestCache<Arc<ClusterView>>> = Default::default();
+        }
+        latest::with_latest(&VIEWS, self.inner.view_id, &self.inner.view_tx, |view| f(view))
     }
 
     /// A receiver of every new view.
