@@ -21,6 +21,14 @@ use crate::node::{MAP_SERVICE, Node};
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// Where an attempt goes under this member's table (with the table's epoch).
+enum Target {
+    /// Nowhere yet: why.
+    NoOwner(u64, String),
+    Local(u64),
+    Remote(u64, MemberId),
+}
+
 /// What one attempt produced.
 enum Attempt {
     Reply(Reply),
@@ -57,44 +65,63 @@ impl Node {
 
     /// Sends a partition operation to the partition's owner under this member's table (running
     /// it here when this member is the owner) until the owner gives an answer other than "wrong
-    /// owner" or "retry", or the operation timeout passes. `local` runs it here; `msg` builds the
-    /// request for a remote owner; both get this member's table epoch.
-    async fn route<L, F>(
+    /// owner" or "retry", or the operation timeout passes (from `started`). `local` runs it here;
+    /// `msg` builds the request for a remote owner (`None`: there is none to send any more, which
+    /// fails the call); both get the caller's `state` and this member's table epoch.
+    #[allow(clippy::too_many_arguments)]
+    async fn route<S, L, F>(
         self: &Arc<Self>,
         map: &str,
         op: &'static str,
         p: u32,
         retry_if_lost: bool,
+        started: Instant,
+        state: &mut S,
         mut local: L,
-        msg: impl Fn(u64) -> Msg,
+        msg: impl Fn(&S, u64) -> Option<Msg>,
     ) -> Result<Reply, MapError>
     where
-        L: FnMut(u64) -> F,
+        L: FnMut(&mut S, u64) -> F,
         F: Future<Output = Reply>,
     {
         self.check_running(map)?;
-        let deadline = Instant::now() + self.settings.operation_timeout;
+        let deadline = started + self.settings.operation_timeout;
         let mut backoff = BACKOFF_MIN;
         let mut last_error: String;
         loop {
-            let table = self.table();
-            let attempt = match table.owner(p).cloned() {
-                None => Attempt::Retry(if table.epoch == 0 {
-                    "this member has no partition table yet".to_string()
-                } else {
-                    format!("partition {p} has no owner")
-                }),
-                Some(owner) if owner == self.local => Attempt::Reply(local(table.epoch).await),
-                Some(owner) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                    self.remote(&owner, Node::encode(&msg(table.epoch)), remaining, retry_if_lost).await
+            // Read from this thread's copy of the table; the owner is copied only when remote.
+            let target = self.with_table(|table| match table.owner(p) {
+                None if table.epoch == 0 => {
+                    Target::NoOwner(table.epoch, "this member has no partition table yet".into())
                 }
+                None => Target::NoOwner(table.epoch, format!("partition {p} has no owner")),
+                Some(owner) if *owner == self.local => Target::Local(table.epoch),
+                Some(owner) => Target::Remote(table.epoch, owner.clone()),
+            });
+            let (epoch, owner) = match &target {
+                Target::NoOwner(epoch, _) => (*epoch, None),
+                Target::Local(epoch) => (*epoch, Some(&self.local)),
+                Target::Remote(epoch, owner) => (*epoch, Some(owner)),
+            };
+            let attempt = match &target {
+                Target::NoOwner(_, reason) => Attempt::Retry(reason.clone()),
+                Target::Local(epoch) => Attempt::Reply(local(state, *epoch).await),
+                Target::Remote(epoch, owner) => match msg(state, *epoch) {
+                    Some(msg) => {
+                        let remaining =
+                            deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                        self.remote(owner, Node::encode(&msg), remaining, retry_if_lost).await
+                    }
+                    None => Attempt::Reply(Reply::Failed {
+                        error: "the operation already ran on this member and cannot be sent again".into(),
+                    }),
+                },
             };
             match attempt {
-                Attempt::Reply(Reply::WrongOwner { epoch }) => {
-                    last_error = format!("the owner under table epoch {} moved (its epoch {epoch})", table.epoch);
-                    if let Some(owner) = table.owner(p) {
-                        self.catch_up(owner, epoch).await;
+                Attempt::Reply(Reply::WrongOwner { epoch: theirs }) => {
+                    last_error = format!("the owner under table epoch {epoch} moved (its epoch {theirs})");
+                    if let Some(owner) = owner {
+                        self.catch_up(owner, theirs).await;
                     }
                 }
                 Attempt::Reply(Reply::Retry { reason }) | Attempt::Retry(reason) => last_error = reason,
@@ -103,7 +130,7 @@ impl Node {
                 }
                 Attempt::Reply(reply) => return Ok(reply),
                 Attempt::Lost(reason) => {
-                    let owner = table.owner(p).map(ToString::to_string).unwrap_or_default();
+                    let owner = owner.map(ToString::to_string).unwrap_or_default();
                     return Err(MapError::Indeterminate { op, map: map.to_string(), owner, reason });
                 }
             }
@@ -121,24 +148,40 @@ impl Node {
         }
     }
 
-    /// Executes a key operation wherever its partition lives.
+    /// Executes a key operation wherever its partition lives. Run here (this member owns the
+    /// partition), the operation is moved into the store rather than copied.
     pub(crate) async fn call(self: &Arc<Self>, map: &str, op: Op) -> Result<OpResult, MapError> {
         let started = Instant::now();
         let p = partition_of(op.key(), self.settings.partition_count);
         let name = op.name();
-        let local = |epoch: u64| {
-            let op = op.clone();
+        let retry_if_lost = op.retry_if_lost();
+        // The operation is taken by the local execution once it runs (it then answers for good:
+        // no retry follows); until then, each attempt borrows it. Beside it, what the local
+        // execution did about the latency.
+        let mut state = (Some(op), crate::owner::Latency::NotRun);
+        let local = |state: &mut (Option<Op>, crate::owner::Latency), epoch: u64| {
+            let (executed, recorded) = self.owner_execute_taking(p, map, &mut state.0, epoch, Some(started));
+            if !matches!(recorded, crate::owner::Latency::NotRun) {
+                state.1 = recorded;
+            }
             async move {
-                match self.owner_execute(p, map, op, epoch) {
+                match executed {
                     crate::owner::Executed::Now(reply) => reply,
                     crate::owner::Executed::Pending(pending) => self.finish_write(pending).await,
                 }
             }
         };
-        let msg = |epoch| Msg::Op { epoch, partition: p, map: map.to_string(), op: op.clone() };
-        match self.route(map, name, p, op.retry_if_lost(), local, msg).await? {
+        let msg = |state: &(Option<Op>, crate::owner::Latency), epoch| {
+            let op = state.0.clone()?;
+            Some(Msg::Op { epoch, partition: p, map: map.to_string(), op })
+        };
+        match self.route(map, name, p, retry_if_lost, started, &mut state, local, msg).await? {
             Reply::Done(result) => {
-                self.counters(map).record_latency(name, started.elapsed());
+                match state.1 {
+                    crate::owner::Latency::Recorded => {}
+                    crate::owner::Latency::Counters(counters) => counters.record_latency(name, started.elapsed()),
+                    crate::owner::Latency::NotRun => self.counters(map).record_latency(name, started.elapsed()),
+                }
                 Ok(result)
             }
             other => {
@@ -257,9 +300,10 @@ impl Node {
         after: Option<Vec<u8>>,
         limit: u32,
     ) -> Result<crate::store::Page, MapError> {
-        let local = |epoch| std::future::ready(self.owner_page(p, map, after.clone(), limit, epoch));
-        let msg = |epoch| Msg::Page { epoch, partition: p, map: map.to_string(), after: after.clone(), limit };
-        match self.route(map, "entries", p, true, local, msg).await? {
+        let local = |_: &mut (), epoch| std::future::ready(self.owner_page(p, map, after.clone(), limit, epoch));
+        let msg =
+            |_: &(), epoch| Some(Msg::Page { epoch, partition: p, map: map.to_string(), after: after.clone(), limit });
+        match self.route(map, "entries", p, true, Instant::now(), &mut (), local, msg).await? {
             Reply::Page { entries, next } => Ok((entries, next)),
             other => Err(MapError::Failed {
                 op: "entries",

@@ -193,10 +193,16 @@ impl Default for MapSettings {
 impl MapSettings {
     /// The settings of map `name`.
     pub fn map(&self, name: &str) -> MapConfig {
+        self.map_ref(name).clone()
+    }
+
+    /// The settings of map `name`, without a copy (every operation asks).
+    pub fn map_ref(&self, name: &str) -> &MapConfig {
+        static DEFAULT: std::sync::LazyLock<MapConfig> = std::sync::LazyLock::new(MapConfig::default);
         if let Some(config) = self.maps.get(name) {
-            return config.clone();
+            return config;
         }
         let fallback = if name.starts_with(RELIABLE_TOPIC_MAP_PREFIX) { RELIABLE_TOPIC_DEFAULT } else { "default" };
-        self.maps.get(fallback).cloned().unwrap_or_default()
+        self.maps.get(fallback).unwrap_or(&DEFAULT)
     }
 }

@@ -228,6 +228,12 @@ impl MapService {
         outcome
     }
 
+    /// A copy of `key` for the near cache's invalidation after a write: empty (no copy) when no
+    /// map has a near cache configured, which `near_cache_written` then ignores.
+    fn near_key(&self, key: &[u8]) -> Vec<u8> {
+        if self.node.invalidation.configured { key.to_vec() } else { Vec::new() }
+    }
+
     /// True when `key` is present and not expired.
     pub async fn contains_key(&self, map: &str, key: Vec<u8>) -> Result<bool, MapError> {
         Ok(flag(self.node.call(map, Op::ContainsKey { key }).await?))
@@ -241,7 +247,7 @@ impl MapService {
         value_: Vec<u8>,
         expiry: Option<Expiry>,
     ) -> Result<Option<Vec<u8>>, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         let op = Op::Put { key, value: value_, expiry, mode: PutMode::Always };
         Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
@@ -254,14 +260,14 @@ impl MapService {
         value_: Vec<u8>,
         expiry: Option<Expiry>,
     ) -> Result<Option<Vec<u8>>, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         let op = Op::Put { key, value: value_, expiry, mode: PutMode::IfAbsent };
         Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
 
     /// Sets `key` only if present; returns the previous value (`None`: nothing was changed).
     pub async fn replace(&self, map: &str, key: Vec<u8>, value_: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         let op = Op::Put { key, value: value_, expiry: None, mode: PutMode::IfPresent };
         Ok(value(self.write(map, Some(&k), self.node.call(map, op)).await?))
     }
@@ -274,13 +280,13 @@ impl MapService {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         Ok(flag(self.write(map, Some(&k), self.node.call(map, Op::CompareAndSet { key, expected, new })).await?))
     }
 
     /// Removes `key`; returns its value.
     pub async fn remove(&self, map: &str, key: Vec<u8>) -> Result<Option<Vec<u8>>, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         Ok(value(self.write(map, Some(&k), self.node.call(map, Op::Remove { key })).await?))
     }
 
@@ -295,7 +301,7 @@ impl MapService {
         mode: PutMode,
         expiry: SetExpiry,
     ) -> Result<Option<Vec<u8>>, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         let op = match expiry {
             SetExpiry::Default => Op::Put { key, value: value_, expiry: None, mode },
             SetExpiry::Explicit(expiry) => Op::Put { key, value: value_, expiry: Some(expiry), mode },
@@ -309,7 +315,7 @@ impl MapService {
     /// the new value. A value that is not an integer, or a result that would overflow `i64`, is
     /// refused with [`MapError::Rejected`].
     pub async fn incr_by(&self, map: &str, key: Vec<u8>, delta: i64) -> Result<i64, MapError> {
-        let k = key.clone();
+        let k = self.near_key(&key);
         match self.write(map, Some(&k), self.node.call(map, Op::Incr { key, delta })).await? {
             OpResult::Int(n) => Ok(n),
             other => Err(rejected("incr", map, other)),
@@ -321,7 +327,7 @@ impl MapService {
     /// `None`: whether it had a time to live to remove).
     pub async fn set_ttl(&self, map: &str, key: Vec<u8>, ttl: Option<Duration>) -> Result<bool, MapError> {
         let ttl_ms = ttl.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64);
-        let k = key.clone();
+        let k = self.near_key(&key);
         Ok(flag(self.write(map, Some(&k), self.node.call(map, Op::SetTtl { key, ttl_ms })).await?))
     }
 

@@ -2,6 +2,7 @@
 //! gossip), so that owners send events only where someone listens.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use grapevine_membership::MemberId;
@@ -23,6 +24,8 @@ pub(crate) struct Listeners {
     local: Mutex<HashMap<String, broadcast::Sender<RawEntryEvent>>>,
     /// Members with listeners, per map, from gossip.
     remote: RwLock<HashMap<String, Vec<MemberId>>>,
+    /// Whether `remote` names any map: every write asks, and most clusters have no listener.
+    remote_any: AtomicBool,
 }
 
 impl Listeners {
@@ -40,6 +43,13 @@ impl Listeners {
     /// The members that listen to `map`, from gossip.
     pub(crate) fn of(&self, map: &str) -> Vec<MemberId> {
         self.remote.read().unwrap().get(map).cloned().unwrap_or_default()
+    }
+
+    /// Whether any member (this one included) listens to `map`: what [`Node::publish_events`]
+    /// sends to, without copying the list.
+    pub(crate) fn any(&self, map: &str) -> bool {
+        self.remote_any.load(Ordering::Acquire)
+            && self.remote.read().unwrap().get(map).is_some_and(|members| !members.is_empty())
     }
 
     /// A receiver of `map`'s local events, and whether it is the first subscription to `map`.
@@ -87,7 +97,9 @@ impl Node {
                 }
             }
         }
+        let any = !registry.is_empty();
         *self.listeners.remote.write().unwrap() = registry;
+        self.listeners.remote_any.store(any, Ordering::Release);
     }
 
     /// Remembers that a local subscription exists and announces it in gossip (first one only).

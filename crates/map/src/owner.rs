@@ -12,6 +12,7 @@ use crate::config::MapConfig;
 use crate::messages::{EntryEventKind, Msg, MultiOp, Op, OpResult, RawEntryEvent, Reply};
 use crate::node::{MAP_SERVICE, Node, PartitionData};
 use crate::record::now_ms;
+use crate::stats::MapCounters;
 use crate::store::Change;
 use crate::table::{PartitionTable, Term};
 
@@ -26,6 +27,16 @@ const ACKED_ALONE_SLACK_MS: u64 = 2;
 pub(crate) enum Executed {
     Now(Reply),
     Pending(PendingWrite),
+}
+
+/// What [`Node::owner_execute_taking`] did about its caller's latency.
+pub(crate) enum Latency {
+    /// The operation did not run (refused): nothing.
+    NotRun,
+    /// Answered at once: recorded.
+    Recorded,
+    /// Waiting for backups: the caller records it in these counters once answered.
+    Counters(Arc<MapCounters>),
 }
 
 /// A write applied by the owner whose synchronous backups have not all answered.
@@ -97,8 +108,8 @@ fn event_of(map: &str, change: &Change) -> RawEntryEvent {
     RawEntryEvent {
         map: map.to_string(),
         kind: change.kind,
-        key: change.key.clone(),
-        value: change.value.clone(),
+        key: change.key().to_vec(),
+        value: change.value().map(<[u8]>::to_vec),
         old_value: change.old_value.clone(),
     }
 }
@@ -106,65 +117,118 @@ fn event_of(map: &str, change: &Change) -> RawEntryEvent {
 impl Node {
     /// Executes `op` on partition `p` as its owner.
     pub(crate) fn owner_execute(self: &Arc<Self>, p: u32, map: &str, op: Op, caller_epoch: u64) -> Executed {
-        let table = self.table();
-        if let Some(reply) = self.check_owner(&table, p, caller_epoch) {
-            return Executed::Now(reply);
-        }
-        if let Some(reply) = self.protection_retry(map) {
-            return Executed::Now(reply);
-        }
-        // An entry must fit in one message to reach its backups: refuse it before applying it here.
-        let entry_bytes = op.payload_bytes() + map.len() + ENTRY_OVERHEAD_BYTES;
-        if entry_bytes > self.net.frame_bytes_max() {
-            return Executed::Now(Reply::Failed {
-                error: format!(
-                    "the entry takes {entry_bytes} bytes, more than net.frame_bytes_max = {} allows between members; \
-                     store a smaller value or raise net.frame_bytes_max on every member",
-                    self.net.frame_bytes_max()
-                ),
-            });
-        }
-        let config = self.settings.map(map);
-        let counters = self.counters(map);
-        let op_name = op.name();
-        let now = now_ms();
-        let slot = self.slot(p);
-        let mut data = slot.data.lock().unwrap();
-        if let Some(reply) = refusal_while(&data, p).or_else(|| changing(&data, &table, p)) {
-            return Executed::Now(reply);
-        }
-        let (term, idle_floor) = (data.term.clone(), data.owner_since_ms);
-        let merging_updated = match &op {
-            Op::Merge { record, .. } => Some(record.updated_ms),
-            _ => None,
+        let mut op = Some(op);
+        self.owner_execute_taking(p, map, &mut op, caller_epoch, None).0
+    }
+
+    /// Executes the operation in `op` on partition `p` as its owner, taking it out of `op` only
+    /// once it runs: when this member refuses it first (wrong owner, retry), `op` keeps it, so a
+    /// caller on this member can send it elsewhere without having copied it. For a caller on this
+    /// member (`caller_started`: when its call started), records the call's latency when the
+    /// operation is answered at once, and returns the map's counters for it when the answer waits
+    /// for backups.
+    pub(crate) fn owner_execute_taking(
+        self: &Arc<Self>,
+        p: u32,
+        map: &str,
+        op: &mut Option<Op>,
+        caller_epoch: u64,
+        caller_started: Option<Instant>,
+    ) -> (Executed, Latency) {
+        let now_reply = |reply| (Executed::Now(reply), Latency::NotRun);
+        let Some(payload_bytes) = op.as_ref().map(Op::payload_bytes) else {
+            return now_reply(Reply::Failed { error: "the operation was already executed".into() });
         };
-        let mp = data.maps.entry(map.to_string()).or_insert_with(|| crate::store::MapPartition::new(term.clone()));
-        let (result, change) = mp.execute(op, now, idle_floor, &config);
-        if let (Some(updated), OpResult::Flag(true)) = (merging_updated, &result) {
-            // A merged entry keeps its update time, older than this side's fork: if this side
-            // loses a split before the cluster settles (a merge into a group that split off again),
-            // its next merge must still take the entry along.
-            data.note_merge_floor(now, updated);
-        }
-        counters.count_owner_op(op_name, &result);
-        let Some(change) = change else { return Executed::Now(Reply::Done(result)) };
-        let events = vec![event_of(map, &change)];
-        let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
-        drop(data);
-        counters.note_sync_backups(map, config.backup_count, acks.len());
-        if acks.is_empty() {
-            drop(guard);
-            self.on_write_confirmed(p, map, &term, &result);
-            return Executed::Now(Reply::Done(result));
-        }
-        Executed::Pending(PendingWrite {
-            partition: p,
-            map: map.to_string(),
-            term,
-            seq,
-            result,
-            acks,
-            _inflight: guard,
+        // Read from this thread's copy of the table (see `Node::with_table`).
+        self.with_table(|table| {
+            let refuse = |reply| (Executed::Now(reply), Latency::NotRun);
+            if let Some(reply) = self.check_owner(table, p, caller_epoch) {
+                return refuse(reply);
+            }
+            let config = self.settings.map_ref(map);
+            if let Some(reply) = self.protection_retry_with(map, config) {
+                return refuse(reply);
+            }
+            // An entry must fit in one message to reach its backups: refuse it before applying it here.
+            let entry_bytes = payload_bytes + map.len() + ENTRY_OVERHEAD_BYTES;
+            if entry_bytes > self.net.frame_bytes_max() {
+                return refuse(Reply::Failed {
+                    error: format!(
+                        "the entry takes {entry_bytes} bytes, more than net.frame_bytes_max = {} allows between members; \
+                         store a smaller value or raise net.frame_bytes_max on every member",
+                        self.net.frame_bytes_max()
+                    ),
+                });
+            }
+            let now = now_ms();
+            let slot = self.slot(p);
+            let mut data = slot.data.lock().unwrap();
+            if let Some(reply) = refusal_while(&data, p).or_else(|| changing(&data, table, p)) {
+                return refuse(reply);
+            }
+            let Some(op) = op.take() else {
+                return refuse(Reply::Failed { error: "the operation was already executed".into() });
+            };
+            let op_name = op.name();
+            let merging_updated = match &op {
+                Op::Merge { record, .. } => Some(record.updated_ms),
+                _ => None,
+            };
+            let idle_floor = data.owner_since_ms;
+            // Looked up by reference first: no copy of the map's name (nor of the term, which
+            // names a member) for every operation.
+            if !data.maps.contains_key(map) {
+                let term = data.term.clone();
+                data.maps.insert(map.to_string(), crate::store::MapPartition::new(term));
+            }
+            let mp = data.maps.get_mut(map).expect("the map partition was just inserted");
+            let (result, change) = mp.execute(op, now, idle_floor, config);
+            let counters = mp.counters.get_or_insert_with(|| self.counters(map));
+            counters.count_owner_op(op_name, &result);
+            let Some(change) = change else {
+                if let Some(started) = caller_started {
+                    counters.record_latency(op_name, started.elapsed());
+                }
+                return (Executed::Now(Reply::Done(result)), Latency::Recorded);
+            };
+            if let (Some(updated), OpResult::Flag(true)) = (merging_updated, &result) {
+                // A merged entry keeps its update time, older than this side's fork: if this side
+                // loses a split before the cluster settles (a merge into a group that split off
+                // again), its next merge must still take the entry along.
+                data.note_merge_floor(now, updated);
+            }
+            let (seq, acks) = self.replicate_locked(table, p, map, config, &mut data, change);
+            // Counted while a write waits for its backups; one without any is complete once the
+            // lock is released.
+            let pending = !acks.is_empty();
+            let guard = pending.then(|| InflightGuard::new(self, p, &mut data));
+            let term = (pending || matches!(result, OpResult::RingStored { .. })).then(|| data.term.clone());
+            let counters = data.maps.get(map).and_then(|mp| mp.counters.as_ref());
+            if let Some(counters) = counters {
+                counters.note_sync_backups(map, config.backup_count, acks.len());
+            }
+            let latency = match (counters, caller_started) {
+                (Some(counters), Some(started)) if acks.is_empty() => {
+                    counters.record_latency(op_name, started.elapsed());
+                    Latency::Recorded
+                }
+                (Some(counters), _) if !acks.is_empty() => Latency::Counters(counters.clone()),
+                _ => Latency::NotRun,
+            };
+            drop(data);
+            match (guard, term) {
+                (Some(guard), Some(term)) => {
+                    let map = map.to_string();
+                    let pending = PendingWrite { partition: p, map, term, seq, result, acks, _inflight: guard };
+                    (Executed::Pending(pending), latency)
+                }
+                (_, term) => {
+                    if let Some(term) = &term {
+                        self.on_write_confirmed(p, map, term, &result);
+                    }
+                    (Executed::Now(Reply::Done(result)), latency)
+                }
+            }
         })
     }
 
@@ -197,9 +261,9 @@ impl Node {
 
     /// Stamps a change with the partition's next sequence number and sends it to the backups:
     /// asynchronous ones without waiting, synchronous ones as requests whose answers the caller
-    /// awaits; then publishes `events`. Runs under the partition lock, which is what keeps backups'
-    /// input, and listeners' events, in write order.
-    #[allow(clippy::too_many_arguments)]
+    /// awaits; then publishes its entry event. Runs under the partition lock, which is what keeps
+    /// backups' input, and listeners' events, in write order. The backup message is encoded only
+    /// when there is a backup to send it to, and the event only built when some member listens.
     pub(crate) fn replicate_locked(
         self: &Arc<Self>,
         table: &PartitionTable,
@@ -208,35 +272,50 @@ impl Node {
         config: &MapConfig,
         data: &mut PartitionData,
         change: Change,
-        events: Vec<RawEntryEvent>,
-    ) -> (u64, Vec<(MemberId, ResponseFuture)>, InflightGuard) {
+    ) -> (u64, Vec<(MemberId, ResponseFuture)>) {
+        self.replicate_locked_with(table, p, map, config, data, change, |change| vec![event_of(map, change)])
+    }
+
+    /// [`Node::replicate_locked`] with the events of `change` given by `events` (called only when
+    /// some member listens to `map`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn replicate_locked_with(
+        self: &Arc<Self>,
+        table: &PartitionTable,
+        p: u32,
+        map: &str,
+        config: &MapConfig,
+        data: &mut PartitionData,
+        change: Change,
+        events: impl FnOnce(&Change) -> Vec<RawEntryEvent>,
+    ) -> (u64, Vec<(MemberId, ResponseFuture)>) {
         let (sync, asynchronous) = replica_targets(table, p, config, map, &data.copy_targets);
         let mp = data.maps.get_mut(map).expect("the map partition was just written");
         mp.seq += 1;
         let seq = mp.seq;
         self.invalidation.on_change(map, p, &mp.term, seq, &change.repl);
-        let msg = Node::encode(&Msg::Backup {
-            partition: p,
-            term: mp.term.clone(),
-            map: map.to_string(),
-            seq,
-            op: change.repl,
-        });
-        for member in &asynchronous {
-            if let Err(error) = self.net.send(member, MAP_SERVICE, msg.clone()) {
-                debug!(partition = p, %member, %error, "asynchronous backup not sent; anti-entropy will repair it");
+        let events = if self.listeners.any(map) { events(&change) } else { Vec::new() };
+        let mut acks = Vec::with_capacity(sync.len());
+        if !sync.is_empty() || !asynchronous.is_empty() {
+            let msg = Node::encode(&Msg::Backup {
+                partition: p,
+                term: mp.term.clone(),
+                map: map.to_string(),
+                seq,
+                op: change.repl,
+            });
+            for member in &asynchronous {
+                if let Err(error) = self.net.send(member, MAP_SERVICE, msg.clone()) {
+                    debug!(partition = p, %member, %error, "asynchronous backup not sent; anti-entropy will repair it");
+                }
+            }
+            for member in sync {
+                let ack = self.net.request(&member, MAP_SERVICE, msg.clone(), self.settings.backup_ack_timeout);
+                acks.push((member, ack));
             }
         }
-        let acks = sync
-            .into_iter()
-            .map(|member| {
-                let ack = self.net.request(&member, MAP_SERVICE, msg.clone(), self.settings.backup_ack_timeout);
-                (member, ack)
-            })
-            .collect();
         self.publish_events(map, events);
-        let guard = InflightGuard::new(self, p, data);
-        (seq, acks, guard)
+        (seq, acks)
     }
 
     /// Waits for the synchronous backups of a write. A backup that fell behind gets a full copy
@@ -415,8 +494,8 @@ impl Node {
                         done.push((p, 0));
                         continue;
                     }
-                    let listening = !self.listeners.of(map).is_empty();
-                    let events: Vec<RawEntryEvent> = if listening {
+                    // The events name every entry removed: collected before the clear, when someone listens.
+                    let events: Vec<RawEntryEvent> = if self.listeners.any(map) {
                         mp.entries
                             .iter()
                             .map(|(k, r)| RawEntryEvent {
@@ -431,15 +510,11 @@ impl Node {
                         Vec::new()
                     };
                     mp.clear();
-                    let change = Change {
-                        repl: crate::messages::ReplOp::Clear,
-                        kind: EntryEventKind::Removed,
-                        key: Vec::new(),
-                        value: None,
-                        old_value: None,
-                    };
+                    let change = Change::new(crate::messages::ReplOp::Clear, EntryEventKind::Removed, None);
                     let term = mp.term.clone();
-                    let (seq, acks, guard) = self.replicate_locked(&table, p, map, &config, &mut data, change, events);
+                    let (seq, acks) =
+                        self.replicate_locked_with(&table, p, map, &config, &mut data, change, |_| events);
+                    let guard = InflightGuard::new(self, p, &mut data);
                     pending.push((
                         PendingWrite {
                             partition: p,
@@ -498,7 +573,7 @@ impl Node {
 /// applied: the partition's state may already be the newer table's (see
 /// [`PartitionData::applied`]).
 fn changing(data: &PartitionData, table: &PartitionTable, p: u32) -> Option<Reply> {
-    (data.applied != table.id())
+    (!table.has_id(&data.applied))
         .then(|| Reply::Retry { reason: format!("partition {p}: a new partition table is being applied") })
 }
 

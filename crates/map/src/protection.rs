@@ -28,7 +28,7 @@ impl Node {
 
     /// `Err` when `map` has a minimum cluster size this member's view is below.
     pub(crate) fn check_protection(&self, map: &str) -> Result<(), MapError> {
-        let min = self.settings.map(map).min_cluster_size;
+        let min = self.settings.map_ref(map).min_cluster_size;
         if min == 0 {
             return Ok(());
         }
@@ -37,7 +37,16 @@ impl Node {
 
     /// As an owner: "retry" when `map` is below its minimum here (see the module documentation).
     pub(crate) fn protection_retry(&self, map: &str) -> Option<Reply> {
-        self.check_protection(map).err().map(|e| Reply::Retry { reason: format!("on the owner {}: {e}", self.local) })
+        self.protection_retry_with(map, self.settings.map_ref(map))
+    }
+
+    /// [`Node::protection_retry`] with the map's settings at hand.
+    pub(crate) fn protection_retry_with(&self, map: &str, config: &crate::config::MapConfig) -> Option<Reply> {
+        if config.min_cluster_size == 0 {
+            return None;
+        }
+        below_minimum(map, config.min_cluster_size, self.protection_size())
+            .map(|e| Reply::Retry { reason: format!("on the owner {}: {e}", self.local) })
     }
 
     /// `Ok` unless some map this member knows of (configured, or used here) has a minimum cluster

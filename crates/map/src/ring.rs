@@ -161,8 +161,7 @@ impl MapPartition {
         let bounds = Record::written(encode_bounds(head + evict, next + 1), now, never(), None);
         self.insert(BOUNDS_KEY.to_vec(), bounds.clone());
         writes.push(RingWrite::Put { key: BOUNDS_KEY.to_vec(), record: bounds });
-        let change =
-            Change { repl: ReplOp::Batch(writes), kind: EntryEventKind::Added, key, value: None, old_value: None };
+        let change = Change::naming(key, ReplOp::Batch(writes), EntryEventKind::Added);
         (OpResult::RingStored { seq: next }, Some(change))
     }
 

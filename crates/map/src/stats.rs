@@ -1,8 +1,8 @@
 //! Per-map counters and latency histograms, and the member's statistics document.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -12,13 +12,55 @@ use crate::messages::{LocalMapStats, LocalStats, OpResult};
 use crate::node::Node;
 use crate::table::Role;
 
-/// Counters of one map on one member.
+/// Stripes of a map's counters: each thread counts in its own (see [`stripe_index`]), so that the
+/// runtime's worker threads do not bounce one cache line between them on every operation; the
+/// statistics add the stripes up.
+const STRIPES: usize = 4;
+
+/// One stripe of [`MapCounters`], on its own cache lines.
 #[derive(Debug)]
-pub(crate) struct MapCounters {
+#[repr(align(128))]
+struct Stripe {
     gets: AtomicU64,
     hits: AtomicU64,
     puts: AtomicU64,
     removes: AtomicU64,
+    /// Created when a thread of this stripe first records a latency (a few KiB each).
+    get_latency: OnceLock<Mutex<Histogram<u64>>>,
+    put_latency: OnceLock<Mutex<Histogram<u64>>>,
+}
+
+impl Stripe {
+    fn new() -> Stripe {
+        Stripe {
+            gets: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
+            removes: AtomicU64::new(0),
+            get_latency: OnceLock::new(),
+            put_latency: OnceLock::new(),
+        }
+    }
+}
+
+/// Microseconds, 1 µs to 10 min, 2 significant digits: a few KiB per histogram.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")
+}
+
+/// The stripe this thread counts in: threads take the stripes in turn as they first count.
+fn stripe_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    INDEX.with(|i| *i)
+}
+
+/// Counters of one map on one member.
+#[derive(Debug)]
+pub(crate) struct MapCounters {
+    stripes: [Stripe; STRIPES],
     merge_kept_existing: AtomicU64,
     merge_took_merging: AtomicU64,
     /// Writes acknowledged with fewer synchronous backups than `backup_count` (this member as owner).
@@ -26,35 +68,35 @@ pub(crate) struct MapCounters {
     /// Set while this member's writes to the map go out under-replicated: the warning was logged
     /// and is not logged again until a write has every synchronous backup again.
     under_replicated: AtomicBool,
-    get_latency: Mutex<Histogram<u64>>,
-    put_latency: Mutex<Histogram<u64>>,
 }
 
 impl Default for MapCounters {
     fn default() -> Self {
-        // Microseconds, 1 µs to 10 min, 2 significant digits: a few KiB per histogram.
-        let histogram = || Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds");
         MapCounters {
-            gets: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            puts: AtomicU64::new(0),
-            removes: AtomicU64::new(0),
+            stripes: std::array::from_fn(|_| Stripe::new()),
             merge_kept_existing: AtomicU64::new(0),
             merge_took_merging: AtomicU64::new(0),
             under_replicated_writes: AtomicU64::new(0),
             under_replicated: AtomicBool::new(false),
-            get_latency: Mutex::new(histogram()),
-            put_latency: Mutex::new(histogram()),
         }
     }
 }
 
 impl MapCounters {
+    fn stripe(&self) -> &Stripe {
+        &self.stripes[stripe_index()]
+    }
+
+    fn sum(&self, counter: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes.iter().map(|s| counter(s).load(Ordering::Relaxed)).sum()
+    }
+
     /// Counts an operation executed as owner.
     pub(crate) fn count_owner_op(&self, op: &'static str, result: &OpResult) {
         match op {
             "get" | "contains_key" | "ttl" | "ring_read" => {
-                self.gets.fetch_add(1, Ordering::Relaxed);
+                let stripe = self.stripe();
+                stripe.gets.fetch_add(1, Ordering::Relaxed);
                 let hit = matches!(
                     result,
                     OpResult::Value(Some(_))
@@ -63,11 +105,11 @@ impl MapCounters {
                         | OpResult::RingItems { .. }
                 );
                 if hit {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    stripe.hits.fetch_add(1, Ordering::Relaxed);
                 }
             }
             "remove" => {
-                self.removes.fetch_add(1, Ordering::Relaxed);
+                self.stripe().removes.fetch_add(1, Ordering::Relaxed);
             }
             // Not a put: a merge is counted by its verdict.
             "merge" => {
@@ -79,7 +121,7 @@ impl MapCounters {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             _ => {
-                self.puts.fetch_add(1, Ordering::Relaxed);
+                self.stripe().puts.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -112,17 +154,25 @@ impl MapCounters {
     /// Records a caller-side latency.
     pub(crate) fn record_latency(&self, op: &'static str, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
+        let stripe = self.stripe();
         let histogram = match op {
-            "get" | "contains_key" | "ttl" | "ring_read" => &self.get_latency,
+            "get" | "contains_key" | "ttl" | "ring_read" => &stripe.get_latency,
             "remove" | "merge" => return,
-            _ => &self.put_latency,
+            _ => &stripe.put_latency,
         };
-        let _ = histogram.lock().unwrap().record(micros);
+        let _ = histogram.get_or_init(|| Mutex::new(new_histogram())).lock().unwrap().record(micros);
     }
 
-    fn p99(histogram: &Mutex<Histogram<u64>>) -> u64 {
-        let histogram = histogram.lock().unwrap();
-        if histogram.is_empty() { 0 } else { histogram.value_at_quantile(0.99) }
+    /// The 99th percentile of the stripes' histograms together (0 when none has a value).
+    fn p99(&self, histogram: impl Fn(&Stripe) -> &OnceLock<Mutex<Histogram<u64>>>) -> u64 {
+        let mut all = new_histogram();
+        for stripe in &self.stripes {
+            if let Some(h) = histogram(stripe).get() {
+                // The same bounds: adding cannot fail.
+                let _ = all.add(&*h.lock().unwrap());
+            }
+        }
+        if all.is_empty() { 0 } else { all.value_at_quantile(0.99) }
     }
 }
 
@@ -179,12 +229,12 @@ impl Node {
                 stats.under_replicated_partitions = owned_row_backups.iter().filter(|b| **b < wanted).count() as u64;
                 if let Some(c) = counters.get(&name) {
                     stats.under_replicated_writes = c.under_replicated_writes.load(Ordering::Relaxed);
-                    stats.gets = c.gets.load(Ordering::Relaxed);
-                    stats.hits = c.hits.load(Ordering::Relaxed);
-                    stats.puts = c.puts.load(Ordering::Relaxed);
-                    stats.removes = c.removes.load(Ordering::Relaxed);
-                    stats.get_p99_us = MapCounters::p99(&c.get_latency);
-                    stats.put_p99_us = MapCounters::p99(&c.put_latency);
+                    stats.gets = c.sum(|s| &s.gets);
+                    stats.hits = c.sum(|s| &s.hits);
+                    stats.puts = c.sum(|s| &s.puts);
+                    stats.removes = c.sum(|s| &s.removes);
+                    stats.get_p99_us = c.p99(|s| &s.get_latency);
+                    stats.put_p99_us = c.p99(|s| &s.put_latency);
                     stats.merge_kept_existing = c.merge_kept_existing.load(Ordering::Relaxed);
                     stats.merge_took_merging = c.merge_took_merging.load(Ordering::Relaxed);
                 }

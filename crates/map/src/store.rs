@@ -114,16 +114,47 @@ pub(crate) struct MapPartition {
     /// As owner of a ring buffer (a reliable topic): the term, and the sequence below which its
     /// items are confirmed by the synchronous backups (see [`crate::ring`]).
     pub(crate) ring_confirmed: Option<(Term, u64)>,
+    /// As owner: the map's counters on this member, kept here so that an operation does not look
+    /// them up by name (filled by the first operation executed as owner).
+    pub(crate) counters: Option<std::sync::Arc<crate::stats::MapCounters>>,
 }
 
-/// What an executed operation changed, for replication and listeners.
+/// What an executed operation changed, for replication and listeners. The event's key and value
+/// are those of `repl` (not copied again: most writes have no listener).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Change {
     pub(crate) repl: ReplOp,
     pub(crate) kind: EntryEventKind,
-    pub(crate) key: Vec<u8>,
-    pub(crate) value: Option<Vec<u8>>,
+    /// The key the event names when `repl` names none itself (a ring's batch names its ring).
+    event_key: Vec<u8>,
     pub(crate) old_value: Option<Vec<u8>>,
+}
+
+impl Change {
+    pub(crate) fn new(repl: ReplOp, kind: EntryEventKind, old_value: Option<Vec<u8>>) -> Change {
+        Change { repl, kind, event_key: Vec::new(), old_value }
+    }
+
+    /// A change whose event names `key` although `repl` does not (a ring append).
+    pub(crate) fn naming(key: Vec<u8>, repl: ReplOp, kind: EntryEventKind) -> Change {
+        Change { repl, kind, event_key: key, old_value: None }
+    }
+
+    /// The key of the change's event.
+    pub(crate) fn key(&self) -> &[u8] {
+        match &self.repl {
+            ReplOp::Put { key, .. } | ReplOp::Remove { key } | ReplOp::Expire { key } => key,
+            ReplOp::Clear | ReplOp::Batch(_) => &self.event_key,
+        }
+    }
+
+    /// The new value of the change's event (none for removals).
+    pub(crate) fn value(&self) -> Option<&[u8]> {
+        match &self.repl {
+            ReplOp::Put { record, .. } => Some(&record.value),
+            _ => None,
+        }
+    }
 }
 
 /// Redis's answers when a counter cannot be changed.
@@ -438,19 +469,14 @@ impl MapPartition {
 
     fn write(&mut self, key: Vec<u8>, record: Record, existed: bool, old_value: Option<Vec<u8>>) -> Change {
         self.put_block(Stored::encode(&key, &record));
-        let value = Some(record.value.clone());
         let kind = if existed { EntryEventKind::Updated } else { EntryEventKind::Added };
-        Change { repl: ReplOp::Put { key: key.clone(), record }, kind, key, value, old_value }
+        Change::new(ReplOp::Put { key, record }, kind, old_value)
     }
 
     fn delete(&mut self, key: Vec<u8>, old_value: Option<Vec<u8>>, kind: EntryEventKind) -> Change {
         self.remove(&key);
-        let repl = if kind == EntryEventKind::Expired {
-            ReplOp::Expire { key: key.clone() }
-        } else {
-            ReplOp::Remove { key: key.clone() }
-        };
-        Change { repl, kind, key, value: None, old_value }
+        let repl = if kind == EntryEventKind::Expired { ReplOp::Expire { key } } else { ReplOp::Remove { key } };
+        Change::new(repl, kind, old_value)
     }
 }
 
@@ -715,7 +741,11 @@ mod tests {
         assert_eq!(exec(&mut mp, Op::Get { key: key("k") }, 3_001).0, OpResult::Value(Some(key("theirs"))));
 
         let (r, c) = merge(&mut mp, "k", &older, MergePolicy::PassThrough, 3_002);
-        assert_eq!((r, c.map(|c| c.value)), (OpResult::Flag(true), Some(Some(key("stale")))), "even an older one");
+        assert_eq!(
+            (r, c.map(|c| c.value().map(<[u8]>::to_vec))),
+            (OpResult::Flag(true), Some(Some(key("stale")))),
+            "even an older one"
+        );
 
         // The merged entry came with its own hit count (0); one read makes it 1. Under higher-hits
         // an entry with fewer hits does not replace it, one with more does.

@@ -137,6 +137,11 @@ impl PartitionTable {
         TableId { epoch: self.epoch, publisher: self.master.clone() }
     }
 
+    /// Whether this table's id is `id` (without a copy of the id).
+    pub fn has_id(&self, id: &TableId) -> bool {
+        self.epoch == id.epoch && self.master == id.publisher
+    }
+
     /// The number of partitions.
     pub fn partition_count(&self) -> u32 {
         self.rows.len() as u32

@@ -64,6 +64,8 @@ type PlanCacheEntry = (Vec<MemberId>, Vec<crate::assign::Row>, Arc<Vec<crate::as
 #[derive(Debug)]
 pub(crate) struct Tables {
     pub(crate) tx: watch::Sender<Arc<PartitionTable>>,
+    /// `tx`'s id for [`grapevine_membership::latest::with_latest`].
+    tx_id: u64,
     /// Serializes table application (pushes, fetches and the master's commits can race).
     apply_lock: Mutex<()>,
     /// The last balanced plan computed: planning is the master's most expensive step and the plan
@@ -87,6 +89,7 @@ impl Tables {
     pub(crate) fn new(partition_count: u32) -> Self {
         Tables {
             tx: watch::channel(Arc::new(PartitionTable::empty(partition_count))).0,
+            tx_id: grapevine_membership::latest::channel_id(),
             apply_lock: Mutex::new(()),
             plan_cache: Mutex::new(None),
             wanted: Mutex::new(HashSet::new()),
@@ -103,6 +106,16 @@ impl Tables {
 impl Node {
     pub(crate) fn table(&self) -> Arc<PartitionTable> {
         self.tables.tx.borrow().clone()
+    }
+
+    /// Calls `f` with the current table, as [`Node::table`] gives it, from this thread's copy
+    /// (see [`grapevine_membership::latest`]): for what every operation reads.
+    pub(crate) fn with_table<R>(&self, f: impl FnOnce(&Arc<PartitionTable>) -> R) -> R {
+        thread_local! {
+            static TABLES: std::cell::RefCell<grapevine_membership::latest::LatestCache<Arc<PartitionTable>>> =
+                Default::default();
+        }
+        grapevine_membership::latest::with_latest(&TABLES, self.tables.tx_id, &self.tables.tx, f)
     }
 
     /// Waits until no table is being applied (see [`crate::node::PartitionData::applied`]). Must
@@ -415,17 +428,18 @@ impl Node {
     /// members that acted as master apart (starting together, or a healed network split) and may
     /// be replaced by one that moves the partition, dropping what was written under it.
     pub(crate) fn table_followed(&self, table: &PartitionTable) -> Result<(), String> {
-        let view = self.membership.view();
-        let active =
-            |m: &MemberId| view.member(m).is_some_and(|m| m.state == grapevine_membership::MemberState::Active);
-        match (&table.master, &view.master) {
-            (Some(publisher), Some(master)) if publisher != master && active(publisher) => Err(format!(
-                "partition table {} was published by {publisher}, not by the master {master}: waiting for the \
-                 master's",
-                table.id()
-            )),
-            _ => Ok(()),
-        }
+        self.membership.with_view(|view| {
+            let active =
+                |m: &MemberId| view.member(m).is_some_and(|m| m.state == grapevine_membership::MemberState::Active);
+            match (&table.master, &view.master) {
+                (Some(publisher), Some(master)) if publisher != master && active(publisher) => Err(format!(
+                    "partition table {} was published by {publisher}, not by the master {master}: waiting for the \
+                     master's",
+                    table.id()
+                )),
+                _ => Ok(()),
+            }
+        })
     }
 
     /// Whether the member's table is current (for `/health`): it has one, and it is the master's
@@ -485,11 +499,32 @@ impl Node {
     /// accepted under its own could be dropped with it. Cached per view and table, as every
     /// operation asks.
     pub(crate) fn undecided_fork(&self, table: &PartitionTable) -> Option<String> {
+        // This thread's copy of the last answer first: the shared one is behind a lock.
+        type Memo = Option<(u64, u64, TableId, Option<String>)>;
+        thread_local! {
+            static MEMO: std::cell::RefCell<Memo> = const { std::cell::RefCell::new(None) };
+        }
+        let version = self.membership.with_view(|view| view.version);
+        let known = MEMO.with(|memo| match &*memo.borrow() {
+            Some((tables, v, id, reason)) if *tables == self.tables.tx_id && *v == version && table.has_id(id) => {
+                Some(reason.clone())
+            }
+            _ => None,
+        });
+        if let Some(reason) = known {
+            return reason;
+        }
         let view = self.membership.view();
+        let reason = self.undecided_fork_in(table, &view);
+        MEMO.with(|memo| *memo.borrow_mut() = Some((self.tables.tx_id, view.version, table.id(), reason.clone())));
+        reason
+    }
+
+    fn undecided_fork_in(&self, table: &PartitionTable, view: &grapevine_membership::ClusterView) -> Option<String> {
         let mut cache = self.tables.fork_check.lock().unwrap();
         if let Some((version, id, reason)) = cache.as_ref()
             && *version == view.version
-            && *id == table.id()
+            && table.has_id(id)
         {
             return reason.clone();
         }

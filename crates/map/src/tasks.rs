@@ -241,7 +241,7 @@ impl Node {
             events.push(crate::messages::RawEntryEvent {
                 map: map.to_string(),
                 kind: change.kind,
-                key: change.key,
+                key: change.key().to_vec(),
                 value: None,
                 old_value: change.old_value,
             });

@@ -6,8 +6,10 @@
 //! Large state never travels through gossip.
 //!
 //! * **Discovery feeds seeds.** Every candidate address from discovery that is not a known member
-//!   is probed with a gossip SYN, every gossip interval while joining and every `probe_interval`
-//!   after, so listed peers that are down are retried and joined when they appear.
+//!   is probed with a gossip SYN, in rounds of one gossip interval while joining and of
+//!   `probe_interval` after, so listed peers that are down are retried and joined when they
+//!   appear; one that does not answer is probed less and less often (up to every 8 rounds), and
+//!   a round sends at most 64 probes (`probe.rs`).
 //! * **Failure detection** is chitchat's phi-accrual detector, configured here: a member that stops
 //!   gossiping is declared dead after about `phi_threshold` × its mean heartbeat interval (≈ the gossip
 //!   interval), i.e. ≈ 8 s with the defaults (1 s gossip, phi 8), plus up to one gossip round.
@@ -24,7 +26,9 @@
 
 #[cfg(test)]
 mod fuzz_tests;
+pub mod latest;
 mod member;
+mod probe;
 mod transport;
 mod view;
 
@@ -225,6 +229,8 @@ struct Inner {
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     handle: Mutex<Option<ChitchatHandle>>,
     view_tx: watch::Sender<Arc<ClusterView>>,
+    /// `view_tx`'s id for [`latest::with_latest`].
+    view_id: u64,
     events_tx: broadcast::Sender<MemberEvent>,
     poke: Notify,
     stop_tx: watch::Sender<bool>,
@@ -325,6 +331,7 @@ impl Membership {
             chitchat,
             handle: Mutex::new(Some(handle)),
             view_tx,
+            view_id: latest::channel_id(),
             events_tx,
             poke: Notify::new(),
             stop_tx,
@@ -375,6 +382,15 @@ impl Membership {
     /// The current view.
     pub fn view(&self) -> Arc<ClusterView> {
         self.inner.view_tx.borrow().clone()
+    }
+
+    /// Calls `f` with the current view, as [`Membership::view`] gives it, from this thread's copy
+    /// (see [`latest`]): for what every operation reads.
+    pub fn with_view<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+        thread_local! {
+            static VIEWS: std::cell::RefCell<latest::LatestCache<Arc<ClusterView>>> = Default::default();
+        }
+        latest::with_latest(&VIEWS, self.inner.view_id, &self.inner.view_tx, |view| f(view))
     }
 
     /// A receiver of every new view.
@@ -957,32 +973,40 @@ async fn view_loop(inner: Arc<Inner>, mut live_watch: watch::Receiver<BTreeMap<C
     }
 }
 
-/// Probes every discovery candidate that is not a live member, so that listed peers that are down
+/// Probes the discovery candidates that are not live members, so that listed peers that are down
 /// are found when they come up, and two groups that could not see each other merge when they can.
+/// Candidates that do not answer are probed less and less often, and a round sends a bounded
+/// number of probes (see [`probe::ProbeSchedule`]).
 async fn probe_loop(inner: Arc<Inner>) {
     let mut stop = inner.stop_tx.subscribe();
     let mut candidates = inner.candidates.clone();
     let own = inner.config.gossip_addr;
+    let mut schedule = probe::ProbeSchedule::default();
+    let mut listed: Vec<SocketAddr> = Vec::new();
     loop {
+        let joining = inner.view_tx.borrow().local_member().is_none_or(|m| m.state == MemberState::Joining);
+        let wait = if joining { inner.config.gossip_interval } else { inner.config.probe_interval };
         let targets: Vec<SocketAddr> = {
             let chitchat = inner.chitchat.lock().await;
             let known: HashSet<SocketAddr> = chitchat.live_nodes().map(|id| id.gossip_advertise_addr).collect();
-            candidates
-                .borrow_and_update()
-                .iter()
-                .filter(|addr| **addr != own && !known.contains(addr))
-                .copied()
-                .collect()
+            let current = candidates.borrow_and_update();
+            let mut now_listed = current.clone();
+            now_listed.sort_unstable();
+            if now_listed != listed {
+                // Discovery changed its list: every candidate is probed afresh.
+                listed = now_listed;
+                schedule.reset();
+            }
+            current.iter().filter(|addr| **addr != own && !known.contains(addr)).copied().collect()
         };
-        if !targets.is_empty()
+        let due = schedule.due(&targets, Instant::now(), wait);
+        if !due.is_empty()
             && let Some(handle) = inner.handle.lock().unwrap().as_ref()
         {
-            for addr in &targets {
+            for addr in &due {
                 let _ = handle.gossip(*addr);
             }
         }
-        let joining = inner.view_tx.borrow().local_member().is_none_or(|m| m.state == MemberState::Joining);
-        let wait = if joining { inner.config.gossip_interval } else { inner.config.probe_interval };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {},
             changed = candidates.changed() => if changed.is_err() {
