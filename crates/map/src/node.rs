@@ -87,11 +87,11 @@ pub(crate) struct PartitionData {
     pub(crate) applied: TableId,
     /// As owner: `(when, since)` (ms): entries written since `since` may be unknown to the other
     /// side of a split this member's side loses, noted `when` (most recent last, at most
-    /// [`MERGE_FLOORS_MAX`]; [`crate::rejoin`] takes in those noted after the last table both
-    /// sides shared). Noted for writes acknowledged although a synchronous backup never confirmed
-    /// them (it left the view and its replacement got them instead: if it was cut off on the
-    /// other side, the winner never saw them), and for merged entries this member took (they
-    /// keep their older update times).
+    /// [`MERGE_FLOORS_MAX`]; [`crate::rejoin`] takes in those noted since this member's side
+    /// forked off). Noted when a write is acknowledged although a synchronous backup never
+    /// confirmed it (it left the view and its replacement got it instead: if it was cut off on
+    /// the other side, the winner never saw it; `since` is when the write began), and when this
+    /// member takes a merged entry (it keeps its older update time).
     pub(crate) merge_floors: Vec<(u64, u64)>,
 }
 

@@ -448,7 +448,7 @@ impl Node {
         let waited =
             self.settings.backup_ack_timeout.saturating_sub(deadline.saturating_duration_since(Instant::now()));
         let began = now_ms().saturating_sub(waited.as_millis() as u64 + 1 + ACKED_ALONE_SLACK_MS);
-        self.slot(p).data.lock().unwrap().note_merge_floor(began, began);
+        self.slot(p).data.lock().unwrap().note_merge_floor(now_ms(), began);
         Ok(())
     }
 

@@ -14,10 +14,10 @@
 //!   split;
 //! - otherwise the entries last written since this member applied its side's first table outside
 //!   the winner's lineage, or since the first write of the partition it acknowledged without its
-//!   synchronous backup after the last table both sides shared (`PartitionData::merge_floors`:
+//!   synchronous backup since then (`PartitionData::merge_floors`:
 //!   between the cut and its side's first table, a write whose backup was on the other side
 //!   waited for that table, which replaced the backup, and was then acknowledged), or since the
-//!   oldest update time of merged entries it took after that table (a merge into a group that
+//!   oldest update time of merged entries it took since then (a merge into a group that
 //!   split off again before the cluster settled: they keep their older times). Older entries
 //!   were written before the sides parted and reached the winner's replica: it holds them as they
 //!   were, or changed or removed them since, and merging them back would undo its removals
@@ -51,6 +51,9 @@ pub(crate) const MERGE_BYTES_MAX: usize = 256 << 20;
 /// Tables this member remembers applying, with when, to find where its side forked off.
 pub(crate) const TABLE_LOG_MAX: usize = 64;
 
+/// Merge floors noted this long before the fork still count (millisecond clock readings).
+const FLOOR_SLACK_MS: u64 = 5;
+
 /// Rounds of merging the entries that failed (owner unreachable, timeouts) before giving up.
 const MERGE_ROUNDS: u32 = 5;
 
@@ -69,10 +72,9 @@ impl TableLog {
         self.applied.push_back((table, now));
     }
 
-    /// The newest remembered table `winner` continues (the last one both sides shared), with when
-    /// this member applied it.
-    pub(crate) fn base(&self, winner: &PartitionTable) -> Option<(Arc<PartitionTable>, u64)> {
-        self.applied.iter().rev().find(|(t, _)| winner.term_in_lineage(&t.id())).cloned()
+    /// The newest remembered table `winner` continues: the last one both sides shared.
+    pub(crate) fn base(&self, winner: &PartitionTable) -> Option<Arc<PartitionTable>> {
+        self.applied.iter().rev().find(|(t, _)| winner.term_in_lineage(&t.id())).map(|(t, _)| t.clone())
     }
 
     /// When this member's side left `winner`'s lineage: the time it applied the first table after
@@ -121,9 +123,6 @@ pub(crate) struct Merging {
     pub(crate) since_ms: u64,
     /// The last table both sides shared (`None`: none is remembered, every entry is merged).
     base: Option<Arc<PartitionTable>>,
-    /// Writes acknowledged without their backup since this time (ms) count: when the base was
-    /// applied, less the acknowledgement timeout (a write may have begun under the table before).
-    alone_after_ms: u64,
     /// The winner's members that were not on this member's side.
     winner_side: BTreeSet<MemberId>,
     /// Why this member merges: its table and the winner's.
@@ -143,17 +142,13 @@ impl Merging {
     /// ever) on its side, whose last table is `ours`, into `winner`'s.
     pub(crate) fn new(
         since_ms: u64,
-        base: Option<(Arc<PartitionTable>, u64)>,
-        settings: &MapSettings,
+        base: Option<Arc<PartitionTable>>,
         ours: &PartitionTable,
         winner: &PartitionTable,
     ) -> Merging {
-        let ack_timeout = settings.backup_ack_timeout.as_millis() as u64;
-        let alone_after_ms = base.as_ref().map_or(0, |(_, at)| at.saturating_sub(ack_timeout));
         Merging {
             since_ms,
-            base: base.map(|(table, _)| table),
-            alone_after_ms,
+            base,
             winner_side: winner_side(ours, winner),
             ours: ours.id(),
             theirs: winner.id(),
@@ -182,12 +177,10 @@ impl Merging {
                 .as_ref()
                 .is_none_or(|base| !winner_kept(base.row(p), config.durable_replicas(), &self.winner_side));
             self.lost_partitions += u64::from(all && !mp.entries.is_empty());
-            let floor = data
-                .merge_floors
-                .iter()
-                .filter(|(when, _)| *when >= self.alone_after_ms)
-                .map(|(_, since)| *since)
-                .min();
+            // Noted on this side since it forked off: a write acknowledged without its backup
+            // waited for this side's table, a merge into this side came after it.
+            let forked = self.since_ms.saturating_sub(FLOOR_SLACK_MS);
+            let floor = data.merge_floors.iter().filter(|(when, _)| *when >= forked).map(|(_, since)| *since).min();
             let since = floor.map_or(self.since_ms, |t| t.min(self.since_ms));
             for (key, record) in mp.entries.iter() {
                 if !all && record.updated_ms < since {

@@ -147,9 +147,8 @@ impl Node {
         let mut merging = {
             let mut log = self.tables.log.lock().unwrap();
             let lost = !table.term_in_lineage(&old.id());
-            let merging = lost.then(|| {
-                crate::rejoin::Merging::new(log.forked_at(&table), log.base(&table), &self.settings, &old, &table)
-            });
+            let merging =
+                lost.then(|| crate::rejoin::Merging::new(log.forked_at(&table), log.base(&table), &old, &table));
             log.push(table.clone(), now);
             merging
         };
