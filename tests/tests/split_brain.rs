@@ -28,6 +28,17 @@ fn cut(a: &Cluster, b: &Cluster, cut: bool) {
     }
 }
 
+/// Cuts `c` off from `a` and `b` (both ways, both planes) and waits until it sees itself alone and
+/// they no longer list it.
+async fn cut_off(a: &Cluster, b: &Cluster, c: &Cluster) {
+    cut(a, c, true);
+    cut(b, c, true);
+    wait_until("c alone, a and b without it", WAIT, || {
+        c.view().len() == 1 && a.view().member(c.local()).is_none() && b.view().member(c.local()).is_none()
+    })
+    .await;
+}
+
 /// `GET /health` on the member's admin endpoint: status and body.
 async fn health(member: &Cluster) -> (u16, String) {
     let addr: SocketAddr = member.addresses().admin.expect("the admin endpoint is on");
@@ -256,12 +267,7 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         map.put(&"removed-by-c".to_string(), &"old".to_string()).await.unwrap();
     }
 
-    cut(a, c, true);
-    cut(b, c, true);
-    wait_until("c alone, a and b without it", WAIT, || {
-        c.view().len() == 1 && a.view().member(c.local()).is_none() && b.view().member(c.local()).is_none()
-    })
-    .await;
+    cut_off(a, b, c).await;
     wait_settled(&[a, b]).await;
     wait_settled(&[c]).await;
     // Both sides write "both"; the larger side first, so the smaller side's write is the later one.
@@ -345,9 +351,6 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
 async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_the_heal() {
     let cluster = TestCluster::start_with(3, |name| {
         let mut config = test_config(name);
-        // A short acknowledgement timeout, so the entries written before the split are older
-        // than the margin a merge takes in anyway (the timeout plus a second) when the split comes.
-        config.partitions.backup_ack_timeout_ms = 300;
         for policy in [MergePolicy::LatestUpdate, MergePolicy::Discard] {
             config.maps.insert(
                 policy.to_string(),
@@ -376,15 +379,8 @@ async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_t
         })
         .collect();
     assert!(!on_c_only.is_empty(), "c owns some of 120 keys");
-    // Age the entries past the margin (the condition is the clock itself).
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
 
-    cut(a, c, true);
-    cut(b, c, true);
-    wait_until("c alone, a and b without it", WAIT, || {
-        c.view().len() == 1 && a.view().member(c.local()).is_none() && b.view().member(c.local()).is_none()
-    })
-    .await;
+    cut_off(a, b, c).await;
     wait_settled(&[a, b]).await;
     let on_a = a.map::<u32, u32>("latest-update").unwrap();
     for k in &on_c_only {

@@ -39,11 +39,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
 mod netns;
-use netns::{build_bridge_lab, drop_table, free_octet, ip, next_millisecond, nft, remove_bridge_lab, unavailable};
+use netns::{build_bridge_lab, drop_table, free_octet, ip, next_millisecond, nft, remove_bridge_lab};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
@@ -142,38 +141,7 @@ const SCENARIOS: &[(&str, fn())] = &[
 
 /// Runs the scenarios, or reports them ignored with the reason when this host cannot build labs.
 fn main() {
-    let args = Arguments::from_args();
-    let unavailable = unavailable(&format!("gv{}probe", std::process::id()));
-    let required = netns::required();
-    if let Some(reason) = &unavailable
-        && !required
-        && !args.list
-    {
-        // Not while listing: nextest parses that output.
-        println!(
-            "chaos_netns: the {} network-namespace tests are ignored: {reason}. Run them as root with iproute2 \
-             and nftables; CHAOS_NETNS_REQUIRED=1 makes this a failure.",
-            SCENARIOS.len()
-        );
-    }
-    let trials = SCENARIOS
-        .iter()
-        .map(|&(name, scenario)| {
-            let reason = unavailable.clone();
-            Trial::test(name, move || match reason {
-                Some(reason) => Err(Failed::from(format!(
-                    "network namespaces are unavailable: {reason}{}",
-                    if required { " (CHAOS_NETNS_REQUIRED is set)" } else { "" }
-                ))),
-                None => {
-                    scenario();
-                    Ok(())
-                }
-            })
-            .with_ignored_flag(unavailable.is_some() && !required)
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    netns::run_tests("chaos_netns", "gvprobe", SCENARIOS, &[]);
 }
 
 // ------------------------------------------------------------------------------------------------

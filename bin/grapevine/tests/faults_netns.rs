@@ -83,7 +83,7 @@ use grapevine_tests::faults::{Model, Op, Outcome, Rng, check_key, check_observed
 use serde_json::Value;
 
 mod netns;
-use netns::{build_bridge_lab, drop_table, free_octet, nft, quiet, remove_bridge_lab, unavailable};
+use netns::{build_bridge_lab, drop_table, free_octet, nft, quiet, remove_bridge_lab};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
@@ -181,41 +181,16 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
-/// Runs the tests; the namespace one is reported ignored, with the reason, when this host cannot
-/// build the lab (a failure instead when `CHAOS_NETNS_REQUIRED` is set).
 fn main() {
-    use libtest_mimic::{Arguments, Failed, Trial};
-    let args = Arguments::from_args();
-    let unavailable = unavailable(&format!("gv{}zprobe", std::process::id()));
-    let required = netns::required();
-    if let Some(reason) = &unavailable
-        && !required
-        && !args.list
-    {
-        println!(
-            "faults_netns: the network-namespace harness is ignored: {reason}. Run it as root with iproute2 and \
-             nftables; CHAOS_NETNS_REQUIRED=1 makes this a failure."
-        );
-    }
-    let reason = unavailable.clone();
-    let trials = vec![
-        Trial::test("seeded_fault_schedules_on_real_processes_lose_no_acknowledged_write", move || match reason {
-            Some(reason) => Err(Failed::from(format!(
-                "network namespaces are unavailable: {reason}{}",
-                if required { " (CHAOS_NETNS_REQUIRED is set)" } else { "" }
-            ))),
-            None => {
-                seeded_fault_schedules_on_real_processes_lose_no_acknowledged_write();
-                Ok(())
-            }
-        })
-        .with_ignored_flag(unavailable.is_some() && !required),
-        Trial::test("schedules_are_reproducible_and_the_default_seeds_try_every_kind_of_fault", || {
-            schedules_are_reproducible_and_the_default_seeds_try_every_kind_of_fault();
-            Ok(())
-        }),
-    ];
-    libtest_mimic::run(&args, trials).exit();
+    let lab: &[(&str, fn())] = &[(
+        "seeded_fault_schedules_on_real_processes_lose_no_acknowledged_write",
+        seeded_fault_schedules_on_real_processes_lose_no_acknowledged_write,
+    )];
+    let plain: &[(&str, fn())] = &[(
+        "schedules_are_reproducible_and_the_default_seeds_try_every_kind_of_fault",
+        schedules_are_reproducible_and_the_default_seeds_try_every_kind_of_fault,
+    )];
+    netns::run_tests("faults_netns", "gvzprobe", lab, plain);
 }
 
 fn seeded_fault_schedules_on_real_processes_lose_no_acknowledged_write() {

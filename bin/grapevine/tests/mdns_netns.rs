@@ -28,11 +28,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
 mod netns;
-use netns::{drop_table, ip, next_millisecond, nft, quiet, unavailable};
+use netns::{drop_table, ip, next_millisecond, nft, quiet};
 
 const BIN: &str = env!("CARGO_BIN_EXE_grapevine");
 
@@ -90,41 +89,11 @@ const SCENARIOS: &[(&str, fn())] = &[
 /// Runs the tests; the namespace ones are reported ignored, with the reason, when this host
 /// cannot build labs (failures instead when `CHAOS_NETNS_REQUIRED` is set).
 fn main() {
-    let args = Arguments::from_args();
-    let unavailable = unavailable(&format!("gm{}probe", std::process::id()));
-    let required = netns::required();
-    if let Some(reason) = &unavailable
-        && !required
-        && !args.list
-    {
-        println!(
-            "mdns_netns: the {} network-namespace tests are ignored: {reason}. Run them as root with iproute2 and \
-             nftables; CHAOS_NETNS_REQUIRED=1 makes this a failure.",
-            SCENARIOS.len()
-        );
-    }
-    let mut trials: Vec<Trial> = SCENARIOS
-        .iter()
-        .map(|&(name, scenario)| {
-            let reason = unavailable.clone();
-            Trial::test(name, move || match reason {
-                Some(reason) => Err(Failed::from(format!(
-                    "network namespaces are unavailable: {reason}{}",
-                    if required { " (CHAOS_NETNS_REQUIRED is set)" } else { "" }
-                ))),
-                None => {
-                    scenario();
-                    Ok(())
-                }
-            })
-            .with_ignored_flag(unavailable.is_some() && !required)
-        })
-        .collect();
-    trials.push(Trial::test("conflicting_or_unknown_discovery_settings_are_start_up_errors", || {
-        conflicting_or_unknown_discovery_settings_are_start_up_errors();
-        Ok(())
-    }));
-    libtest_mimic::run(&args, trials).exit();
+    let plain: &[(&str, fn())] = &[(
+        "conflicting_or_unknown_discovery_settings_are_start_up_errors",
+        conflicting_or_unknown_discovery_settings_are_start_up_errors,
+    )];
+    netns::run_tests("mdns_netns", "gmprobe", SCENARIOS, plain);
 }
 
 // ------------------------------------------------------------------------------------------------

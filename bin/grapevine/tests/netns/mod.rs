@@ -151,3 +151,46 @@ pub fn nft(ns: &str, script: &str) -> Result<(), String> {
         Err(format!("nft -f failed in {ns}: {}\n{script}", String::from_utf8_lossy(&out.stderr)))
     }
 }
+
+/// The `main` of a namespace test binary (`harness = false`): `lab` tests need network namespaces
+/// and are reported ignored with the reason when this host cannot build labs (failed instead when
+/// [`required`]); `plain` tests always run. `binary` names the binary in that report, `probe` the
+/// namespace used to find out (unique per binary, so binaries running at once do not collide).
+pub fn run_tests(binary: &str, probe: &str, lab: &[(&'static str, fn())], plain: &[(&'static str, fn())]) -> ! {
+    use libtest_mimic::{Arguments, Failed, Trial};
+    let args = Arguments::from_args();
+    let unavailable = unavailable(&format!("{probe}{}", std::process::id()));
+    let required = required();
+    if let Some(reason) = &unavailable
+        && !required
+        && !args.list
+    {
+        // Not while listing: nextest parses that output.
+        println!(
+            "{binary}: the {} network-namespace tests are ignored: {reason}. Run them as root with iproute2 and \
+             nftables; CHAOS_NETNS_REQUIRED=1 makes this a failure.",
+            lab.len()
+        );
+    }
+    let lab_trials = lab.iter().map(|&(name, test)| {
+        let reason = unavailable.clone();
+        Trial::test(name, move || match reason {
+            Some(reason) => Err(Failed::from(format!(
+                "network namespaces are unavailable: {reason}{}",
+                if required { " (CHAOS_NETNS_REQUIRED is set)" } else { "" }
+            ))),
+            None => {
+                test();
+                Ok(())
+            }
+        })
+        .with_ignored_flag(unavailable.is_some() && !required)
+    });
+    let plain_trials = plain.iter().map(|&(name, test)| {
+        Trial::test(name, move || {
+            test();
+            Ok(())
+        })
+    });
+    libtest_mimic::run(&args, lab_trials.chain(plain_trials).collect()).exit()
+}
