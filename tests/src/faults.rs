@@ -21,7 +21,8 @@
 //! cut, a member that hears nobody, a member whose gossip is cut, or one that just woke up from a
 //! stall) is a side of its own and keeps serving: what it acknowledges while apart is resolved by
 //! the map's merge policy when the sides meet. Operations completed through a member whose view
-//! held at most half the cluster are marked as such; the checker allows them to be lost (and
+//! held at most half the cluster, or by an owner whose view did (as the member they went through
+//! saw the table), are marked as such; the checker allows them to be lost (and
 //! reports how many were), never the others, except as the map's merge policy says
 //! ([`Model`], drawn per schedule): with `discard` nothing else; with `latest-update` and
 //! `put-if-absent` a merged entry of the smaller side may also fill a key the larger side removed
@@ -478,6 +479,13 @@ fn watch_minority(lab: &Arc<Lab>, node: &Arc<Node>) {
     });
 }
 
+/// The member that `node`'s table names as the owner of `key`'s partition, if it is alive.
+fn owner_of(lab: &Lab, node: &Node, key: u32) -> Option<Arc<Node>> {
+    let maps = node.cluster.map_service();
+    let owner = maps.table().owner(maps.partition_of(&crate::encode_key(&key))).cloned()?;
+    lab.live().into_iter().map(|(_, n)| n).find(|n| *n.cluster.local() == owner)
+}
+
 /// Runs one client until `stop`: a stream of puts and removes on shared and own keys through
 /// random live members, each recorded.
 async fn client(id: u32, cluster: Arc<Lab>, history: Arc<History>, stop: Arc<AtomicBool>, seed: u64) {
@@ -506,6 +514,7 @@ async fn client(id: u32, cluster: Arc<Lab>, history: Arc<History>, stop: Arc<Ato
             Err(_) => continue,
         };
         let member = node.cluster.clone();
+        let owner_before = owner_of(&cluster, &node, key);
         let invoked = Instant::now();
         let op = node.handle().spawn(async move {
             let result = match value {
@@ -514,14 +523,21 @@ async fn client(id: u32, cluster: Arc<Lab>, history: Arc<History>, stop: Arc<Ato
             };
             (result, member.view().len())
         });
-        let _ = &cluster;
         let (outcome, previous) = match tokio::time::timeout(Duration::from_secs(20), op).await {
             Ok(Ok((Ok(previous), _))) => (Outcome::Ok, Some(previous)),
             Ok(Ok((Err(e), _))) => (classify(&e), None),
             // The member was killed under it, or froze beyond reason.
             Ok(Err(_)) | Err(_) => (Outcome::Unknown, None),
         };
-        let minority = node.minority_during(invoked, Instant::now());
+        // Through a member on a minority side, or executed by one: the member it went through
+        // forwards it to the owner its table names, which may have declared everyone else dead
+        // (its gossip cut) and acknowledge it alone while this member does not know yet.
+        let owner_after = owner_of(&cluster, &node, key);
+        let now = Instant::now();
+        let minority = [Some(node.clone()), owner_before, owner_after]
+            .into_iter()
+            .flatten()
+            .any(|n| n.minority_during(invoked, now));
         let via = node.node_id.clone();
         {
             let mut ops = history.ops.lock().unwrap();

@@ -181,7 +181,12 @@ impl Node {
         let mut started: Option<(Term, u64)> = None;
         let begun = Instant::now();
         loop {
-            let (request, bytes, last) = {
+            // Each chunk is read under the partition's lock. The first is also sent under it: the
+            // changes made after it reach the replica behind it on the connection, so the replica
+            // is staging when they arrive. The later ones are encoded and sent after the lock is
+            // released (the replica buffers whatever changes arrive first), so operations on the
+            // partition wait for the read only.
+            let (outgoing, bytes, last) = {
                 let table = self.table();
                 let mut data = self.slot(p).data.lock().unwrap();
                 if table.owner(p) != Some(&self.local) || data.fenced.is_some() {
@@ -202,7 +207,7 @@ impl Node {
                 let (entries, bytes, next) = chunk_of(mp, keys, cursor);
                 let last = next >= keys.len();
                 cursor = next;
-                let msg = Node::encode(&Msg::Copy {
+                let msg = Msg::Copy {
                     partition: p,
                     term,
                     map: map.to_string(),
@@ -211,8 +216,16 @@ impl Node {
                     start_seq,
                     end: last.then_some(seq),
                     entries,
-                });
-                (self.net.request(member, MAP_SERVICE, msg, timeout), bytes, last)
+                };
+                if chunk == 0 {
+                    (Outgoing::Sent(self.net.request(member, MAP_SERVICE, Node::encode(&msg), timeout)), bytes, last)
+                } else {
+                    (Outgoing::ToSend(msg), bytes, last)
+                }
+            };
+            let request = match outgoing {
+                Outgoing::Sent(request) => request,
+                Outgoing::ToSend(msg) => self.net.request(member, MAP_SERVICE, Node::encode(&msg), timeout),
             };
             window.push_back((bytes, request));
             in_flight += bytes;
@@ -333,6 +346,12 @@ impl Node {
             debug!(partition = p, map, %member, %error, "resync of a replica failed; anti-entropy will retry");
         }
     }
+}
+
+/// A chunk of [`Node::stream_copy`]: sent already (under the partition's lock), or to send.
+enum Outgoing {
+    Sent(ResponseFuture),
+    ToSend(Msg),
 }
 
 /// Where a replica stands, see [`Node::check_version`].

@@ -22,6 +22,16 @@
 //! the losing tables as ancestors ([`crate::table::PartitionTable::successor_superseding`]), so
 //! their holders apply it as newer history.
 //!
+//! Two things the tables alone do not tell, the master learns from the members and the tables'
+//! publishers ([`sides_seen`]). A member that still holds the table two sides forked from (its
+//! master's next table never reached it, and it ignored the other side's master while it had not
+//! declared its own dead yet) descends into both; it belongs with the side whose master reached it:
+//! each member remembers the tables it received from their publishers and reports them with its
+//! own. And a side's table published during the split by a member that has not answered yet (at a
+//! heal, the master hears part of the other side a gossip round before the rest) counts that
+//! publisher with its side, as it was there; otherwise the master would judge a side by the half it
+//! heard first.
+//!
 //! Why sides and not the tables alone: a one-way cut looks the same in the tables whichever way it
 //! runs. Member `a` cut off from sending hears `b` and `c` (heartbeats travel in their requests),
 //! so its table still names them, while `b` and `c` declare `a` dead and publish tables without it:
@@ -114,13 +124,36 @@ pub(crate) fn is_laggard(ours: &PartitionTable, theirs: &PartitionTable, member:
 pub(crate) struct Sides {
     /// Per table id: the members that belong with it.
     pub(crate) sides: BTreeMap<TableId, BTreeSet<MemberId>>,
+    /// Per table id: the member that published it during the split and did not answer (it is not
+    /// back in the master's view yet), counted with the side its table's holders are on.
+    pub(crate) presumed: BTreeMap<TableId, MemberId>,
     /// The winning table.
     pub(crate) winner: TableId,
 }
 
-/// Groups `held` (each eligible member and the table it holds) into sides and picks the winner:
-/// see the [module documentation](self). `None` when nobody holds a table yet.
+impl Sides {
+    /// How many members a side counts: those that answered, and its table's publisher if it did
+    /// not answer.
+    pub(crate) fn size(&self, id: &TableId) -> usize {
+        self.sides.get(id).map_or(0, BTreeSet::len) + usize::from(self.presumed.contains_key(id))
+    }
+}
+
+/// [`sides_seen`] without knowing which tables the members saw.
+#[cfg(test)]
 pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
+    sides_seen(held, &BTreeMap::new())
+}
+
+/// Groups `held` (each eligible member and the table it holds) into sides and picks the winner:
+/// see the [module documentation](self). `seen` lists, per member, tables it received from their
+/// publishers without holding them: a member holding the table two sides forked from (its own
+/// master's next table never reached it) belongs with the sides whose masters reached it, when
+/// that tells them apart. `None` when nobody holds a table yet.
+pub(crate) fn sides_seen(
+    held: &[(MemberId, &PartitionTable)],
+    seen: &BTreeMap<MemberId, Vec<TableId>>,
+) -> Option<Sides> {
     let mut all: Vec<&PartitionTable> = Vec::new();
     for (_, table) in held {
         if table.epoch > 0 && !all.iter().any(|t| t.id() == table.id()) {
@@ -161,17 +194,46 @@ pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
             .filter(|t| t.id() == own.id() || (t.descends_from(&own.id()) && t.holds_any(member)))
             .collect();
         // The newest of them (several when it held the point two forks started from).
-        for newest in
-            candidates.iter().filter(|t| !candidates.iter().any(|o| o.id() != t.id() && o.descends_from(&t.id())))
-        {
-            sides.entry(newest.id()).or_default().insert(member.clone());
+        let newest: Vec<&PartitionTable> = candidates
+            .iter()
+            .copied()
+            .filter(|t| !candidates.iter().any(|o| o.id() != t.id() && o.descends_from(&t.id())))
+            .collect();
+        // Of several, those whose masters reached this member during the split (it received
+        // their table, or an ancestor of it newer than its own, from its publisher): the others
+        // could not, or it would hold their table.
+        let reached: Vec<&PartitionTable> = match seen.get(member) {
+            Some(seen) if newest.len() > 1 => newest
+                .iter()
+                .copied()
+                .filter(|t| seen.iter().any(|s| !own.descends_from(s) && t.descends_from(s)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let belongs = if reached.is_empty() { &newest } else { &reached };
+        for table in belongs {
+            sides.entry(table.id()).or_default().insert(member.clone());
         }
     }
+    // A side's table published during the split by a member that did not answer (the master hears
+    // part of the other side before the rest) counts its publisher: it was on that side. Not for a
+    // table another side's descends from (published before the sides forked).
+    let mut presumed: BTreeMap<TableId, MemberId> = BTreeMap::new();
+    for id in sides.keys() {
+        let Some(publisher) = id.publisher.as_ref() else { continue };
+        let forked = sides
+            .keys()
+            .all(|other| other == id || all.iter().find(|t| t.id() == *other).is_none_or(|t| !t.descends_from(id)));
+        if forked && !answered.contains(publisher) && !sides.values().any(|m| m.contains(publisher)) {
+            presumed.insert(id.clone(), publisher.clone());
+        }
+    }
+    let size = |id: &TableId, members: &BTreeSet<MemberId>| members.len() + usize::from(presumed.contains_key(id));
     // The largest sides; of those, one whose table descends from every other's (it carries the
     // later decisions: a promotion the other side did not make), else the side with the oldest
     // member, then the older publisher.
-    let largest = sides.values().map(BTreeSet::len).max()?;
-    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(_, m)| m.len() == largest).collect();
+    let largest = sides.iter().map(|(id, m)| size(id, m)).max()?;
+    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(id, m)| size(id, m) == largest).collect();
     let table_of = |id: &TableId| all.iter().find(|t| t.id() == *id).copied();
     let newest = top.iter().find(|(id, _)| {
         let Some(t) = table_of(id) else { return false };
@@ -196,7 +258,7 @@ pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
             })
             .map(|(id, _)| (*id).clone())?,
     };
-    Some(Sides { sides, winner })
+    Some(Sides { sides, presumed, winner })
 }
 
 #[cfg(test)]
@@ -221,6 +283,15 @@ mod tests {
                 row
             })
             .collect()
+    }
+
+    /// The table before [`agreed`].
+    fn agreed_parent() -> PartitionTable {
+        let mut t = PartitionTable::empty(12).successor(&id("a"), 1, spread(&["a", "b", "c"]));
+        for e in 2..=4 {
+            t = t.successor(&id("a"), e, spread(&["a", "b", "c"]));
+        }
+        t
     }
 
     /// The table a, b, c agreed on before trouble started: published by `a` at epoch 5.
@@ -384,6 +455,58 @@ mod tests {
         assert_eq!(sides(&none), None);
     }
 
+    #[test]
+    fn a_member_holding_the_fork_point_goes_with_the_master_that_reached_it() {
+        // a, the master, is cut off from b and c for half a second. a declares b dead and
+        // publishes a table without b, which never reaches c (cut); b declares a dead and
+        // publishes a table without a, which c receives but ignores (a is still its master).
+        // c holds the table both forked from: both descend from it and give c replicas.
+        let base = agreed();
+        let without_b = base.successor(&id("a"), 6, spread(&["a", "c"]));
+        let without_a = base.successor(&id("b"), 7, spread(&["b", "c"]));
+        let held = [(id("a"), &without_b), (id("b"), &without_a), (id("c"), &base)];
+        let blind = sides(&held).unwrap();
+        assert_eq!(blind.sides[&without_b.id()].len(), 2, "from the tables alone, c is on both sides");
+        // c saw b's table (and older ones of a's, from before the cut): it was on b's side.
+        let seen: BTreeMap<MemberId, Vec<TableId>> =
+            [(id("c"), vec![agreed_parent().id(), without_a.id()])].into_iter().collect();
+        let found = sides_seen(&held, &seen).unwrap();
+        assert_eq!(found.winner, without_a.id());
+        assert_eq!(found.sides[&without_a.id()], [id("b"), id("c")].into_iter().collect());
+        assert_eq!(found.sides[&without_b.id()], [id("a")].into_iter().collect());
+        // Seen both (a's reached it too, and it refused it): still on both sides, as before.
+        let both: BTreeMap<MemberId, Vec<TableId>> =
+            [(id("c"), vec![without_b.id(), without_a.id()])].into_iter().collect();
+        assert_eq!(sides_seen(&held, &both).unwrap(), blind);
+        // Seeing a descendant's ancestor counts: b published once more since.
+        let later = without_a.successor(&id("b"), 8, spread(&["b", "c"]));
+        let held = [(id("a"), &without_b), (id("b"), &later), (id("c"), &base)];
+        assert_eq!(sides_seen(&held, &seen).unwrap().winner, later.id());
+    }
+
+    #[test]
+    fn a_side_counts_the_master_that_published_its_table_before_it_answers() {
+        // a, the master, was cut off; b declared it dead and published a table without it, which
+        // c applied. At the heal a hears c a gossip round before b: b, the other side's master,
+        // has not answered yet, and the side a sees is c alone.
+        let base = agreed();
+        let alone = base.successor(&id("a"), 6, spread(&["a", "c"]));
+        let without_a = base.successor(&id("b"), 7, spread(&["b", "c"]));
+        let found = sides(&[(id("a"), &alone), (id("c"), &without_a)]).unwrap();
+        assert_eq!(found.presumed.get(&without_a.id()), Some(&id("b")));
+        assert_eq!(found.size(&without_a.id()), 2);
+        assert_eq!(found.winner, without_a.id());
+        // Once b answers it is counted as what it is, not twice.
+        let found = sides(&[(id("a"), &alone), (id("b"), &without_a), (id("c"), &without_a)]).unwrap();
+        assert!(found.presumed.is_empty());
+        assert_eq!(found.winner, without_a.id());
+        // A table from before the fork does not count its (gone) publisher: c holds the table a
+        // published before b split off with a table of its own.
+        let apart = base.successor(&id("b"), 7, spread(&["b"]));
+        let found = sides(&[(id("b"), &apart), (id("c"), &base)]).unwrap();
+        assert!(found.presumed.is_empty(), "{found:?}");
+    }
+
     /// A random history: tables published by random masters, each derived from a random earlier
     /// table (so forks happen), and a random assignment of members to the tables they hold.
     fn scenario() -> impl Strategy<Value = (Vec<PartitionTable>, Vec<usize>)> {
@@ -414,12 +537,24 @@ mod tests {
         /// Exactly one table wins, it is one some member holds, every member belongs to at least
         /// one side, and the answer does not depend on the order members answered in.
         #[test]
-        fn exactly_one_table_wins_whatever_the_order_of_the_answers((tables, holds) in scenario(), rotate in 0usize..5) {
+        fn exactly_one_table_wins_whatever_the_order_of_the_answers(
+            (tables, holds) in scenario(),
+            rotate in 0usize..5,
+            answered in 2usize..=5,
+            saw in prop::collection::vec(any::<u16>(), 5),
+        ) {
             let names = ["a", "b", "c", "d", "e"];
-            let held: Vec<(MemberId, &PartitionTable)> = names.iter().zip(&holds).map(|(n, t)| (id(n), &tables[*t])).collect();
+            // Some members may not have answered yet; each saw some of the tables.
+            let held: Vec<(MemberId, &PartitionTable)> =
+                names.iter().zip(&holds).take(answered).map(|(n, t)| (id(n), &tables[*t])).collect();
+            let seen: BTreeMap<MemberId, Vec<TableId>> = names
+                .iter()
+                .zip(&saw)
+                .map(|(n, mask)| (id(n), tables.iter().enumerate().filter(|(k, _)| mask & (1 << (k % 16)) != 0).map(|(_, t)| t.id()).collect()))
+                .collect();
             let mut rotated = held.clone();
-            rotated.rotate_left(rotate);
-            match (sides(&held), sides(&rotated)) {
+            rotated.rotate_left(rotate % held.len());
+            match (sides_seen(&held, &seen), sides_seen(&rotated, &seen)) {
                 (None, None) => prop_assert!(held.iter().all(|(_, t)| t.epoch == 0)),
                 (Some(s), Some(r)) => {
                     prop_assert_eq!(&s, &r);
@@ -430,8 +565,12 @@ mod tests {
                         }
                     }
                     // The winner's side is at least as large as any other.
-                    let largest = s.sides.values().map(|m| m.len()).max().unwrap();
-                    prop_assert_eq!(s.sides[&s.winner].len(), largest);
+                    let largest = s.sides.keys().map(|id| s.size(id)).max().unwrap();
+                    prop_assert_eq!(s.size(&s.winner), largest);
+                    // Only a publisher that did not answer is presumed, on one side at most.
+                    for publisher in s.presumed.values() {
+                        prop_assert!(!held.iter().any(|(m, _)| m == publisher));
+                    }
                 }
                 _ => prop_assert!(false, "the order of answers changed the outcome"),
             }

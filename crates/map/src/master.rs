@@ -58,6 +58,14 @@ impl MasterState {
     }
 }
 
+/// The tables the master collected: what each member holds, and what each saw
+/// ([`Node::note_seen`]).
+#[derive(Debug, Default)]
+struct Held {
+    tables: Vec<(MemberId, PartitionTable)>,
+    seen: std::collections::BTreeMap<MemberId, Vec<TableId>>,
+}
+
 /// What [`Node::resolve_tables`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resolved {
@@ -136,7 +144,7 @@ impl Node {
     /// too, as a member excluded for a moment (reports spread unevenly) still belongs to a side.
     /// Also returns whether the answers are complete: every member answered but excluded ones
     /// that cannot be reached.
-    async fn collect_tables(self: &Arc<Self>, view: &ClusterView) -> (Vec<(MemberId, PartitionTable)>, bool) {
+    async fn collect_tables(self: &Arc<Self>, view: &ClusterView) -> (Held, bool) {
         let mut requests = tokio::task::JoinSet::new();
         for member in view.active_members().map(|m| m.id.clone()).filter(|m| *m != self.local) {
             let node = self.clone();
@@ -145,7 +153,8 @@ impl Node {
                 (member, table)
             });
         }
-        let mut held = vec![(self.local.clone(), (*self.table()).clone())];
+        let mut held = Held::default();
+        held.tables.push((self.local.clone(), (*self.table()).clone()));
         // Members held outside the view by the merge timers belong to a side too: deciding without
         // them could pick the smaller side (part of the other group is already in the view).
         let outside = self.membership.outside_members();
@@ -155,7 +164,10 @@ impl Node {
         let mut complete = outside.is_empty();
         while let Some(joined) = requests.join_next().await {
             match joined {
-                Ok((member, Some(table))) => held.push((member, table)),
+                Ok((member, Some((table, seen)))) => {
+                    held.seen.insert(member.clone(), seen);
+                    held.tables.push((member, table));
+                }
                 Ok((member, None)) if view.is_excluded(&member) => {}
                 _ => complete = false,
             }
@@ -166,12 +178,15 @@ impl Node {
     /// Groups the members by the tables they hold into sides ([`lineage::sides`]), adopts the
     /// winning side's table if it is not this master's, and returns the tables held that the
     /// result does not descend from: the next table must supersede them.
-    fn decide(self: &Arc<Self>, held: &[(MemberId, PartitionTable)]) -> Vec<PartitionTable> {
+    fn decide(self: &Arc<Self>, held: &Held) -> Vec<PartitionTable> {
+        let Held { tables: held, seen } = held;
         let refs: Vec<(MemberId, &PartitionTable)> = held.iter().map(|(m, t)| (m.clone(), t)).collect();
-        let Some(found) = lineage::sides(&refs) else { return Vec::new() };
+        let Some(found) = lineage::sides_seen(&refs, seen) else { return Vec::new() };
         debug!(
             held = ?held.iter().map(|(m, t)| format!("{m}@{}", t.id())).collect::<Vec<_>>(),
             sides = ?found.sides.iter().map(|(t, m)| format!("{t}: {m:?}")).collect::<Vec<_>>(),
+            seen = ?seen.iter().filter(|(_, s)| !s.is_empty()).map(|(m, s)| format!("{m}: {s:?}")).collect::<Vec<_>>(),
+            presumed = ?found.presumed,
             winner = %found.winner,
             "sides"
         );
@@ -179,7 +194,7 @@ impl Node {
         if found.winner != current.id()
             && let Some((_, winner)) = held.iter().find(|(_, t)| t.id() == found.winner)
         {
-            info!(ours = %current.id(), winner = %found.winner, members = ?found.sides[&found.winner], "adopting the partition table of the larger side");
+            info!(ours = %current.id(), winner = %found.winner, members = ?found.sides[&found.winner], size = found.size(&found.winner), presumed = ?found.presumed.get(&found.winner), "adopting the partition table of the larger side");
             self.abort_all_migrations();
             self.apply_table(winner.clone());
         }
@@ -360,7 +375,7 @@ impl Node {
             return Resolved::Settled;
         }
         let (held, complete) = self.collect_tables(view).await;
-        let outstanding = held.iter().any(|(member, t)| !lineage::is_laggard(&ours, t, member));
+        let outstanding = held.tables.iter().any(|(member, t)| !lineage::is_laggard(&ours, t, member));
         if !complete {
             debug!("not every member answered with its partition table; deciding later");
             return Resolved::Pending;

@@ -468,7 +468,13 @@ pub(crate) enum Reply {
         term: Term,
         seq: u64,
     },
-    Table(PartitionTable),
+    /// The table a member holds, and the tables it received from their own publishers lately
+    /// without holding them now (newest last, at most [`crate::tables::SEEN_TABLES_MAX`]): which masters could
+    /// reach it during a split (see [`crate::lineage::sides_seen`]).
+    Table {
+        table: PartitionTable,
+        seen: Vec<TableId>,
+    },
     TableAck {
         table: TableId,
     },

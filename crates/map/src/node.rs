@@ -91,12 +91,23 @@ pub(crate) struct PartitionData {
     /// forked off). Noted when a write is acknowledged although a synchronous backup never
     /// confirmed it (it left the view and its replacement got it instead: if it was cut off on
     /// the other side, the winner never saw it; `since` is when the write began), and when this
-    /// member takes a merged entry (it keeps its older update time).
+    /// member takes more merged entries than [`PartitionData::merged_keys`] keeps.
     pub(crate) merge_floors: Vec<(u64, u64)>,
+    /// As owner: the merged entries this member took, `(when, their update time, map, key)`
+    /// (most recent last, at most [`MERGED_KEYS_MAX`]; older ones become a merge floor). A merged
+    /// entry keeps its older update time: if this side loses a split before the cluster settles
+    /// (a merge into a group that split off again), its next merge takes these keys along
+    /// ([`crate::rejoin`]), and only these, not every entry written since their update time (the
+    /// other side's, replicated here, which a `pass-through` merge would put back over its later
+    /// writes).
+    pub(crate) merged_keys: std::collections::VecDeque<(u64, u64, String, Vec<u8>)>,
 }
 
 /// How many [`PartitionData::merge_floors`] a partition keeps.
 pub(crate) const MERGE_FLOORS_MAX: usize = 8;
+
+/// How many [`PartitionData::merged_keys`] a partition keeps.
+pub(crate) const MERGED_KEYS_MAX: usize = 1024;
 
 impl PartitionData {
     /// Notes, at `when`, that entries written since `since` may have to be merged (see
@@ -113,6 +124,17 @@ impl PartitionData {
             self.merge_floors.remove(0);
         }
         self.merge_floors.push((when, since));
+    }
+
+    /// Notes, at `when`, that this member took the merged entry `key` of `map`, last updated at
+    /// `updated` (see [`PartitionData::merged_keys`]).
+    pub(crate) fn note_merged_key(&mut self, when: u64, updated: u64, map: &str, key: Vec<u8>) {
+        if self.merged_keys.len() == MERGED_KEYS_MAX
+            && let Some((when, updated, _, _)) = self.merged_keys.pop_front()
+        {
+            self.note_merge_floor(when, updated);
+        }
+        self.merged_keys.push_back((when, updated, map.to_string(), key));
     }
 }
 
@@ -381,7 +403,7 @@ impl Node {
             }
             Msg::VersionCheck { versions } => now(self.on_version_check(from, versions)),
             Msg::TablePush { table } => now(self.on_table_push(from, table)),
-            Msg::TableGet => now(Reply::Table((*self.table()).clone())),
+            Msg::TableGet => now(self.table_reply()),
             Msg::MigrateStart { id, table, partition, old_row, new_row } => {
                 let Some(slot) = incoming.reserve() else { return busy() };
                 let node = self.clone();

@@ -170,8 +170,8 @@ impl Node {
                 return refuse(Reply::Failed { error: "the operation was already executed".into() });
             };
             let op_name = op.name();
-            let merging_updated = match &op {
-                Op::Merge { record, .. } => Some(record.updated_ms),
+            let merging = match &op {
+                Op::Merge { key, record, .. } => Some((key.clone(), record.updated_ms)),
                 _ => None,
             };
             let idle_floor = data.owner_since_ms;
@@ -191,11 +191,11 @@ impl Node {
                 }
                 return (Executed::Now(Reply::Done(result)), Latency::Recorded);
             };
-            if let (Some(updated), OpResult::Flag(true)) = (merging_updated, &result) {
+            if let (Some((key, updated)), OpResult::Flag(true)) = (merging, &result) {
                 // A merged entry keeps its update time, older than this side's fork: if this side
                 // loses a split before the cluster settles (a merge into a group that split off
                 // again), its next merge must still take the entry along.
-                data.note_merge_floor(now, updated);
+                data.note_merged_key(now, updated, map, key);
             }
             let (seq, acks) = self.replicate_locked(table, p, map, config, &mut data, change);
             // Counted while a write waits for its backups; one without any is complete once the

@@ -16,9 +16,9 @@
 //!   the winner's lineage, or since the first write of the partition it acknowledged without its
 //!   synchronous backup since then (`PartitionData::merge_floors`:
 //!   between the cut and its side's first table, a write whose backup was on the other side
-//!   waited for that table, which replaced the backup, and was then acknowledged), or since the
-//!   oldest update time of merged entries it took since then (a merge into a group that
-//!   split off again before the cluster settled: they keep their older times). Older entries
+//!   waited for that table, which replaced the backup, and was then acknowledged); and the merged
+//!   entries it took since then (`PartitionData::merged_keys`: a merge into a group that split
+//!   off again before the cluster settled; they keep their older update times). Older entries
 //!   were written before the sides parted and reached the winner's replica: it holds them as they
 //!   were, or changed or removed them since, and merging them back would undo its removals
 //!   (removals are not merged), or, with `pass-through`, overwrite its later writes.
@@ -182,8 +182,14 @@ impl Merging {
             let forked = self.since_ms.saturating_sub(FLOOR_SLACK_MS);
             let floor = data.merge_floors.iter().filter(|(when, _)| *when >= forked).map(|(_, since)| *since).min();
             let since = floor.map_or(self.since_ms, |t| t.min(self.since_ms));
+            let merged: BTreeSet<&[u8]> = data
+                .merged_keys
+                .iter()
+                .filter(|(when, updated, map, _)| *when >= forked && *updated < since && map == name)
+                .map(|(_, _, _, key)| key.as_slice())
+                .collect();
             for (key, record) in mp.entries.iter() {
-                if !all && record.updated_ms < since {
+                if !all && record.updated_ms < since && !merged.contains(key.as_slice()) {
                     continue;
                 }
                 let size = key.len() + record.value.len();
@@ -368,6 +374,52 @@ mod tests {
         assert_eq!(data.merge_floors.len(), crate::node::MERGE_FLOORS_MAX);
         assert_eq!(data.merge_floors.last(), Some(&(110_000, 20_000)));
         assert_eq!(data.merge_floors.first(), Some(&(75_000, 13_000)), "the oldest notes go first");
+    }
+
+    #[test]
+    fn a_merge_takes_the_merged_entries_it_took_along_but_not_what_the_other_side_wrote_before() {
+        let record = |updated_ms: u64| Record {
+            value: updated_ms.to_be_bytes().to_vec(),
+            created_ms: updated_ms,
+            updated_ms,
+            accessed_ms: updated_ms,
+            hits: 0,
+            version: 1,
+            ttl_ms: 0,
+            max_idle_ms: 0,
+        };
+        let mut data = PartitionData::default();
+        let mut mp = crate::store::MapPartition::new(TableId::default());
+        // Written by the other side before the split and replicated here, then a merged entry
+        // this member took (its update time is as old), then a write on this side after the fork.
+        mp.insert(b"theirs".to_vec(), record(1_000));
+        mp.insert(b"merged".to_vec(), record(1_500));
+        mp.insert(b"ours".to_vec(), record(5_000));
+        data.maps.insert("default".to_string(), mp);
+        data.note_merged_key(4_000, 1_500, "default", b"merged".to_vec());
+        data.note_merged_key(4_000, 1_200, "other", b"theirs".to_vec());
+        let mut ours = PartitionTable::empty(1);
+        ours.rows = vec![vec![m("c")]];
+        let mut winner = PartitionTable::empty(1);
+        winner.rows = vec![vec![m("a")]];
+        let base = Arc::new(winner.clone());
+        let settings = MapSettings::default();
+        // The side forked at 3 000 ms.
+        let mut merging = Merging::new(3_000, Some(base.clone()), &ours, &winner);
+        merging.collect(&settings, 0, &data);
+        let keys: BTreeSet<Vec<u8>> = merging.maps["default"].iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(keys, [b"merged".to_vec(), b"ours".to_vec()].into(), "not the other side's older entry");
+        // A merged entry taken before this side forked off is the winner's already.
+        let mut merging = Merging::new(4_500, Some(base), &ours, &winner);
+        merging.collect(&settings, 0, &data);
+        let keys: BTreeSet<Vec<u8>> = merging.maps["default"].iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(keys, [b"ours".to_vec()].into());
+        // Beyond the notes kept, the oldest become a floor.
+        for i in 0..crate::node::MERGED_KEYS_MAX as u64 {
+            data.note_merged_key(6_000 + i, 2_000, "default", i.to_be_bytes().to_vec());
+        }
+        assert_eq!(data.merged_keys.len(), crate::node::MERGED_KEYS_MAX);
+        assert_eq!(data.merge_floors, vec![(4_000, 1_200)]);
     }
 
     #[test]

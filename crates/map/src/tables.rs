@@ -24,6 +24,9 @@ use crate::takeover::TakeOver;
 /// the publisher being the master that committed it (`-` for none).
 pub(crate) const EPOCH_KEY: &str = "epoch";
 
+/// How many tables a member remembers receiving from their publishers ([`Node::note_seen`]).
+pub(crate) const SEEN_TABLES_MAX: usize = 16;
+
 /// How long a table request may take.
 const TABLE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -83,6 +86,10 @@ pub(crate) struct Tables {
     log: Mutex<crate::rejoin::TableLog>,
     /// [`Node::undecided_fork`] for a view version and table.
     fork_check: Mutex<Option<(u64, TableId, Option<String>)>>,
+    /// The tables received from their own publishers (pushed or fetched), newest last, at most
+    /// [`SEEN_TABLES_MAX`]: which masters reached this member, for the master that settles a
+    /// split ([`lineage::sides_seen`]).
+    seen: Mutex<std::collections::VecDeque<TableId>>,
 }
 
 impl Tables {
@@ -99,6 +106,7 @@ impl Tables {
             fetches: AtomicU64::new(0),
             log: Mutex::new(crate::rejoin::TableLog::default()),
             fork_check: Mutex::new(None),
+            seen: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 }
@@ -282,10 +290,15 @@ impl Node {
         let answers_within = self.membership.config().gossip_interval * 3;
         if master.as_ref() != Some(from) || table.master.as_ref() != Some(from) {
             debug!(%from, ?master, table = %table.id(), "ignored a table pushed by a member that is not our master");
+            self.note_seen(from, &table);
         } else if self.net.silent_for(from).is_some_and(|silent| silent > answers_within) {
+            // Not noted as seen: this member cannot reach it (a one-way cut).
             debug!(%from, table = %table.id(), "ignored a table pushed by a master that does not answer this member");
         } else {
-            self.offer_table(from, table);
+            let id = table.id();
+            if !self.offer_table(from, table) {
+                self.note_seen_id(from, id);
+            }
         }
         Reply::TableAck { table: self.table().id() }
     }
@@ -362,25 +375,68 @@ impl Node {
         }
     }
 
+    /// Remembers that `from` sent `table`, which it published itself, and that this member did not
+    /// apply it (a member that still follows another master ignores it): `from` could reach this
+    /// member then. When a split heals, the master asks for these ([`Node::table_reply`]): a
+    /// member still holding the table several sides forked from belongs with the side whose
+    /// master reached it. (A table applied needs no note: the member holds it or a successor.)
+    pub(crate) fn note_seen(&self, from: &MemberId, table: &PartitionTable) {
+        self.note_seen_id(from, table.id());
+    }
+
+    /// [`Node::note_seen`] by the table's id.
+    fn note_seen_id(&self, from: &MemberId, id: TableId) {
+        if id.publisher.as_ref() != Some(from) || id.epoch == 0 || self.table().descends_from(&id) {
+            return;
+        }
+        let mut seen = self.tables.seen.lock().unwrap();
+        if seen.back() == Some(&id) {
+            return;
+        }
+        seen.retain(|t| *t != id);
+        if seen.len() >= SEEN_TABLES_MAX {
+            seen.pop_front();
+        }
+        seen.push_back(id);
+    }
+
+    /// The answer to a table request: the table held, and the others seen ([`Node::note_seen`]).
+    pub(crate) fn table_reply(&self) -> Reply {
+        let table = (*self.table()).clone();
+        let id = table.id();
+        let seen = self.tables.seen.lock().unwrap().iter().filter(|t| **t != id).cloned().collect();
+        Reply::Table { table, seen }
+    }
+
     /// Asks `from` for its table and offers it (see [`Node::offer_table`]).
     pub(crate) async fn fetch_table(self: &Arc<Self>, from: &MemberId) -> bool {
         match self.request_table(from).await {
-            Some(table) => self.offer_table(from, table),
+            Some((table, _)) => {
+                let id = table.id();
+                let applied = self.offer_table(from, table);
+                if !applied {
+                    self.note_seen_id(from, id);
+                }
+                applied
+            }
             None => false,
         }
     }
 
-    /// Asks `from` for the table it holds, without applying it; `None` when it does not answer or
-    /// answers with an invalid table.
-    pub(crate) async fn request_table(&self, from: &MemberId) -> Option<PartitionTable> {
+    /// Asks `from` for the table it holds, without applying it, and the tables it saw
+    /// ([`Node::note_seen`]); `None` when it does not answer or answers with an invalid table.
+    pub(crate) async fn request_table(&self, from: &MemberId) -> Option<(PartitionTable, Vec<TableId>)> {
         if *from == self.local {
             return None;
         }
         self.tables.fetches.fetch_add(1, Ordering::Relaxed);
         let reply = self.net.request(from, MAP_SERVICE, Self::encode(&Msg::TableGet), TABLE_REQUEST_TIMEOUT).await;
         match reply.map(|bytes| codec::decode::<Reply>(&bytes)) {
-            Ok(Ok(Reply::Table(table))) => match table.validate(self.settings.partition_count) {
-                Ok(()) => Some(table),
+            Ok(Ok(Reply::Table { table, mut seen })) => match table.validate(self.settings.partition_count) {
+                Ok(()) => {
+                    seen.truncate(SEEN_TABLES_MAX);
+                    Some((table, seen))
+                }
                 Err(reason) => {
                     warn!(%from, table = %table.id(), %reason, "a member sent an invalid partition table");
                     None
