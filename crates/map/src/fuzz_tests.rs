@@ -306,8 +306,8 @@ fn reply() -> impl Strategy<Value = Reply> {
         (prop::collection::vec((bytes(16), record()), 0..4), prop::option::of(bytes(16)), table_id(), any::<u64>())
             .prop_map(|(entries, next, term, seq)| Reply::Pulled { entries, next, term, seq })
             .boxed(),
-        (table(), prop::collection::vec(table_id(), 0..4))
-            .prop_map(|(table, seen)| Reply::Table { table, seen })
+        (table(), prop::collection::vec(table_id(), 0..4), prop::collection::vec(table_id(), 0..4))
+            .prop_map(|(table, seen, refused)| Reply::Table { table, seen, refused })
             .boxed(),
         table_id().prop_map(|table| Reply::TableAck { table }).boxed(),
         migration_id().prop_map(|id| Reply::MigrateReady { id }).boxed(),

@@ -22,12 +22,14 @@
 //! the losing tables as ancestors ([`crate::table::PartitionTable::successor_superseding`]), so
 //! their holders apply it as newer history.
 //!
-//! Two things the tables alone do not tell, the master learns from the members and the tables'
-//! publishers ([`sides_seen`]). A member that still holds the table two sides forked from (its
-//! master's next table never reached it, and it ignored the other side's master while it had not
-//! declared its own dead yet) descends into both; it belongs with the side whose master reached it:
-//! each member remembers the tables it received from their publishers and reports them with its
-//! own. And a side's table published during the split by a member that has not answered yet (at a
+//! What the tables alone do not tell, the master learns from the members and the tables'
+//! publishers ([`sides_seen`]). A member that refused its master's table, because it drops a member
+//! this one still hears, is not that table's laggard although the table descends from its own and
+//! gives it replicas: it is on the dropped member's side. A member that still holds the table two
+//! sides forked from (its master's next table never reached it, and it ignored the other side's
+//! master while it had not declared its own dead yet) descends into both; it belongs with the side
+//! whose master reached it. Each member remembers the tables it refused and those it received
+//! from other masters, and reports them with its own ([`Noted`]). And a side's table published during the split by a member that has not answered yet (at a
 //! heal, the master hears part of the other side a gossip round before the rest) counts that
 //! publisher with its side, as it was there; otherwise the master would judge a side by the half it
 //! heard first.
@@ -119,6 +121,16 @@ pub(crate) fn is_laggard(ours: &PartitionTable, theirs: &PartitionTable, member:
             && (ours.supersedes(&theirs.id()) || ours.holds_any(member) || !theirs.holds_any(member)))
 }
 
+/// What a member reports with its table for the master that settles a split ([`sides_seen`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Noted {
+    /// Tables it received from other masters than its own, which it ignored: they reached it.
+    pub(crate) seen: Vec<TableId>,
+    /// Tables of its own master it refused, newer history than its own: they drop a member it
+    /// still hears (or every replica of its own), so it was not on their side.
+    pub(crate) refused: Vec<TableId>,
+}
+
 /// The sides the master found: each table some member belongs with, its members, and the winner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sides {
@@ -146,14 +158,12 @@ pub(crate) fn sides(held: &[(MemberId, &PartitionTable)]) -> Option<Sides> {
 }
 
 /// Groups `held` (each eligible member and the table it holds) into sides and picks the winner:
-/// see the [module documentation](self). `seen` lists, per member, tables it received from their
-/// publishers without holding them: a member holding the table two sides forked from (its own
-/// master's next table never reached it) belongs with the sides whose masters reached it, when
-/// that tells them apart. `None` when nobody holds a table yet.
-pub(crate) fn sides_seen(
-    held: &[(MemberId, &PartitionTable)],
-    seen: &BTreeMap<MemberId, Vec<TableId>>,
-) -> Option<Sides> {
+/// see the [module documentation](self). `noted` gives, per member, what it reported besides its
+/// table ([`Noted`]): a table it refused (or a descendant of one) is not a table it would follow;
+/// and a member holding the table two sides forked from (its own master's next table never
+/// reached it) belongs with the sides whose masters reached it, when that tells them apart.
+/// `None` when nobody holds a table yet.
+pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<MemberId, Noted>) -> Option<Sides> {
     let mut all: Vec<&PartitionTable> = Vec::new();
     for (_, table) in held {
         if table.epoch > 0 && !all.iter().any(|t| t.id() == table.id()) {
@@ -188,10 +198,15 @@ pub(crate) fn sides_seen(
         };
         // The tables this member would follow as newer history: its own, and those that descend
         // from it and still give it replicas.
+        // Not one it refused (nor a descendant of one): it heard the member that table drops.
+        let noted = noted.get(member);
+        let refused = |t: &PartitionTable| {
+            noted.is_some_and(|n| n.refused.iter().any(|r| !own.descends_from(r) && t.descends_from(r)))
+        };
         let candidates: Vec<&PartitionTable> = tables
             .iter()
             .copied()
-            .filter(|t| t.id() == own.id() || (t.descends_from(&own.id()) && t.holds_any(member)))
+            .filter(|t| t.id() == own.id() || (t.descends_from(&own.id()) && t.holds_any(member) && !refused(t)))
             .collect();
         // The newest of them (several when it held the point two forks started from).
         let newest: Vec<&PartitionTable> = candidates
@@ -202,11 +217,11 @@ pub(crate) fn sides_seen(
         // Of several, those whose masters reached this member during the split (it received
         // their table, or an ancestor of it newer than its own, from its publisher): the others
         // could not, or it would hold their table.
-        let reached: Vec<&PartitionTable> = match seen.get(member) {
-            Some(seen) if newest.len() > 1 => newest
+        let reached: Vec<&PartitionTable> = match noted {
+            Some(noted) if newest.len() > 1 => newest
                 .iter()
                 .copied()
-                .filter(|t| seen.iter().any(|s| !own.descends_from(s) && t.descends_from(s)))
+                .filter(|t| noted.seen.iter().any(|s| !own.descends_from(s) && t.descends_from(s)))
                 .collect(),
             _ => Vec::new(),
         };
@@ -468,20 +483,43 @@ mod tests {
         let blind = sides(&held).unwrap();
         assert_eq!(blind.sides[&without_b.id()].len(), 2, "from the tables alone, c is on both sides");
         // c saw b's table (and older ones of a's, from before the cut): it was on b's side.
-        let seen: BTreeMap<MemberId, Vec<TableId>> =
-            [(id("c"), vec![agreed_parent().id(), without_a.id()])].into_iter().collect();
-        let found = sides_seen(&held, &seen).unwrap();
+        let seen = |tables: Vec<TableId>| -> BTreeMap<MemberId, Noted> {
+            [(id("c"), Noted { seen: tables, refused: Vec::new() })].into_iter().collect()
+        };
+        let seen_b = seen(vec![agreed_parent().id(), without_a.id()]);
+        let found = sides_seen(&held, &seen_b).unwrap();
         assert_eq!(found.winner, without_a.id());
         assert_eq!(found.sides[&without_a.id()], [id("b"), id("c")].into_iter().collect());
         assert_eq!(found.sides[&without_b.id()], [id("a")].into_iter().collect());
         // Seen both (a's reached it too, and it refused it): still on both sides, as before.
-        let both: BTreeMap<MemberId, Vec<TableId>> =
-            [(id("c"), vec![without_b.id(), without_a.id()])].into_iter().collect();
-        assert_eq!(sides_seen(&held, &both).unwrap(), blind);
+        assert_eq!(sides_seen(&held, &seen(vec![without_b.id(), without_a.id()])).unwrap(), blind);
         // Seeing a descendant's ancestor counts: b published once more since.
         let later = without_a.successor(&id("b"), 8, spread(&["b", "c"]));
         let held = [(id("a"), &without_b), (id("b"), &later), (id("c"), &base)];
-        assert_eq!(sides_seen(&held, &seen).unwrap().winner, later.id());
+        assert_eq!(sides_seen(&held, &seen_b).unwrap().winner, later.id());
+    }
+
+    #[test]
+    fn a_member_that_refused_the_masters_table_is_not_on_its_side() {
+        // Five members; the master a's gossip is cut. a declares b and c dead and publishes a
+        // table without them; d and e still hear b and c and refuse it, then declare a dead. At
+        // the heal a asks everyone: d and e still hold the table before, which a's descends from
+        // and still gives them replicas, so from the tables they look like a's laggards.
+        let names = ["a", "b", "c", "d", "e"];
+        let before = PartitionTable::empty(12).successor(&id("a"), 1, spread(&names));
+        let without_bc = before.successor(&id("a"), 2, spread(&["a", "d", "e"]));
+        let held =
+            [(id("a"), &without_bc), (id("b"), &before), (id("c"), &before), (id("d"), &before), (id("e"), &before)];
+        assert_eq!(sides(&held).unwrap().winner, without_bc.id(), "from the tables alone");
+        let refused = Noted { seen: Vec::new(), refused: vec![without_bc.id()] };
+        let noted: BTreeMap<MemberId, Noted> = [(id("d"), refused.clone()), (id("e"), refused)].into_iter().collect();
+        let found = sides_seen(&held, &noted).unwrap();
+        assert_eq!(found.winner, before.id());
+        assert_eq!(found.sides[&before.id()].len(), 4);
+        // A refusal of a table the member has since moved past (it holds a descendant) is moot.
+        let later = without_bc.successor(&id("a"), 3, spread(&["a", "d", "e"]));
+        let held = [(id("a"), &later), (id("d"), &without_bc), (id("b"), &before)];
+        assert_eq!(sides_seen(&held, &noted).unwrap().sides[&later.id()].len(), 2);
     }
 
     #[test]
@@ -547,10 +585,13 @@ mod tests {
             // Some members may not have answered yet; each saw some of the tables.
             let held: Vec<(MemberId, &PartitionTable)> =
                 names.iter().zip(&holds).take(answered).map(|(n, t)| (id(n), &tables[*t])).collect();
-            let seen: BTreeMap<MemberId, Vec<TableId>> = names
+            let pick = |mask: u16, shift: usize| -> Vec<TableId> {
+                tables.iter().enumerate().filter(|(k, _)| mask & (1 << ((k + shift) % 16)) != 0).map(|(_, t)| t.id()).collect()
+            };
+            let seen: BTreeMap<MemberId, Noted> = names
                 .iter()
                 .zip(&saw)
-                .map(|(n, mask)| (id(n), tables.iter().enumerate().filter(|(k, _)| mask & (1 << (k % 16)) != 0).map(|(_, t)| t.id()).collect()))
+                .map(|(n, mask)| (id(n), Noted { seen: pick(*mask, 0), refused: pick(mask.rotate_left(5), 3) }))
                 .collect();
             let mut rotated = held.clone();
             rotated.rotate_left(rotate % held.len());

@@ -63,7 +63,7 @@ impl MasterState {
 #[derive(Debug, Default)]
 struct Held {
     tables: Vec<(MemberId, PartitionTable)>,
-    seen: std::collections::BTreeMap<MemberId, Vec<TableId>>,
+    noted: std::collections::BTreeMap<MemberId, lineage::Noted>,
 }
 
 /// What [`Node::resolve_tables`] found.
@@ -164,8 +164,8 @@ impl Node {
         let mut complete = outside.is_empty();
         while let Some(joined) = requests.join_next().await {
             match joined {
-                Ok((member, Some((table, seen)))) => {
-                    held.seen.insert(member.clone(), seen);
+                Ok((member, Some((table, noted)))) => {
+                    held.noted.insert(member.clone(), noted);
                     held.tables.push((member, table));
                 }
                 Ok((member, None)) if view.is_excluded(&member) => {}
@@ -179,13 +179,13 @@ impl Node {
     /// winning side's table if it is not this master's, and returns the tables held that the
     /// result does not descend from: the next table must supersede them.
     fn decide(self: &Arc<Self>, held: &Held) -> Vec<PartitionTable> {
-        let Held { tables: held, seen } = held;
+        let Held { tables: held, noted } = held;
         let refs: Vec<(MemberId, &PartitionTable)> = held.iter().map(|(m, t)| (m.clone(), t)).collect();
-        let Some(found) = lineage::sides_seen(&refs, seen) else { return Vec::new() };
+        let Some(found) = lineage::sides_seen(&refs, noted) else { return Vec::new() };
         debug!(
             held = ?held.iter().map(|(m, t)| format!("{m}@{}", t.id())).collect::<Vec<_>>(),
             sides = ?found.sides.iter().map(|(t, m)| format!("{t}: {m:?}")).collect::<Vec<_>>(),
-            seen = ?seen.iter().filter(|(_, s)| !s.is_empty()).map(|(m, s)| format!("{m}: {s:?}")).collect::<Vec<_>>(),
+            noted = ?noted.iter().filter(|(_, n)| **n != Default::default()).map(|(m, n)| format!("{m}: {n:?}")).collect::<Vec<_>>(),
             presumed = ?found.presumed,
             winner = %found.winner,
             "sides"

@@ -468,12 +468,14 @@ pub(crate) enum Reply {
         term: Term,
         seq: u64,
     },
-    /// The table a member holds, and the tables it received from their own publishers lately
-    /// without holding them now (newest last, at most [`crate::tables::SEEN_TABLES_MAX`]): which masters could
-    /// reach it during a split (see [`crate::lineage::sides_seen`]).
+    /// The table a member holds; the tables it received lately from other masters than its own
+    /// (`seen`) and those of its own master it refused (`refused`), newest last, at most
+    /// [`crate::tables::SEEN_TABLES_MAX`] each: which side of a split it was on (see
+    /// [`crate::lineage::sides_seen`]).
     Table {
         table: PartitionTable,
         seen: Vec<TableId>,
+        refused: Vec<TableId>,
     },
     TableAck {
         table: TableId,

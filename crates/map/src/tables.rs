@@ -3,7 +3,7 @@
 //! ([`crate::lineage::follower_applies`]), fetching tables in the background without flooding
 //! anyone, and the table's health for `/health`.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use grapevine_net::codec;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::lineage;
+use crate::lineage::{self, Noted};
 use crate::messages::{Msg, Reply};
 use crate::node::{MAP_SERVICE, Node};
 use crate::record::now_ms;
@@ -24,7 +24,7 @@ use crate::takeover::TakeOver;
 /// the publisher being the master that committed it (`-` for none).
 pub(crate) const EPOCH_KEY: &str = "epoch";
 
-/// How many tables a member remembers receiving from their publishers ([`Node::note_seen`]).
+/// How many tables a member remembers seeing, and refusing ([`Noted`]).
 pub(crate) const SEEN_TABLES_MAX: usize = 16;
 
 /// How long a table request may take.
@@ -86,10 +86,28 @@ pub(crate) struct Tables {
     log: Mutex<crate::rejoin::TableLog>,
     /// [`Node::undecided_fork`] for a view version and table.
     fork_check: Mutex<Option<(u64, TableId, Option<String>)>>,
-    /// The tables received from their own publishers (pushed or fetched), newest last, at most
-    /// [`SEEN_TABLES_MAX`]: which masters reached this member, for the master that settles a
-    /// split ([`lineage::sides_seen`]).
-    seen: Mutex<std::collections::VecDeque<TableId>>,
+    /// Tables received from their own publishers while this member followed another master,
+    /// newest last, at most [`SEEN_TABLES_MAX`] ([`Node::note_seen`]).
+    seen: Mutex<VecDeque<TableId>>,
+    /// Tables of its master this member refused ([`Node::note_refused`]), likewise.
+    refused: Mutex<VecDeque<TableId>>,
+}
+
+/// Adds `id` to `list` (newest last, at most [`SEEN_TABLES_MAX`]) unless `current`, the table
+/// held, descends from it already.
+fn note(list: &Mutex<VecDeque<TableId>>, current: &PartitionTable, id: TableId) {
+    if current.descends_from(&id) {
+        return;
+    }
+    let mut list = list.lock().unwrap();
+    if list.back() == Some(&id) {
+        return;
+    }
+    list.retain(|t| *t != id);
+    if list.len() >= SEEN_TABLES_MAX {
+        list.pop_front();
+    }
+    list.push_back(id);
 }
 
 impl Tables {
@@ -106,7 +124,8 @@ impl Tables {
             fetches: AtomicU64::new(0),
             log: Mutex::new(crate::rejoin::TableLog::default()),
             fork_check: Mutex::new(None),
-            seen: Mutex::new(std::collections::VecDeque::new()),
+            seen: Mutex::new(VecDeque::new()),
+            refused: Mutex::new(VecDeque::new()),
         }
     }
 }
@@ -295,10 +314,7 @@ impl Node {
             // Not noted as seen: this member cannot reach it (a one-way cut).
             debug!(%from, table = %table.id(), "ignored a table pushed by a master that does not answer this member");
         } else {
-            let id = table.id();
-            if !self.offer_table(from, table) {
-                self.note_seen_id(from, id);
-            }
+            self.offer_table(from, table);
         }
         Reply::TableAck { table: self.table().id() }
     }
@@ -313,6 +329,7 @@ impl Node {
         let view = self.membership.view();
         if table.master.is_none() || table.master != view.master {
             debug!(%from, table = %table.id(), master = ?view.master, "not adopting a table our master did not publish");
+            self.note_seen(from, &table);
             return false;
         }
         let current = self.table();
@@ -324,6 +341,7 @@ impl Node {
                 && view.member(m).is_some_and(|m| m.state == grapevine_membership::MemberState::Active)
         };
         if let Some(member) = lineage::drops_a_live_member(&current, &table, &self.local, alive) {
+            self.note_refused(table.id());
             let mut logged = self.tables.kept_own.lock().unwrap();
             if logged.as_ref() != Some(&table.id()) {
                 info!(
@@ -343,6 +361,7 @@ impl Node {
         }
         match lineage::relation(&current, &table) {
             lineage::Relation::Newer => {
+                self.note_refused(table.id());
                 let mut logged = self.tables.kept_own.lock().unwrap();
                 if logged.as_ref() != Some(&table.id()) {
                     warn!(
@@ -375,73 +394,66 @@ impl Node {
         }
     }
 
-    /// Remembers that `from` sent `table`, which it published itself, and that this member did not
-    /// apply it (a member that still follows another master ignores it): `from` could reach this
-    /// member then. When a split heals, the master asks for these ([`Node::table_reply`]): a
-    /// member still holding the table several sides forked from belongs with the side whose
-    /// master reached it. (A table applied needs no note: the member holds it or a successor.)
+    /// Remembers that `from` sent `table`, which it published itself, while this member follows
+    /// another master (it ignores the table): `from` could reach this member then. When a split
+    /// heals, the master asks for these ([`Node::table_reply`]): a member still holding the table
+    /// several sides forked from belongs with the side whose master reached it. (A table applied
+    /// needs no note: the member holds it or a successor.)
     pub(crate) fn note_seen(&self, from: &MemberId, table: &PartitionTable) {
-        self.note_seen_id(from, table.id());
+        if table.master.as_ref() == Some(from) && table.epoch > 0 {
+            note(&self.tables.seen, &self.table(), table.id());
+        }
     }
 
-    /// [`Node::note_seen`] by the table's id.
-    fn note_seen_id(&self, from: &MemberId, id: TableId) {
-        if id.publisher.as_ref() != Some(from) || id.epoch == 0 || self.table().descends_from(&id) {
-            return;
-        }
-        let mut seen = self.tables.seen.lock().unwrap();
-        if seen.back() == Some(&id) {
-            return;
-        }
-        seen.retain(|t| *t != id);
-        if seen.len() >= SEEN_TABLES_MAX {
-            seen.pop_front();
-        }
-        seen.push_back(id);
+    /// Remembers that this member refused a table its master published, newer history than its
+    /// own, because it drops a member this one still hears, or every replica of this one: this
+    /// member is on the other side of whatever cut its master sees, and the master that settles
+    /// the split must not count it with that table ([`lineage::sides_seen`]).
+    fn note_refused(&self, id: TableId) {
+        note(&self.tables.refused, &self.table(), id);
     }
 
     /// The answer to a table request: the table held, and the others seen ([`Node::note_seen`]).
     pub(crate) fn table_reply(&self) -> Reply {
         let table = (*self.table()).clone();
         let id = table.id();
-        let seen = self.tables.seen.lock().unwrap().iter().filter(|t| **t != id).cloned().collect();
-        Reply::Table { table, seen }
+        let list = |tables: &Mutex<VecDeque<TableId>>| {
+            tables.lock().unwrap().iter().filter(|t| **t != id).cloned().collect::<Vec<TableId>>()
+        };
+        let (seen, refused) = (list(&self.tables.seen), list(&self.tables.refused));
+        Reply::Table { table, seen, refused }
     }
 
     /// Asks `from` for its table and offers it (see [`Node::offer_table`]).
     pub(crate) async fn fetch_table(self: &Arc<Self>, from: &MemberId) -> bool {
         match self.request_table(from).await {
-            Some((table, _)) => {
-                let id = table.id();
-                let applied = self.offer_table(from, table);
-                if !applied {
-                    self.note_seen_id(from, id);
-                }
-                applied
-            }
+            Some((table, _)) => self.offer_table(from, table),
             None => false,
         }
     }
 
     /// Asks `from` for the table it holds, without applying it, and the tables it saw
     /// ([`Node::note_seen`]); `None` when it does not answer or answers with an invalid table.
-    pub(crate) async fn request_table(&self, from: &MemberId) -> Option<(PartitionTable, Vec<TableId>)> {
+    pub(crate) async fn request_table(&self, from: &MemberId) -> Option<(PartitionTable, Noted)> {
         if *from == self.local {
             return None;
         }
         self.tables.fetches.fetch_add(1, Ordering::Relaxed);
         let reply = self.net.request(from, MAP_SERVICE, Self::encode(&Msg::TableGet), TABLE_REQUEST_TIMEOUT).await;
         match reply.map(|bytes| codec::decode::<Reply>(&bytes)) {
-            Ok(Ok(Reply::Table { table, mut seen })) => match table.validate(self.settings.partition_count) {
-                Ok(()) => {
-                    seen.truncate(SEEN_TABLES_MAX);
-                    Some((table, seen))
+            Ok(Ok(Reply::Table { table, mut seen, mut refused })) => {
+                match table.validate(self.settings.partition_count) {
+                    Ok(()) => {
+                        seen.truncate(SEEN_TABLES_MAX);
+                        refused.truncate(SEEN_TABLES_MAX);
+                        Some((table, Noted { seen, refused }))
+                    }
+                    Err(reason) => {
+                        warn!(%from, table = %table.id(), %reason, "a member sent an invalid partition table");
+                        None
+                    }
                 }
-                Err(reason) => {
-                    warn!(%from, table = %table.id(), %reason, "a member sent an invalid partition table");
-                    None
-                }
-            },
+            }
             Ok(Ok(other)) => {
                 warn!(%from, reply = ?other, "unexpected reply to a table request");
                 None
