@@ -252,11 +252,14 @@ struct Node {
     runtime: Option<tokio::runtime::Runtime>,
     stalled: Arc<AtomicBool>,
     /// When its view held at most half the cluster: `(from, until)`, `until` open while it lasts.
-    minority: Arc<Mutex<Vec<Span>>>,
+    minority: Spans,
 }
 
 /// A time span `(from, until)`, `until` open while it lasts.
 type Span = (Instant, Option<Instant>);
+
+/// A member's minority spans, shared with its watcher ([`watch_minority`]).
+type Spans = Arc<Mutex<Vec<Span>>>;
 
 impl Node {
     async fn start(config: Config, node_id: String, seeds: Vec<SocketAddr>) -> Node {
@@ -386,7 +389,7 @@ pub struct History {
     /// `(index in ops, the previous value)` of each acknowledged change: what it replaced.
     observed: Mutex<Vec<(usize, Option<u64>)>>,
     /// Per operation (as `ops`), the minority spans of the members it went through or to.
-    involved: Mutex<Vec<Vec<Arc<Mutex<Vec<Span>>>>>>,
+    involved: Mutex<Vec<Vec<Spans>>>,
     /// Operations completed.
     pub count: AtomicUsize,
 }
@@ -555,7 +558,7 @@ async fn client(id: u32, cluster: Arc<Lab>, history: Arc<History>, stop: Arc<Ato
         // (its gossip cut) and acknowledge it alone while this member does not know yet.
         let owner_after = owner_of(&cluster, &node, key);
         // Judged once the run is over ([`History::judge_minorities`]).
-        let involved: Vec<Arc<Mutex<Vec<Span>>>> =
+        let involved: Vec<Spans> =
             [Some(node.clone()), owner_before, owner_after].into_iter().flatten().map(|n| n.minority.clone()).collect();
         let via = node.node_id.clone();
         {
