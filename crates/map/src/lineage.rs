@@ -29,10 +29,10 @@
 //! sides forked from (its master's next table never reached it, and it ignored the other side's
 //! master while it had not declared its own dead yet) descends into both; it belongs with the side
 //! whose master reached it. Each member remembers the tables it refused and those it received
-//! from other masters, and reports them with its own ([`Noted`]). And a side's table published during the split by a member that has not answered yet (at a
-//! heal, the master hears part of the other side a gossip round before the rest) counts that
-//! publisher with its side, as it was there; otherwise the master would judge a side by the half it
-//! heard first.
+//! from other masters, and reports them with its own ([`Noted`]). And a side's table published
+//! during the split by a member that has not answered yet (at a heal, the master hears part of the
+//! other side a gossip round before the rest) counts that publisher with its side, as it was
+//! there; otherwise the master would judge a side by the half it heard first.
 //!
 //! Why sides and not the tables alone: a one-way cut looks the same in the tables whichever way it
 //! runs. Member `a` cut off from sending hears `b` and `c` (heartbeats travel in their requests),
@@ -147,8 +147,17 @@ impl Sides {
     /// How many members a side counts: those that answered, and its table's publisher if it did
     /// not answer.
     pub(crate) fn size(&self, id: &TableId) -> usize {
-        self.sides.get(id).map_or(0, BTreeSet::len) + usize::from(self.presumed.contains_key(id))
+        side_size(&self.sides, &self.presumed, id)
     }
+}
+
+/// [`Sides::size`], before the winner is known.
+fn side_size(
+    sides: &BTreeMap<TableId, BTreeSet<MemberId>>,
+    presumed: &BTreeMap<TableId, MemberId>,
+    id: &TableId,
+) -> usize {
+    sides.get(id).map_or(0, BTreeSet::len) + usize::from(presumed.contains_key(id))
 }
 
 /// [`sides_seen`] without knowing which tables the members saw.
@@ -197,8 +206,8 @@ pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<
             }
         };
         // The tables this member would follow as newer history: its own, and those that descend
-        // from it and still give it replicas.
-        // Not one it refused (nor a descendant of one): it heard the member that table drops.
+        // from it and still give it replicas, but not one it refused (nor a descendant of one):
+        // it heard the member that table drops.
         let noted = noted.get(member);
         let refused = |t: &PartitionTable| {
             noted.is_some_and(|n| n.refused.iter().any(|r| !own.descends_from(r) && t.descends_from(r)))
@@ -243,12 +252,12 @@ pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<
             presumed.insert(id.clone(), publisher.clone());
         }
     }
-    let size = |id: &TableId, members: &BTreeSet<MemberId>| members.len() + usize::from(presumed.contains_key(id));
+    let size = |id: &TableId| side_size(&sides, &presumed, id);
     // The largest sides; of those, one whose table descends from every other's (it carries the
     // later decisions: a promotion the other side did not make), else the side with the oldest
     // member, then the older publisher.
-    let largest = sides.iter().map(|(id, m)| size(id, m)).max()?;
-    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(id, m)| size(id, m) == largest).collect();
+    let largest = sides.keys().map(size).max()?;
+    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(id, _)| size(id) == largest).collect();
     let table_of = |id: &TableId| all.iter().find(|t| t.id() == *id).copied();
     let newest = top.iter().find(|(id, _)| {
         let Some(t) = table_of(id) else { return false };

@@ -58,8 +58,8 @@ impl MasterState {
     }
 }
 
-/// The tables the master collected: what each member holds, and what each saw
-/// ([`Node::note_seen`]).
+/// The tables the master collected: what each member holds, and what each noted besides
+/// ([`lineage::Noted`]).
 #[derive(Debug, Default)]
 struct Held {
     tables: Vec<(MemberId, PartitionTable)>,
@@ -175,7 +175,7 @@ impl Node {
         (held, complete)
     }
 
-    /// Groups the members by the tables they hold into sides ([`lineage::sides`]), adopts the
+    /// Groups the members by the tables they hold into sides ([`lineage::sides_seen`]), adopts the
     /// winning side's table if it is not this master's, and returns the tables held that the
     /// result does not descend from: the next table must supersede them.
     fn decide(self: &Arc<Self>, held: &Held) -> Vec<PartitionTable> {

@@ -378,15 +378,8 @@ mod tests {
 
     #[test]
     fn a_merge_takes_the_merged_entries_it_took_along_but_not_what_the_other_side_wrote_before() {
-        let record = |updated_ms: u64| Record {
-            value: updated_ms.to_be_bytes().to_vec(),
-            created_ms: updated_ms,
-            updated_ms,
-            accessed_ms: updated_ms,
-            hits: 0,
-            version: 1,
-            ttl_ms: 0,
-            max_idle_ms: 0,
+        let record = |updated_ms: u64| {
+            Record::written(updated_ms.to_be_bytes().to_vec(), updated_ms, crate::record::Expiry::default(), None)
         };
         let mut data = PartitionData::default();
         let mut mp = crate::store::MapPartition::new(TableId::default());

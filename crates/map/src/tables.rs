@@ -399,7 +399,7 @@ impl Node {
     /// heals, the master asks for these ([`Node::table_reply`]): a member still holding the table
     /// several sides forked from belongs with the side whose master reached it. (A table applied
     /// needs no note: the member holds it or a successor.)
-    pub(crate) fn note_seen(&self, from: &MemberId, table: &PartitionTable) {
+    fn note_seen(&self, from: &MemberId, table: &PartitionTable) {
         if table.master.as_ref() == Some(from) && table.epoch > 0 {
             note(&self.tables.seen, &self.table(), table.id());
         }
@@ -413,7 +413,8 @@ impl Node {
         note(&self.tables.refused, &self.table(), id);
     }
 
-    /// The answer to a table request: the table held, and the others seen ([`Node::note_seen`]).
+    /// The answer to a table request: the table held, and the others seen and refused
+    /// ([`Node::note_seen`], [`Node::note_refused`]).
     pub(crate) fn table_reply(&self) -> Reply {
         let table = (*self.table()).clone();
         let id = table.id();
@@ -432,8 +433,8 @@ impl Node {
         }
     }
 
-    /// Asks `from` for the table it holds, without applying it, and the tables it saw
-    /// ([`Node::note_seen`]); `None` when it does not answer or answers with an invalid table.
+    /// Asks `from` for the table it holds, without applying it, and what it noted besides
+    /// ([`Noted`]); `None` when it does not answer or answers with an invalid table.
     pub(crate) async fn request_table(&self, from: &MemberId) -> Option<(PartitionTable, Noted)> {
         if *from == self.local {
             return None;
