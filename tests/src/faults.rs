@@ -27,8 +27,9 @@
 //! reports how many were), never the others, except as the map's merge policy says
 //! ([`Model`], drawn per schedule): with `discard` nothing else; with `latest-update` and
 //! `put-if-absent` a merged entry of the smaller side may also fill a key the larger side removed
-//! meanwhile (removals are not merged); with `pass-through` it may overwrite anything the larger
-//! side did to the key before the merge.
+//! meanwhile (removals are not merged for `put-if-absent`; for `latest-update` a remembered removal
+//! is a tombstone, which the checker allows but does not require); with `pass-through` it may
+//! overwrite anything the larger side did to the key before the merge.
 //!
 //! **Splits and merges.** Besides single splits, schedules draw flapping links (a side cut and
 //! restored several times, faster than the merge delay) and repeated split/heal cycles (the next
@@ -584,7 +585,7 @@ pub enum Model {
     Discard,
     /// `latest-update`, `put-if-absent`: a merged entry of the smaller side replaces the larger
     /// side's state only where the key is absent there (removed meanwhile: removals are not
-    /// merged) or holds an older entry (which real-time order allows anyway, except for writes
+    /// merged, or for `latest-update` not always) or holds an older entry (which real-time order allows anyway, except for writes
     /// in the same millisecond: entries are ordered by their millisecond update times).
     Fill,
     /// `pass-through`: a merged entry replaces whatever the larger side did to the key before

@@ -243,8 +243,14 @@ async fn merged_entries_go_through_each_policy_on_their_owner_are_replicated_and
 /// One map per policy.
 fn policies_config(name: &str) -> Config {
     let mut config = test_config(name);
-    for policy in [MergePolicy::LatestUpdate, MergePolicy::PutIfAbsent, MergePolicy::PassThrough, MergePolicy::Discard]
-    {
+    let policies = [
+        MergePolicy::LatestUpdate,
+        MergePolicy::PutIfAbsent,
+        MergePolicy::PassThrough,
+        MergePolicy::HigherHits,
+        MergePolicy::Discard,
+    ];
+    for policy in policies {
         config.maps.insert(policy.to_string(), MapConfig { merge_policy: policy, ..MapConfig::default() });
     }
     config
@@ -252,8 +258,10 @@ fn policies_config(name: &str) -> Config {
 
 /// A member cut off from the other two (both ways, gossip and data) keeps serving alone; both
 /// sides write during the split: keys only the lone side wrote, keys both wrote (the lone side
-/// last, and read more often there), keys the lone side removed. When the cut heals, the lone member merges into the larger
-/// side and each map's policy decides: afterwards every member reads the same values.
+/// last, and read more often there), keys the lone side removed, and a key the lone side rewrote
+/// and the larger side then removed. When the cut heals, the lone member merges into the larger
+/// side and each map's policy decides (a removal is a tombstone for `latest-update` only):
+/// afterwards every member reads the same values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_maps_policy() {
     let cluster = TestCluster::start_with(3, policies_config).await;
@@ -265,6 +273,7 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         let map = a.map::<String, String>(name).unwrap();
         map.put(&"before".to_string(), &"old".to_string()).await.unwrap();
         map.put(&"removed-by-c".to_string(), &"old".to_string()).await.unwrap();
+        map.put(&"c-then-removed-by-a".to_string(), &"old".to_string()).await.unwrap();
     }
 
     cut_off(a, b, c).await;
@@ -286,6 +295,14 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         for _ in 0..3 {
             assert_eq!(on_c.get(&"both".to_string()).await.unwrap().as_deref(), Some("c"));
         }
+        on_c.put(&"c-then-removed-by-a".to_string(), &"c".to_string()).await.unwrap();
+    }
+    // The larger side removes a key after the smaller side rewrote it: a tombstone for
+    // latest-update, no entry for the others.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for name in &names {
+        let on_a = a.map::<String, String>(name).unwrap();
+        assert_eq!(on_a.remove(&"c-then-removed-by-a".to_string()).await.unwrap().as_deref(), Some("old"));
     }
 
     cut(a, c, false);
@@ -306,6 +323,11 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
         ("higher-hits", "only-c", s("c")),
         ("discard", "both", s("a")),
         ("discard", "only-c", None),
+        ("latest-update", "c-then-removed-by-a", None),
+        ("put-if-absent", "c-then-removed-by-a", s("c")),
+        ("pass-through", "c-then-removed-by-a", s("c")),
+        ("higher-hits", "c-then-removed-by-a", s("c")),
+        ("discard", "c-then-removed-by-a", None),
     ];
     let read_all = |map: String, key: String| async move {
         let mut values = Vec::new();
@@ -346,12 +368,16 @@ async fn after_a_split_heals_the_smaller_side_merges_its_writes_through_each_map
 /// A map without backups: the partitions the member cut off owned have no copy on the larger side,
 /// which takes them over empty (and reports them lost). At the heal, the cut-off member merges
 /// every entry of those partitions, not only what it wrote during the split, so nothing written
-/// before the split is lost with `latest-update`; with `discard` it is, as that policy says.
+/// before the split is lost with the merging policies; with `discard` it is, as that policy says.
+/// Those older entries restore what the larger side lost, whatever the policy: they fill only keys
+/// the larger side left alone, not one it wrote (not even with `pass-through`) or removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_the_heal() {
     let cluster = TestCluster::start_with(3, |name| {
         let mut config = test_config(name);
-        for policy in [MergePolicy::LatestUpdate, MergePolicy::Discard] {
+        for policy in
+            [MergePolicy::LatestUpdate, MergePolicy::PutIfAbsent, MergePolicy::PassThrough, MergePolicy::Discard]
+        {
             config.maps.insert(
                 policy.to_string(),
                 MapConfig { merge_policy: policy, backup_count: 0, ..MapConfig::default() },
@@ -363,7 +389,8 @@ async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_t
     cluster.wait_settled().await;
     let (a, b, c) = (cluster.member(0), cluster.member(1), cluster.member(2));
     let keys: Vec<u32> = (0..120).collect();
-    for name in ["latest-update", "discard"] {
+    let names = ["latest-update", "put-if-absent", "pass-through", "discard"];
+    for name in names {
         let map = a.map::<u32, u32>(name).unwrap();
         for k in &keys {
             map.put(k, k).await.unwrap();
@@ -378,7 +405,7 @@ async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_t
             a.map_service().table().owner(p) == Some(c.local())
         })
         .collect();
-    assert!(!on_c_only.is_empty(), "c owns some of 120 keys");
+    assert!(on_c_only.len() >= 2, "c owns some of 120 keys");
 
     cut_off(a, b, c).await;
     wait_settled(&[a, b]).await;
@@ -386,25 +413,29 @@ async fn partitions_whose_only_copies_were_on_the_smaller_side_come_back_after_t
     for k in &on_c_only {
         assert_eq!(on_a.get(k).await.unwrap(), None, "key {k}: the larger side has no copy of c's partitions");
     }
-    // Written on the larger side during the split into one of those partitions: kept (it is
-    // later than c's entry).
-    let rewritten = on_c_only[0];
-    on_a.put(&rewritten, &1_000).await.unwrap();
+    // Written on the larger side during the split into one of those partitions, and removed
+    // there (absent on that side, so the removal changes nothing but is remembered): both stay.
+    let (rewritten, removed) = (on_c_only[0], on_c_only[1]);
+    for name in names {
+        let on_a = a.map::<u32, u32>(name).unwrap();
+        on_a.put(&rewritten, &1_000).await.unwrap();
+        assert_eq!(on_a.remove(&removed).await.unwrap(), None);
+    }
 
     cut(a, c, false);
     cut(b, c, false);
     cluster.wait_all_active(3).await;
     cluster.wait_settled().await;
-    for (name, back) in [("latest-update", true), ("discard", false)] {
+    for (name, back) in [("latest-update", true), ("put-if-absent", true), ("pass-through", true), ("discard", false)] {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut wrong = Vec::new();
             for m in [a, b, c] {
                 let map = m.map::<u32, u32>(name).unwrap();
                 for k in &keys {
-                    let want = if *k == rewritten && name == "latest-update" {
+                    let want = if *k == rewritten {
                         Some(1_000)
-                    } else if on_c_only.contains(k) && !back {
+                    } else if *k == removed || (on_c_only.contains(k) && !back) {
                         None
                     } else {
                         Some(*k)

@@ -26,7 +26,7 @@ use tracing::debug;
 use crate::messages::{Msg, ReplOp, Reply};
 use crate::node::{MAP_SERVICE, Node};
 use crate::record::{Record, now_ms};
-use crate::store::MapPartition;
+use crate::store::{MapPartition, Removals};
 use crate::table::Term;
 
 /// Largest chunk, in approximate encoded bytes (a single larger entry is sent alone).
@@ -51,6 +51,8 @@ pub(crate) struct Staging {
     changes_bytes: usize,
     /// A change was missing: the copy cannot be completed.
     gap: bool,
+    /// The owner's removals, from the first chunk.
+    removals: Removals,
 }
 
 fn repl_bytes(op: &ReplOp) -> usize {
@@ -79,16 +81,17 @@ impl Staging {
     }
 }
 
+/// Which chunk of which copy: `(copy, chunk, start_seq, end)` of [`Msg::Copy`].
+pub(crate) type ChunkPosition = (u64, u32, u64, Option<u64>);
+
 /// Receives one chunk into `mp`; installs the copy with the last one. `Err`: why the copy failed
 /// (the owner starts another).
 fn receive_chunk(
     mp: &mut MapPartition,
     term: &Term,
-    copy: u64,
-    chunk: u32,
-    start_seq: u64,
-    end: Option<u64>,
+    (copy, chunk, start_seq, end): ChunkPosition,
     entries: Vec<(Vec<u8>, Record)>,
+    removals: Removals,
 ) -> Result<(), String> {
     if chunk == 0 {
         mp.staging = Some(Box::new(Staging {
@@ -100,6 +103,7 @@ fn receive_chunk(
             changes: Vec::new(),
             changes_bytes: 0,
             gap: false,
+            removals,
         }));
     }
     let Some(staging) = mp.staging.as_mut().filter(|s| s.copy == copy && s.term == *term && s.next_chunk == chunk)
@@ -117,8 +121,9 @@ fn receive_chunk(
             staging.start_seq + 1
         ));
     }
-    let Staging { term, start_seq, entries, changes, .. } = *staging;
+    let Staging { term, start_seq, entries, changes, removals, .. } = *staging;
     mp.install(term, start_seq, entries);
+    mp.tombstones.absorb(removals);
     for op in &changes {
         mp.apply_repl(op);
     }
@@ -128,19 +133,16 @@ fn receive_chunk(
 
 impl Node {
     /// One chunk of a full copy from `from`.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_copy(
         &self,
         from: &MemberId,
         p: u32,
         term: &Term,
         map: &str,
-        copy: u64,
-        chunk: u32,
-        start_seq: u64,
-        end: Option<u64>,
-        entries: Vec<(Vec<u8>, Record)>,
+        position: ChunkPosition,
+        (entries, removals): (Vec<(Vec<u8>, Record)>, Removals),
     ) -> Reply {
+        let end = position.3;
         if p >= self.settings.partition_count {
             return Reply::Failed { error: format!("partition {p} does not exist") };
         }
@@ -150,7 +152,7 @@ impl Node {
         };
         data.last_install_ms = now_ms();
         let mp = data.maps.entry(map.to_string()).or_insert_with(|| MapPartition::new(term.clone()));
-        match receive_chunk(mp, term, copy, chunk, start_seq, end, entries) {
+        match receive_chunk(mp, term, position, entries, removals) {
             Ok(()) => {
                 if end.is_some() {
                     debug!(local = %self.local, partition = p, map, term = %term, seq = mp.seq, "full copy installed");
@@ -216,6 +218,7 @@ impl Node {
                     start_seq,
                     end: last.then_some(seq),
                     entries,
+                    removals: if chunk == 0 { mp.tombstones.to_copy() } else { Removals::default() },
                 };
                 if chunk == 0 {
                     (Outgoing::Sent(self.net.request(member, MAP_SERVICE, Node::encode(&msg), timeout)), bytes, last)
@@ -429,7 +432,7 @@ mod tests {
         loop {
             let (entries, _, next) = chunk_of(&owner, &keys, cursor);
             let end = (next >= keys.len()).then_some(owner.seq);
-            receive_chunk(&mut replica, &term(), 9, chunk, start, end, entries).unwrap();
+            receive_chunk(&mut replica, &term(), (9, chunk, start, end), entries, Removals::default()).unwrap();
             if end.is_some() {
                 break;
             }
@@ -457,23 +460,42 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_passes_on_the_owners_removals() {
+        let mut owner = MapPartition::new(term());
+        owner.insert(b"kept".to_vec(), record(b"v"));
+        owner.tombstones.note(b"gone", 1_234);
+        let mut replica = MapPartition::default();
+        replica.tombstones.note(b"mine", 99);
+        let keys = owner.entries.keys();
+        let (entries, _, _) = chunk_of(&owner, &keys, 0);
+        let removals = owner.tombstones.to_copy();
+        receive_chunk(&mut replica, &term(), (2, 0, 0, None), entries, removals).unwrap();
+        assert_eq!(replica.tombstones.removed_ms(b"gone"), None, "taken in with the install, not before");
+        receive_chunk(&mut replica, &term(), (2, 1, 0, Some(0)), vec![], Removals::default()).unwrap();
+        assert_eq!(replica.tombstones.removed_ms(b"gone"), Some(1_234));
+        assert_eq!(replica.tombstones.removed_ms(b"mine"), Some(99), "its own stay");
+        assert!(replica.entries.get(b"kept").is_some());
+    }
+
+    #[test]
     fn a_missing_change_or_a_chunk_out_of_order_fails_the_copy() {
         let mut replica = MapPartition::default();
-        receive_chunk(&mut replica, &term(), 1, 0, 5, None, vec![(b"a".to_vec(), record(b"1"))]).unwrap();
+        receive_chunk(&mut replica, &term(), (1, 0, 5, None), vec![(b"a".to_vec(), record(b"1"))], Removals::default())
+            .unwrap();
         let staging = replica.staging.as_mut().unwrap();
         assert!(staging.buffer(6, &put(b"b", b"2")));
         assert!(staging.buffer(8, &put(b"c", b"3")), "a gap is remembered, not refused");
-        let err = receive_chunk(&mut replica, &term(), 1, 1, 5, Some(8), vec![]).unwrap_err();
+        let err = receive_chunk(&mut replica, &term(), (1, 1, 5, Some(8)), vec![], Removals::default()).unwrap_err();
         assert!(err.contains("did not all arrive"), "{err}");
         assert!(replica.staging.is_none() && replica.entries.is_empty(), "nothing was installed");
-        let err = receive_chunk(&mut replica, &term(), 1, 3, 5, None, vec![]).unwrap_err();
+        let err = receive_chunk(&mut replica, &term(), (1, 3, 5, None), vec![], Removals::default()).unwrap_err();
         assert!(err.contains("out of order"), "{err}");
     }
 
     #[test]
     fn the_change_buffer_is_bounded() {
         let mut replica = MapPartition::default();
-        receive_chunk(&mut replica, &term(), 1, 0, 0, None, vec![]).unwrap();
+        receive_chunk(&mut replica, &term(), (1, 0, 0, None), vec![], Removals::default()).unwrap();
         let staging = replica.staging.as_mut().unwrap();
         let big = put(b"k", &vec![0u8; 1 << 20]);
         let mut seq = 1;

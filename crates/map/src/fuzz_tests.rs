@@ -91,8 +91,19 @@ fn op() -> impl Strategy<Value = Op> {
         (bytes(32), prop::option::of(bytes(32)), prop::option::of(bytes(32)))
             .prop_map(|(key, expected, new)| Op::CompareAndSet { key, expected, new }),
         bytes(32).prop_map(|key| Op::Remove { key }),
-        (bytes(32), record(), prop::sample::select(MergePolicy::ALL.to_vec()))
-            .prop_map(|(key, record, policy)| Op::Merge { key, record, policy }),
+        (
+            bytes(32),
+            record(),
+            prop::sample::select(MergePolicy::ALL.to_vec()),
+            prop::option::of(any::<u64>()),
+            any::<bool>()
+        )
+            .prop_map(|(key, record, policy, healed_ms, restore)| Op::Merge {
+                key,
+                record,
+                policy,
+                offer: crate::merge::Offer { healed_ms, restore }
+            }),
         bytes(32).prop_map(|key| Op::NearGet { key }),
         (bytes(16), bytes(64), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
             |(key, item, capacity, retention_ms, overwrite)| Op::RingAppend {
@@ -227,16 +238,20 @@ fn msg() -> impl Strategy<Value = Msg> {
             (any::<u32>(), table_id(), name(), any::<u64>()),
             (any::<u32>(), any::<u64>(), prop::option::of(any::<u64>())),
             prop::collection::vec((bytes(16), record()), 0..4),
+            (prop::collection::vec((bytes(16), any::<u64>()), 0..4), prop::option::of(any::<u64>())),
         )
-            .prop_map(|((partition, term, map, copy), (chunk, start_seq, end), entries)| Msg::Copy {
-                partition,
-                term,
-                map,
-                copy,
-                chunk,
-                start_seq,
-                end,
-                entries,
+            .prop_map(|((partition, term, map, copy), (chunk, start_seq, end), entries, (removed, cleared_ms))| {
+                Msg::Copy {
+                    partition,
+                    term,
+                    map,
+                    copy,
+                    chunk,
+                    start_seq,
+                    end,
+                    entries,
+                    removals: crate::store::Removals { removed, cleared_ms },
+                }
             })
             .boxed(),
         (any::<u32>(), name()).prop_map(|(partition, map)| Msg::SyncRequest { partition, map }).boxed(),
@@ -480,6 +495,7 @@ fn announced_lengths_the_input_cannot_back_fail_fast() {
             start_seq: 9,
             end: Some(10),
             entries: vec![(b"k".to_vec(), Record::written(b"v".to_vec(), 1, Expiry::default(), None))],
+            removals: crate::store::Removals { removed: vec![(b"gone".to_vec(), 7)], cleared_ms: None },
         }),
         codec::encode(&Msg::TablePush { table: PartitionTable::empty(3) }),
         codec::encode(&Reply::Page { entries: vec![(b"k".to_vec(), b"v".to_vec())], next: Some(b"k".to_vec()) }),

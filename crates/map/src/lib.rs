@@ -363,11 +363,14 @@ impl MapService {
         policy: MergePolicy,
         entries: Vec<(Vec<u8>, Record)>,
     ) -> Result<MergeOutcome, MapError> {
+        // No moment of joining and no lost partition: the policy alone decides (and, for
+        // `latest-update`, the removals the owner remembers).
+        let entries = entries.into_iter().map(|(key, record)| (key, record, merge::Offer::default())).collect();
         match self.node.merge_entries(map, policy, entries).await {
             Ok(merged) => Ok(MergeOutcome {
                 kept_existing: merged.kept_existing,
                 took_merging: merged.took_merging,
-                failed: merged.failed.into_iter().map(|(key, _, error)| (key, error)).collect(),
+                failed: merged.failed.into_iter().map(|(key, _, _, error)| (key, error)).collect(),
             }),
             Err((error, _)) => Err(error),
         }

@@ -20,9 +20,25 @@
 //! (the owner judges its own entries' expiry, which after a take-over restarts the idle clock:
 //! see [`Record::is_expired`]). The merging entry's expiry is judged from its own times.
 //!
-//! Removals are not merged: a policy sees entries, not tombstones, so a key removed on one side
-//! during the split and still present on the other is present after the merge (except under
-//! `discard`, which never adds a key).
+//! [`decide_offer`] wraps [`decide`] with what the owner remembers of a key besides its live entry
+//! and how the entry is offered ([`Offer`]):
+//!
+//! * **Changes made after the sides met stay.** A merge stands for the moment the merging member
+//!   joined the cluster ([`Offer::healed_ms`]); its entries can reach their owners seconds later
+//!   (retries, migrations). An entry the owner wrote after that moment, or a key it removed after
+//!   it, came after the merge: it stays whatever the policy (with `pass-through` too).
+//! * **A removal is a tombstone for `latest-update`**: a merging entry last written before the
+//!   owner removed the key does not bring it back. Owners and their backups remember the latest
+//!   removals of each map partition (`store::Tombstones`: at most [`crate::store::TOMBSTONES_MAX`]
+//!   keys and [`crate::store::TOMBSTONE_BYTES_MAX`] bytes, and a map-wide floor for a clear);
+//!   a key whose removal was forgotten is absent, and the entry fills it. The other policies see
+//!   entries, not removals: a key removed on one side during the split and still present on the
+//!   other is present after the merge (except under `discard`, which never adds a key).
+//! * **Restoring a lost partition is not a policy decision.** When the side that merges into
+//!   this one held the only copy of a partition (this side took it over empty), it offers the
+//!   entries written before the split too ([`Offer::restore`]). They are this side's own lost
+//!   data, not the other side's writes: each fills its key only if this side has not written or
+//!   removed the key since; it never overwrites (not even with `pass-through`).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -136,6 +152,50 @@ pub fn decide(policy: MergePolicy, existing: Option<&Record>, merging: &Record, 
         (_, Some(existing)) => rank(policy, merging, existing) == Ordering::Greater,
     };
     if take { Verdict::TakeMerging } else { Verdict::KeepExisting }
+}
+
+/// How a merging entry is offered to its owner, besides the record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Offer {
+    /// When the member that merges applied the table of the cluster it joins (its wall clock,
+    /// ms): the owner's changes after that moment stay. `None`: no such moment (an entry given
+    /// to [`crate::MapService::merge_entries`]).
+    pub(crate) healed_ms: Option<u64>,
+    /// The entry was written before the split and is offered because the cluster it joins took
+    /// its partition over empty (see the module documentation).
+    pub(crate) restore: bool,
+}
+
+/// Decides the merge of one key: [`decide`] under `policy`, after what the owner remembers
+/// besides its live entry `existing`: `removed_ms`, when it last removed the key (its tombstone,
+/// if it remembers one), and how the entry is offered (see the module documentation).
+pub(crate) fn decide_offer(
+    policy: MergePolicy,
+    existing: Option<&Record>,
+    removed_ms: Option<u64>,
+    merging: &Record,
+    offer: Offer,
+    now_ms: u64,
+) -> Verdict {
+    if policy == MergePolicy::Discard || merging.is_expired(now_ms, 0) {
+        return Verdict::KeepExisting;
+    }
+    let changed_after = |t: u64| match existing {
+        Some(existing) => existing.updated_ms > t,
+        None => removed_ms.is_some_and(|removed| removed > t),
+    };
+    if offer.healed_ms.is_some_and(changed_after) {
+        return Verdict::KeepExisting;
+    }
+    // A removal at or after the entry's last write: the entry is not the key's latest state.
+    let removed_since = existing.is_none() && removed_ms.is_some_and(|removed| removed >= merging.updated_ms);
+    if offer.restore {
+        return if existing.is_none() && !removed_since { Verdict::TakeMerging } else { Verdict::KeepExisting };
+    }
+    if policy == MergePolicy::LatestUpdate && removed_since {
+        return Verdict::KeepExisting;
+    }
+    decide(policy, existing, merging, now_ms)
 }
 
 /// Orders two records for a comparing policy: by the policy's figure, then update time, then value
@@ -325,6 +385,108 @@ mod tests {
         for policy in MergePolicy::ALL {
             assert_eq!(decide(policy, None, &expired, NOW), Verdict::KeepExisting, "{policy}");
         }
+    }
+
+    fn any_offer() -> impl Strategy<Value = Offer> {
+        (prop::option::of(NOW - 25..NOW + 10), any::<bool>())
+            .prop_map(|(healed_ms, restore)| Offer { healed_ms, restore })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn an_offer_with_nothing_remembered_is_the_policy(
+            policy in any_policy(), existing in prop::option::of(any_record()), merging in any_record(),
+        ) {
+            let plain = decide(policy, existing.as_ref(), &merging, NOW);
+            prop_assert_eq!(decide_offer(policy, existing.as_ref(), None, &merging, Offer::default(), NOW), plain);
+        }
+
+        #[test]
+        fn an_offer_never_takes_an_entry_the_policy_would_not(
+            policy in any_policy(),
+            existing in prop::option::of(any_record()),
+            removed_ms in prop::option::of(NOW - 25..NOW + 10),
+            merging in any_record(),
+            offer in any_offer(),
+        ) {
+            if decide_offer(policy, existing.as_ref(), removed_ms, &merging, offer, NOW) == Verdict::TakeMerging {
+                prop_assert_eq!(decide(policy, existing.as_ref(), &merging, NOW), Verdict::TakeMerging);
+            }
+        }
+
+        #[test]
+        fn what_the_owner_changed_after_the_sides_met_stays(
+            policy in any_policy(),
+            existing in prop::option::of(any_record()),
+            removed_ms in NOW - 25..NOW + 10,
+            merging in any_record(),
+            earlier in 1u64..20,
+            restore in any::<bool>(),
+        ) {
+            // Changed (written, or removed while absent) `earlier` ms after the merging member joined.
+            let changed = existing.as_ref().map_or(removed_ms, |e| e.updated_ms);
+            let offer = Offer { healed_ms: Some(changed - earlier), restore };
+            let removed_ms = Some(removed_ms);
+            prop_assert_eq!(
+                decide_offer(policy, existing.as_ref(), removed_ms, &merging, offer, NOW),
+                Verdict::KeepExisting
+            );
+        }
+
+        #[test]
+        fn a_restored_entry_only_fills_a_key_this_side_left_alone(
+            policy in any_policy(),
+            existing in prop::option::of(any_record()),
+            removed_ms in prop::option::of(NOW - 25..NOW + 10),
+            merging in any_record(),
+        ) {
+            let offer = Offer { healed_ms: None, restore: true };
+            let verdict = decide_offer(policy, existing.as_ref(), removed_ms, &merging, offer, NOW);
+            let left_alone = existing.is_none() && removed_ms.is_none_or(|r| r < merging.updated_ms);
+            let fills = left_alone && policy != MergePolicy::Discard && !merging.is_expired(NOW, 0);
+            prop_assert_eq!(verdict == Verdict::TakeMerging, fills);
+        }
+
+        #[test]
+        fn a_removal_is_a_tombstone_for_latest_update_only(
+            policy in any_policy(), removed_ms in NOW - 25..NOW + 10, merging in any_record(),
+        ) {
+            let offer = Offer::default();
+            let verdict = decide_offer(policy, None, Some(removed_ms), &merging, offer, NOW);
+            if policy == MergePolicy::LatestUpdate && removed_ms >= merging.updated_ms {
+                prop_assert_eq!(verdict, Verdict::KeepExisting);
+            } else {
+                prop_assert_eq!(verdict, decide(policy, None, &merging, NOW));
+            }
+        }
+    }
+
+    #[test]
+    fn a_late_merge_does_not_bring_back_what_the_cluster_removed_after_it_joined() {
+        let pre_split = record(b"old", NOW - 100);
+        let offer = Offer { healed_ms: Some(NOW - 50), restore: true };
+        // Taken over empty during the split, written and removed after the heal.
+        assert_eq!(
+            decide_offer(MergePolicy::PutIfAbsent, None, Some(NOW - 10), &pre_split, offer, NOW),
+            Verdict::KeepExisting
+        );
+        // Nothing happened to the key here: the lost entry comes back.
+        assert_eq!(decide_offer(MergePolicy::PutIfAbsent, None, None, &pre_split, offer, NOW), Verdict::TakeMerging);
+        // Pass-through does not overwrite a write made after the merging member joined.
+        let split_write = Offer { healed_ms: Some(NOW - 50), restore: false };
+        let later = record(b"later", NOW - 20);
+        let during = record(b"during", NOW - 60);
+        assert_eq!(
+            decide_offer(MergePolicy::PassThrough, Some(&later), None, &during, split_write, NOW),
+            Verdict::KeepExisting
+        );
+        let earlier = record(b"earlier", NOW - 70);
+        assert_eq!(
+            decide_offer(MergePolicy::PassThrough, Some(&earlier), None, &during, split_write, NOW),
+            Verdict::TakeMerging
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub(crate) enum Op {
         key: Vec<u8>,
         record: Record,
         policy: MergePolicy,
+        /// When the merging member joined, and whether the entry restores a lost partition.
+        offer: crate::merge::Offer,
     },
     /// A read for a near cache: the value, and the map partition's position `(term, seq)` it was
     /// read at (`Positioned`; see `crate::near_cache`).
@@ -377,6 +379,8 @@ pub(crate) enum Msg {
         start_seq: u64,
         end: Option<u64>,
         entries: Vec<(Vec<u8>, Record)>,
+        /// With the first chunk: the owner's latest removals (for merges, see `store::Tombstones`).
+        removals: crate::store::Removals,
     },
     /// Replica → owner: "I missed changes of this map partition; send me a full copy."
     SyncRequest { partition: u32, map: String },

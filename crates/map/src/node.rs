@@ -390,8 +390,8 @@ impl Node {
                 now(reply)
             }
             Msg::TermStart { table, starts } => now(self.on_term_start(from, &table, starts)),
-            Msg::Copy { partition, term, map, copy, chunk, start_seq, end, entries } => {
-                now(self.on_copy(from, partition, &term, &map, copy, chunk, start_seq, end, entries))
+            Msg::Copy { partition, term, map, copy, chunk, start_seq, end, entries, removals } => {
+                now(self.on_copy(from, partition, &term, &map, (copy, chunk, start_seq, end), (entries, removals)))
             }
             Msg::SyncRequest { partition, map } => {
                 if partition < self.settings.partition_count {

@@ -509,7 +509,7 @@ impl Node {
                     } else {
                         Vec::new()
                     };
-                    mp.clear();
+                    mp.clear_at(now_ms());
                     let change = Change::new(crate::messages::ReplOp::Clear, EntryEventKind::Removed, None);
                     let term = mp.term.clone();
                     let (seq, acks) =

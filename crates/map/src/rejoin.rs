@@ -21,7 +21,12 @@
 //!   off again before the cluster settled; they keep their older update times). Older entries
 //!   were written before the sides parted and reached the winner's replica: it holds them as they
 //!   were, or changed or removed them since, and merging them back would undo its removals
-//!   (removals are not merged), or, with `pass-through`, overwrite its later writes.
+//!   (tombstones are bounded, and kept for `latest-update` only), or, with `pass-through`,
+//!   overwrite its later writes.
+//!
+//! Every entry is offered with the time this member applied the winner's table (what the owners
+//! change after it stays), and those written before the fork in a partition the winner lost as
+//! restorations (they fill only keys the winner left alone): see [`crate::merge::decide_offer`].
 //!
 //! Ring buffers (reliable topics) are not merged, nor maps whose policy is `discard`.
 //!
@@ -36,7 +41,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::config::{MapSettings, RELIABLE_TOPIC_MAP_PREFIX};
-use crate::merge::MergePolicy;
+use crate::merge::{MergePolicy, Offer};
 use crate::node::{Node, PartitionData};
 use crate::record::Record;
 use crate::table::{PartitionTable, TableId};
@@ -128,7 +133,11 @@ pub(crate) struct Merging {
     /// Why this member merges: its table and the winner's.
     pub(crate) ours: TableId,
     pub(crate) theirs: TableId,
-    pub(crate) maps: BTreeMap<String, Vec<(Vec<u8>, Record)>>,
+    /// When this member applied the winner's table (its clock, ms): what the owners change after
+    /// it stays ([`Offer::healed_ms`]).
+    pub(crate) healed_ms: u64,
+    /// Each entry, and whether it restores a partition the winner lost ([`Offer::restore`]).
+    pub(crate) maps: BTreeMap<String, Vec<(Vec<u8>, Record, bool)>>,
     entries: usize,
     bytes: usize,
     /// Entries left out over the bounds.
@@ -152,6 +161,7 @@ impl Merging {
             winner_side: winner_side(ours, winner),
             ours: ours.id(),
             theirs: winner.id(),
+            healed_ms: crate::record::now_ms(),
             maps: BTreeMap::new(),
             entries: 0,
             bytes: 0,
@@ -189,7 +199,8 @@ impl Merging {
                 .map(|(_, _, _, key)| key.as_slice())
                 .collect();
             for (key, record) in mp.entries.iter() {
-                if !all && record.updated_ms < since && !merged.contains(key.as_slice()) {
+                let before = record.updated_ms < since && !merged.contains(key.as_slice());
+                if !all && before {
                     continue;
                 }
                 let size = key.len() + record.value.len();
@@ -199,7 +210,8 @@ impl Merging {
                 }
                 self.entries += 1;
                 self.bytes += size;
-                self.maps.entry(name.clone()).or_default().push((key, record));
+                // Written before the split, in a partition the winner lost: its own lost data.
+                self.maps.entry(name.clone()).or_default().push((key, record, before));
             }
         }
     }
@@ -223,6 +235,9 @@ pub(crate) async fn push(node: Arc<Node>, merging: Merging) {
     }
     for (map, entries) in merging.maps {
         let policy = node.settings.map(&map).merge_policy;
+        let healed_ms = Some(merging.healed_ms);
+        let entries =
+            entries.into_iter().map(|(key, record, restore)| (key, record, Offer { healed_ms, restore })).collect();
         let (mut kept, mut took) = (0u64, 0u64);
         let mut pending = entries;
         let mut last_error = None;
@@ -234,8 +249,8 @@ pub(crate) async fn push(node: Arc<Node>, merging: Merging) {
                 Ok(outcome) => {
                     kept += outcome.kept_existing;
                     took += outcome.took_merging;
-                    last_error = outcome.failed.first().map(|(_, _, e)| e.to_string());
-                    pending = outcome.failed.into_iter().map(|(key, record, _)| (key, record)).collect();
+                    last_error = outcome.failed.first().map(|(_, _, _, e)| e.to_string());
+                    pending = outcome.failed.into_iter().map(|(key, record, offer, _)| (key, record, offer)).collect();
                 }
                 Err((error, back)) => {
                     last_error = Some(error.to_string());
@@ -261,13 +276,16 @@ pub(crate) async fn push(node: Arc<Node>, merging: Merging) {
     }
 }
 
+/// An entry to merge: encoded key, record, and how it is offered.
+pub(crate) type MergeEntry = (Vec<u8>, Record, Offer);
+
 /// What [`Node::merge_entries`] did: entries kept and taken, and those that failed, with their
-/// records (to try again) and why.
+/// records and offers (to try again) and why.
 #[derive(Debug, Default)]
 pub(crate) struct Merged {
     pub(crate) kept_existing: u64,
     pub(crate) took_merging: u64,
-    pub(crate) failed: Vec<(Vec<u8>, Record, crate::MapError)>,
+    pub(crate) failed: Vec<(Vec<u8>, Record, Offer, crate::MapError)>,
 }
 
 /// Merge operations one call keeps in flight at once: enough to hide the round trip to the
@@ -282,8 +300,8 @@ impl Node {
         self: &Arc<Self>,
         map: &str,
         policy: MergePolicy,
-        entries: Vec<(Vec<u8>, Record)>,
-    ) -> Result<Merged, (crate::MapError, Vec<(Vec<u8>, Record)>)> {
+        entries: Vec<MergeEntry>,
+    ) -> Result<Merged, (crate::MapError, Vec<MergeEntry>)> {
         if let Err(error) = self.check_running(map) {
             return Err((error, entries));
         }
@@ -292,17 +310,17 @@ impl Node {
         let mut calls = tokio::task::JoinSet::new();
         loop {
             while calls.len() < MERGE_IN_FLIGHT {
-                let Some((key, record)) = pending.next() else { break };
+                let Some((key, record, offer)) = pending.next() else { break };
                 let node = self.clone();
                 let map = map.to_string();
                 calls.spawn(async move {
-                    let op = crate::messages::Op::Merge { key: key.clone(), record: record.clone(), policy };
+                    let op = crate::messages::Op::Merge { key: key.clone(), record: record.clone(), policy, offer };
                     let result = node.call(&map, op).await;
-                    (key, record, result)
+                    (key, record, offer, result)
                 });
             }
             let Some(joined) = calls.join_next().await else { break };
-            let (key, record, result) = match joined {
+            let (key, record, offer, result) = match joined {
                 Ok(done) => done,
                 Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
                 // Tasks are never aborted here, and the set is dropped only with the future.
@@ -317,9 +335,9 @@ impl Node {
                         map: map.to_string(),
                         error: format!("unexpected result {other:?}"),
                     };
-                    outcome.failed.push((key, record, error));
+                    outcome.failed.push((key, record, offer, error));
                 }
-                Err(error) => outcome.failed.push((key, record, error)),
+                Err(error) => outcome.failed.push((key, record, offer, error)),
             }
         }
         Ok(outcome)
@@ -400,13 +418,22 @@ mod tests {
         // The side forked at 3 000 ms.
         let mut merging = Merging::new(3_000, Some(base.clone()), &ours, &winner);
         merging.collect(&settings, 0, &data);
-        let keys: BTreeSet<Vec<u8>> = merging.maps["default"].iter().map(|(k, _)| k.clone()).collect();
+        let keys: BTreeSet<Vec<u8>> = merging.maps["default"].iter().map(|(k, _, _)| k.clone()).collect();
         assert_eq!(keys, [b"merged".to_vec(), b"ours".to_vec()].into(), "not the other side's older entry");
         // A merged entry taken before this side forked off is the winner's already.
         let mut merging = Merging::new(4_500, Some(base), &ours, &winner);
         merging.collect(&settings, 0, &data);
-        let keys: BTreeSet<Vec<u8>> = merging.maps["default"].iter().map(|(k, _)| k.clone()).collect();
+        let keys: BTreeSet<Vec<u8>> = merging.maps["default"].iter().map(|(k, _, _)| k.clone()).collect();
         assert_eq!(keys, [b"ours".to_vec()].into());
+        assert!(merging.maps["default"].iter().all(|(_, _, restore)| !restore));
+        // The winner kept no replica (the last shared table had only this member): every entry,
+        // and those written before the fork restore what the winner lost.
+        let mut merging = Merging::new(3_000, Some(Arc::new(ours.clone())), &ours, &winner);
+        merging.collect(&settings, 0, &data);
+        let restores: BTreeMap<Vec<u8>, bool> =
+            merging.maps["default"].iter().map(|(k, _, restore)| (k.clone(), *restore)).collect();
+        let expected = [(b"theirs".to_vec(), true), (b"merged".to_vec(), false), (b"ours".to_vec(), false)];
+        assert_eq!(restores, expected.into());
         // Beyond the notes kept, the oldest become a floor.
         for i in 0..crate::node::MERGED_KEYS_MAX as u64 {
             data.note_merged_key(6_000 + i, 2_000, "default", i.to_be_bytes().to_vec());

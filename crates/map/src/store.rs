@@ -1,6 +1,7 @@
 //! One map's entries in one partition, on one member (owner or backup), and the pure semantics
 //! of every operation. Nothing here locks, sends or waits.
 
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::time::Duration;
 
@@ -96,6 +97,94 @@ impl Entries {
     }
 }
 
+/// Most removed keys a map partition remembers ([`Tombstones`]).
+pub(crate) const TOMBSTONES_MAX: usize = 512;
+
+/// Most key bytes of the removals a map partition remembers ([`Tombstones`]).
+pub(crate) const TOMBSTONE_BYTES_MAX: usize = 32 << 10;
+
+/// The latest removals of a map partition, for split-brain merges ([`crate::merge::decide_offer`]):
+/// when (this member's wall clock, ms) each key was last removed, the latest
+/// [`TOMBSTONES_MAX`] keys of at most [`TOMBSTONE_BYTES_MAX`] bytes (the oldest are forgotten
+/// first), and when the map partition was last cleared. Kept by the owner (every removal,
+/// also of an absent key), by its backups (the removals they apply, at the time they apply them)
+/// and passed on with a full copy; not counted in the map's memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Tombstones {
+    at: HashMap<Vec<u8>, u64>,
+    /// Removals in the order noted; a key removed again appears again (the older one is stale).
+    order: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    cleared_ms: Option<u64>,
+}
+
+impl Tombstones {
+    /// Notes that `key` was removed at `ms`.
+    pub(crate) fn note(&mut self, key: &[u8], ms: u64) {
+        let at = self.at.entry(key.to_vec()).or_insert(ms);
+        *at = (*at).max(ms);
+        self.order.push_back((ms, key.to_vec()));
+        self.bytes += key.len();
+        while self.order.len() > TOMBSTONES_MAX || self.bytes > TOMBSTONE_BYTES_MAX {
+            let Some((when, key)) = self.order.pop_front() else { break };
+            self.bytes -= key.len();
+            // A later removal of the key keeps it (noted twice in one millisecond, it goes now).
+            if self.at.get(&key) == Some(&when) {
+                self.at.remove(&key);
+            }
+        }
+    }
+
+    /// Notes that every key was removed at `ms` (a clear).
+    pub(crate) fn clear(&mut self, ms: u64) {
+        self.at.clear();
+        self.order.clear();
+        self.bytes = 0;
+        self.cleared_ms = self.cleared_ms.max(Some(ms));
+    }
+
+    /// When `key` was last removed, as far as this member remembers.
+    pub(crate) fn removed_ms(&self, key: &[u8]) -> Option<u64> {
+        self.at.get(key).copied().max(self.cleared_ms)
+    }
+
+    /// What a full copy passes on: the removals remembered, oldest first, and the last clear.
+    pub(crate) fn to_copy(&self) -> Removals {
+        let removed = self
+            .order
+            .iter()
+            .filter(|(when, key)| self.at.get(key) == Some(when))
+            .map(|(when, key)| (key.clone(), *when))
+            .collect();
+        Removals { removed, cleared_ms: self.cleared_ms }
+    }
+
+    /// Takes in the removals of a full copy (each kept if later than what this member noted;
+    /// bounded like any other).
+    pub(crate) fn absorb(&mut self, removals: Removals) {
+        let Removals { removed, cleared_ms } = removals;
+        if let Some(cleared) = cleared_ms
+            && self.cleared_ms < Some(cleared)
+        {
+            self.clear(cleared);
+        }
+        for (key, when) in removed.into_iter().take(TOMBSTONES_MAX) {
+            if self.removed_ms(&key) < Some(when) {
+                self.note(&key, when);
+            }
+        }
+    }
+}
+
+/// The removals a full copy passes on ([`Tombstones::to_copy`]), with its first chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Removals {
+    /// Keys and when they were removed (the owner's clock, ms), oldest first.
+    pub(crate) removed: Vec<(Vec<u8>, u64)>,
+    /// When the map partition was last cleared.
+    pub(crate) cleared_ms: Option<u64>,
+}
+
 /// A map partition: entries plus the replication position `(term, seq)`: the term is the owner
 /// term (see [`crate::table`]) the changes came in, `seq` the last change applied in it.
 #[derive(Debug, Clone, Default)]
@@ -117,6 +206,8 @@ pub(crate) struct MapPartition {
     /// As owner: the map's counters on this member, kept here so that an operation does not look
     /// them up by name (filled by the first operation executed as owner).
     pub(crate) counters: Option<std::sync::Arc<crate::stats::MapCounters>>,
+    /// The latest removals, for merges.
+    pub(crate) tombstones: Tombstones,
 }
 
 /// What an executed operation changed, for replication and listeners. The event's key and value
@@ -218,6 +309,12 @@ impl MapPartition {
         self.expiring = 0;
     }
 
+    /// Removes every entry, as a clear of the map at `now` (remembered for merges).
+    pub(crate) fn clear_at(&mut self, now: u64) {
+        self.clear();
+        self.tombstones.clear(now);
+    }
+
     /// Replaces everything with a full copy at `(term, seq)`.
     pub(crate) fn install(&mut self, term: Term, seq: u64, entries: Vec<(Vec<u8>, Record)>) {
         self.clear();
@@ -237,10 +334,14 @@ impl MapPartition {
             ReplOp::Put { key, record } => {
                 self.put_block(Stored::encode(key, record));
             }
-            ReplOp::Remove { key } | ReplOp::Expire { key } => {
+            ReplOp::Remove { key } => {
+                self.remove(key);
+                self.tombstones.note(key, crate::record::now_ms());
+            }
+            ReplOp::Expire { key } => {
                 self.remove(key);
             }
-            ReplOp::Clear => self.clear(),
+            ReplOp::Clear => self.clear_at(crate::record::now_ms()),
             ReplOp::Batch(writes) => self.apply_batch(writes),
         }
     }
@@ -319,6 +420,9 @@ impl MapPartition {
                     return (OpResult::Flag(false), None);
                 }
                 let old_value = current.as_ref().map(|r| r.value.clone());
+                if new.is_none() {
+                    self.tombstones.note(&key, now);
+                }
                 let change = match new {
                     Some(value) => {
                         let record = Record::written(value, now, config.resolve(None), current.as_ref());
@@ -331,6 +435,8 @@ impl MapPartition {
                 (OpResult::Flag(true), Some(change))
             }
             Op::Remove { key } => {
+                // Also for an absent key: a merge must not fill it with an entry older than this.
+                self.tombstones.note(&key, now);
                 let current = self.live(&key, now, idle_floor_ms);
                 match current {
                     Some(record) => {
@@ -393,9 +499,11 @@ impl MapPartition {
                 };
                 (OpResult::Int(remaining), None)
             }
-            Op::Merge { key, record, policy } => {
+            Op::Merge { key, record, policy, offer } => {
                 let current = self.live(&key, now, idle_floor_ms);
-                if crate::merge::decide(policy, current.as_ref(), &record, now) == crate::merge::Verdict::KeepExisting {
+                let removed = self.tombstones.removed_ms(&key);
+                let verdict = crate::merge::decide_offer(policy, current.as_ref(), removed, &record, offer, now);
+                if verdict == crate::merge::Verdict::KeepExisting {
                     return (OpResult::Flag(false), None);
                 }
                 // The merging entry keeps its own times, hits and expiry (so a later merge or the
@@ -720,7 +828,64 @@ mod tests {
         policy: MergePolicy,
         now: u64,
     ) -> (OpResult, Option<Change>) {
-        exec(mp, Op::Merge { key: key(k), record: record.clone(), policy }, now)
+        exec(mp, Op::Merge { key: key(k), record: record.clone(), policy, offer: Default::default() }, now)
+    }
+
+    #[test]
+    fn removals_are_remembered_for_latest_update_merges_within_their_bounds() {
+        let mut mp = MapPartition::default();
+        exec(&mut mp, put("k", "mine", PutMode::Always), 1_000);
+        exec(&mut mp, Op::Remove { key: key("k") }, 2_000);
+        exec(&mut mp, Op::Remove { key: key("never") }, 2_100);
+        let cas = Op::CompareAndSet { key: key("cas"), expected: None, new: None };
+        exec(&mut mp, cas, 2_200);
+        assert_eq!(mp.tombstones.removed_ms(&key("k")), Some(2_000));
+        assert_eq!(mp.tombstones.removed_ms(&key("never")), Some(2_100), "also a key that was absent");
+        assert_eq!(mp.tombstones.removed_ms(&key("cas")), Some(2_200));
+        // Written before the removal: not brought back by latest-update; the others fill it.
+        let before = merging("theirs", 1_500, 0);
+        assert_eq!(merge(&mut mp, "k", &before, MergePolicy::LatestUpdate, 3_000), (OpResult::Flag(false), None));
+        assert_eq!(
+            merge(&mut mp, "never", &merging("x", 2_500, 0), MergePolicy::LatestUpdate, 3_000).0,
+            OpResult::Flag(true)
+        );
+        assert_eq!(merge(&mut mp, "k", &before, MergePolicy::PutIfAbsent, 3_000).0, OpResult::Flag(true));
+        // A clear removes every key at once.
+        mp.clear_at(4_000);
+        assert_eq!(mp.tombstones.removed_ms(&key("other")), Some(4_000));
+        assert_eq!(
+            merge(&mut mp, "other", &merging("y", 3_900, 0), MergePolicy::LatestUpdate, 5_000).0,
+            OpResult::Flag(false)
+        );
+        // A backup notes the removals it applies.
+        let mut backup = MapPartition::default();
+        backup.apply_repl(&ReplOp::Remove { key: key("b") });
+        assert!(backup.tombstones.removed_ms(&key("b")).is_some());
+        backup.apply_repl(&ReplOp::Expire { key: key("e") });
+        assert_eq!(backup.tombstones.removed_ms(&key("e")), None, "an expiry is no removal");
+        // Bounded in keys and bytes, the oldest forgotten first.
+        let mut t = Tombstones::default();
+        for i in 0..(TOMBSTONES_MAX as u64 + 10) {
+            t.note(&i.to_be_bytes(), i);
+        }
+        assert_eq!(t.at.len(), TOMBSTONES_MAX);
+        assert_eq!(t.removed_ms(&0u64.to_be_bytes()), None);
+        assert_eq!(t.removed_ms(&(TOMBSTONES_MAX as u64 + 9).to_be_bytes()), Some(TOMBSTONES_MAX as u64 + 9));
+        t.note(&[7u8; TOMBSTONE_BYTES_MAX], 10_000);
+        assert!(t.bytes <= TOMBSTONE_BYTES_MAX && t.at.len() <= 1, "a huge key pushes the others out");
+        // Removed again: the latest time counts, and an older note of the key does not evict it.
+        let mut t = Tombstones::default();
+        t.note(b"a", 1);
+        t.note(b"a", 5);
+        for i in 0..(TOMBSTONES_MAX as u64 - 1) {
+            t.note(&i.to_be_bytes(), 10 + i);
+        }
+        assert_eq!(t.removed_ms(b"a"), Some(5));
+        // What a copy passes on arrives whole.
+        let mut copied = Tombstones::default();
+        copied.absorb(t.to_copy());
+        assert_eq!(copied.removed_ms(b"a"), Some(5));
+        assert_eq!(copied.at, t.at);
     }
 
     #[test]
