@@ -212,11 +212,16 @@ pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<
         let refused = |t: &PartitionTable| {
             noted.is_some_and(|n| n.refused.iter().any(|r| !own.descends_from(r) && t.descends_from(r)))
         };
-        let candidates: Vec<&PartitionTable> = tables
+        let mut candidates: Vec<&PartitionTable> = tables
             .iter()
             .copied()
             .filter(|t| t.id() == own.id() || (t.descends_from(&own.id()) && t.holds_any(member) && !refused(t)))
             .collect();
+        // A table from the other side none of whose ancestors is held (histories are bounded, so
+        // an old ancestor may no longer show): its holder is a side of its own rather than none.
+        if !tables.iter().any(|t| t.id() == own.id()) {
+            candidates.push(own);
+        }
         // The newest of them (several when it held the point two forks started from).
         let newest: Vec<&PartitionTable> = candidates
             .iter()
