@@ -38,7 +38,10 @@
 //!   this one held the only copy of a partition (this side took it over empty), it offers the
 //!   entries written before the split too ([`Offer::restore`]). They are this side's own lost
 //!   data, not the other side's writes: each fills its key only if this side has not written or
-//!   removed the key since; it never overwrites (not even with `pass-through`).
+//!   removed the key since; it never overwrites (not even with `pass-through`). The same holds
+//!   for an entry written between the cut and the merging side's first table (acknowledged once
+//!   that table replaced its unreachable backup): this side may hold it, written before it knew
+//!   of the cut, and may have changed or removed the key since.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -161,8 +164,9 @@ pub(crate) struct Offer {
     /// ms): the owner's changes after that moment stay. `None`: no such moment (an entry given
     /// to [`crate::MapService::merge_entries`]).
     pub(crate) healed_ms: Option<u64>,
-    /// The entry was written before the split and is offered because the cluster it joins took
-    /// its partition over empty (see the module documentation).
+    /// The entry was written before the merging side forked off: it is offered because the
+    /// cluster it joins took its partition over empty, or because it was acknowledged between the
+    /// cut and the merging side's first table (see the module documentation).
     pub(crate) restore: bool,
 }
 

@@ -199,10 +199,14 @@ impl Merging {
                 .map(|(_, _, _, key)| key.as_slice())
                 .collect();
             for (key, record) in mp.entries.iter() {
-                let before = record.updated_ms < since && !merged.contains(key.as_slice());
-                if !all && before {
+                let merged_here = merged.contains(key.as_slice());
+                if !all && record.updated_ms < since && !merged_here {
                     continue;
                 }
+                // Older than the fork (a partition the winner lost, or a write acknowledged between
+                // the cut and this side's first table): the winner may hold it, and may have
+                // written or removed the key since. It fills only a key the winner left alone.
+                let before = record.updated_ms < self.since_ms && !merged_here;
                 let size = key.len() + record.value.len();
                 if self.entries >= MERGE_ENTRIES_MAX || self.bytes + size > MERGE_BYTES_MAX {
                     self.dropped += 1;
@@ -210,7 +214,6 @@ impl Merging {
                 }
                 self.entries += 1;
                 self.bytes += size;
-                // Written before the split, in a partition the winner lost: its own lost data.
                 self.maps.entry(name.clone()).or_default().push((key, record, before));
             }
         }
@@ -434,6 +437,17 @@ mod tests {
             merging.maps["default"].iter().map(|(k, _, restore)| (k.clone(), *restore)).collect();
         let expected = [(b"theirs".to_vec(), true), (b"merged".to_vec(), false), (b"ours".to_vec(), false)];
         assert_eq!(restores, expected.into());
+        // A write acknowledged alone between the cut (2 000 ms) and the fork: taken along as one
+        // that fills only a key the winner left alone (the winner may have its copy).
+        data.maps.get_mut("default").unwrap().insert(b"alone".to_vec(), record(2_500));
+        data.note_merge_floor(3_100, 2_000);
+        let mut merging = Merging::new(3_000, Some(Arc::new(winner.clone())), &ours, &winner);
+        merging.collect(&settings, 0, &data);
+        let restores: BTreeMap<Vec<u8>, bool> =
+            merging.maps["default"].iter().map(|(k, _, restore)| (k.clone(), *restore)).collect();
+        assert_eq!(restores.get(b"alone".as_slice()), Some(&true), "{restores:?}");
+        assert_eq!(restores.get(b"ours".as_slice()), Some(&false));
+        assert!(!restores.contains_key(b"theirs".as_slice()), "older than the floor");
         // Beyond the notes kept, the oldest become a floor.
         for i in 0..crate::node::MERGED_KEYS_MAX as u64 {
             data.note_merged_key(6_000 + i, 2_000, "default", i.to_be_bytes().to_vec());
