@@ -98,10 +98,10 @@ impl Entries {
 }
 
 /// Most removed keys a map partition remembers ([`Tombstones`]).
-pub(crate) const TOMBSTONES_MAX: usize = 512;
+pub(crate) const TOMBSTONES_MAX: usize = 256;
 
 /// Most key bytes of the removals a map partition remembers ([`Tombstones`]).
-pub(crate) const TOMBSTONE_BYTES_MAX: usize = 32 << 10;
+pub(crate) const TOMBSTONE_BYTES_MAX: usize = 16 << 10;
 
 /// The latest removals of a map partition, for split-brain merges ([`crate::merge::decide_offer`]):
 /// when (this member's wall clock, ms) each key was last removed, the latest
