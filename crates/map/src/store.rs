@@ -166,7 +166,11 @@ impl Tombstones {
         if let Some(cleared) = cleared_ms
             && self.cleared_ms < Some(cleared)
         {
-            self.clear(cleared);
+            // The copy's clear covers what was noted here before it, not what came after.
+            self.at.retain(|_, when| *when > cleared);
+            self.order.retain(|(when, _)| *when > cleared);
+            self.bytes = self.order.iter().map(|(_, key)| key.len()).sum();
+            self.cleared_ms = Some(cleared);
         }
         for (key, when) in removed.into_iter().take(TOMBSTONES_MAX) {
             if self.removed_ms(&key) < Some(when) {
@@ -886,6 +890,13 @@ mod tests {
         copied.absorb(t.to_copy());
         assert_eq!(copied.removed_ms(b"a"), Some(5));
         assert_eq!(copied.at, t.at);
+        // A copied clear covers the removals noted before it, not a later one.
+        let mut replica = Tombstones::default();
+        replica.note(b"old", 10);
+        replica.note(b"new", 30);
+        replica.absorb(Removals { removed: vec![], cleared_ms: Some(20) });
+        assert_eq!((replica.removed_ms(b"old"), replica.removed_ms(b"new")), (Some(20), Some(30)));
+        assert_eq!(replica.bytes, 3);
     }
 
     #[test]
