@@ -165,13 +165,13 @@ impl MapService {
         net.register(MAP_SERVICE, Arc::new(MapHandler { node: Arc::downgrade(&node) }));
         let invalidations = invalidation::InvalidationHandler { node: Arc::downgrade(&node) };
         net.register(INVALIDATION_SERVICE, Arc::new(invalidations));
-        node.tasks.spawn(invalidation::invalidation_loop(node.clone()));
-        node.tasks.spawn(master::master_loop(node.clone()));
-        node.tasks.spawn(tables::refresh_loop(node.clone()));
-        node.tasks.spawn(tasks::follow_loop(node.clone()));
-        node.tasks.spawn(tasks::anti_entropy_loop(node.clone()));
-        node.tasks.spawn(tasks::sweep_loop(node.clone()));
-        node.tasks.spawn(tasks::confirm_loop(node.clone()));
+        node.spawn(invalidation::invalidation_loop(node.clone()));
+        node.spawn(master::master_loop(node.clone()));
+        node.spawn(tables::refresh_loop(node.clone()));
+        node.spawn(tasks::follow_loop(node.clone()));
+        node.spawn(tasks::anti_entropy_loop(node.clone()));
+        node.spawn(tasks::sweep_loop(node.clone()));
+        node.spawn(tasks::confirm_loop(node.clone()));
         MapService { node, balanced: std::sync::Mutex::new(None) }
     }
 

@@ -251,7 +251,7 @@ impl Node {
             let node = self.clone();
             let ack = self.net.request(&member, MAP_SERVICE, msg.clone(), Duration::from_secs(5));
             let id = id.clone();
-            self.tasks.spawn(async move {
+            self.spawn(async move {
                 match ack.await.map(|b| codec::decode::<Reply>(&b)) {
                     Ok(Ok(Reply::TableAck { table })) if table != id => {
                         // It keeps another table: examine it on the next round.
@@ -501,7 +501,7 @@ impl Node {
     fn start_migration(self: &Arc<Self>, p: u32, migration: Migration) {
         let node = self.clone();
         let table = self.table().id();
-        self.tasks.spawn(async move {
+        self.spawn(async move {
             let owner = migration.old_row[0].clone();
             let (old_row, new_row, id) = (migration.old_row.clone(), migration.new_row.clone(), migration.id.clone());
             let outcome = if owner == node.local {

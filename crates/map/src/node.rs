@@ -189,11 +189,25 @@ pub(crate) struct Node {
     pub(crate) losses: broadcast::Sender<PartitionLost>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// Names this member on the log lines of its background tasks and message handling (a debug
+    /// span: in-process clusters run several members in one process).
+    pub(crate) span: tracing::Span,
     pub(crate) stopped: AtomicBool,
     /// Merges of this member's side into a winner's ([`crate::rejoin::push`]) still running.
     pub(crate) merges_running: std::sync::atomic::AtomicUsize,
     /// Near caches and the invalidation bus ([`crate::invalidation`]).
     pub(crate) invalidation: crate::invalidation::Invalidation,
+}
+
+impl Node {
+    /// Runs `task` among this member's background tasks, in its span.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use tracing::Instrument;
+        self.tasks.spawn(task.instrument(self.span.clone()));
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -206,7 +220,9 @@ impl Node {
     pub(crate) fn new(local: MemberId, net: Net, membership: Membership, settings: MapSettings) -> Arc<Node> {
         assert!(settings.partition_count > 0, "partition count must be positive");
         let slots = (0..settings.partition_count).map(|_| Slot::default()).collect::<Vec<_>>().into_boxed_slice();
+        let span = tracing::debug_span!("member", local = %local);
         Arc::new(Node {
+            span,
             local,
             net,
             membership,
@@ -306,6 +322,7 @@ impl Handler for MapHandler {
                 return NetReply::Now(Node::encode(&Reply::Failed { error: format!("undecodable message: {error}") }));
             }
         };
+        let _member = node.span.enter();
         node.dispatch(from, msg, incoming)
     }
 }
@@ -397,7 +414,7 @@ impl Node {
                 if partition < self.settings.partition_count {
                     let node = self.clone();
                     let member = from.clone();
-                    self.tasks.spawn(async move { node.resync_backup(&member, partition, &map).await });
+                    self.spawn(async move { node.resync_backup(&member, partition, &map).await });
                 }
                 NetReply::None
             }

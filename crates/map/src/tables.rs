@@ -241,12 +241,12 @@ impl Node {
         if !takeovers.is_empty() {
             let node = self.clone();
             let table = id.clone();
-            self.tasks.spawn(async move { node.take_over_partitions(table, takeovers).await });
+            self.spawn(async move { node.take_over_partitions(table, takeovers).await });
         }
         if let Some(merging) = merging.filter(|m| !m.is_empty()) {
             self.merges_running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let node = self.clone();
-            self.tasks.spawn(async move {
+            self.spawn(async move {
                 crate::rejoin::push(node.clone(), merging).await;
                 node.merges_running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
