@@ -417,17 +417,12 @@ impl Node {
     /// ([`Node::note_seen`], [`Node::note_refused`]).
     pub(crate) fn table_reply(&self) -> Reply {
         let table = (*self.table()).clone();
-        let lineage::Noted { seen, refused } = self.noted(&table.id());
-        Reply::Table { table, seen, refused }
-    }
-
-    /// The tables other than `current` this member noted: received from other masters, and
-    /// refused from its own (what a master weighs when it resolves sides, its own included).
-    pub(crate) fn noted(&self, current: &TableId) -> lineage::Noted {
+        let id = table.id();
         let list = |tables: &Mutex<VecDeque<TableId>>| {
-            tables.lock().unwrap().iter().filter(|t| *t != current).cloned().collect::<Vec<TableId>>()
+            tables.lock().unwrap().iter().filter(|t| **t != id).cloned().collect::<Vec<TableId>>()
         };
-        lineage::Noted { seen: list(&self.tables.seen), refused: list(&self.tables.refused) }
+        let (seen, refused) = (list(&self.tables.seen), list(&self.tables.refused));
+        Reply::Table { table, seen, refused }
     }
 
     /// Asks `from` for its table and offers it (see [`Node::offer_table`]).
