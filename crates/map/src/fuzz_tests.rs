@@ -321,8 +321,13 @@ fn reply() -> impl Strategy<Value = Reply> {
         (prop::collection::vec((bytes(16), record()), 0..4), prop::option::of(bytes(16)), table_id(), any::<u64>())
             .prop_map(|(entries, next, term, seq)| Reply::Pulled { entries, next, term, seq })
             .boxed(),
-        (table(), prop::collection::vec(table_id(), 0..4), prop::collection::vec(table_id(), 0..4))
-            .prop_map(|(table, seen, refused)| Reply::Table { table, seen, refused })
+        (
+            table(),
+            prop::collection::vec(table_id(), 0..4),
+            prop::collection::vec(table_id(), 0..4),
+            prop::option::of(member())
+        )
+            .prop_map(|(table, seen, refused, follows)| Reply::Table { table, seen, refused, follows })
             .boxed(),
         table_id().prop_map(|table| Reply::TableAck { table }).boxed(),
         migration_id().prop_map(|id| Reply::MigrateReady { id }).boxed(),

@@ -16,7 +16,8 @@
 //! it replicas*. A table that dropped a member from every row was made by a side that declared
 //! that member gone; a member that kept working under an older table on its own side is not a
 //! laggard of the newer one but the other side of a split. The **largest side wins** (ties: the
-//! side whose table descends from the other's, as it carries the later decisions; then the side
+//! side whose table descends from the other's, as it carries the later decisions, and never one
+//! whose table another tied side's descends from; then the side
 //! whose table names more members, as the master may have heard only part of a side so far; then
 //! the side with the oldest member), and the master publishes a successor of the winner that lists
 //! the losing tables as ancestors ([`crate::table::PartitionTable::successor_superseding`]), so
@@ -25,11 +26,14 @@
 //! What the tables alone do not tell, the master learns from the members and the tables'
 //! publishers ([`sides_seen`]). A member that refused its master's table, because it drops a member
 //! this one still hears, is not that table's laggard although the table descends from its own and
-//! gives it replicas: it is on the dropped member's side. A member that still holds the table two
+//! gives it replicas: it is on the dropped member's side (but a table that supersedes the refused
+//! one, a master's decision against it, is not its descendant here). A member that still holds the table two
 //! sides forked from (its master's next table never reached it, and it ignored the other side's
 //! master while it had not declared its own dead yet) descends into both; it belongs with the side
-//! whose master reached it. Each member remembers the tables it refused and those it received
-//! from other masters, and reports them with its own ([`Noted`]). And a side's table published
+//! whose master reached it, and when both did, with the side whose master it follows as it
+//! answers. Each member remembers the tables it refused and those it received from other
+//! masters, and reports them with its own and the master it follows ([`Noted`]); so does the
+//! master that asks. And a side's table published
 //! during the split by a member that has not answered yet (at a heal, the master hears part of the
 //! other side a gossip round before the rest) counts that publisher with its side, as it was
 //! there; otherwise the master would judge a side by the half it heard first.
@@ -129,6 +133,9 @@ pub(crate) struct Noted {
     /// Tables of its own master it refused, newer history than its own: they drop a member it
     /// still hears (or every replica of its own), so it was not on their side.
     pub(crate) refused: Vec<TableId>,
+    /// The master it followed when it answered: of several sides that reached it, the one whose
+    /// master it follows now (it declared the others' dead, or never did).
+    pub(crate) follows: Option<MemberId>,
 }
 
 /// The sides the master found: each table some member belongs with, its members, and the winner.
@@ -207,10 +214,13 @@ pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<
         };
         // The tables this member would follow as newer history: its own, and those that descend
         // from it and still give it replicas, but not one it refused (nor a descendant of one):
-        // it heard the member that table drops.
+        // it heard the member that table drops. A table that descends from a refused one only
+        // because a master decided against it (it superseded the refused table: harness seed 240,
+        // a member that refused the flapping master's table then counted on no side of the tables
+        // the winner published after that decision) is not a descendant.
         let noted = noted.get(member);
         let refused = |t: &PartitionTable| {
-            noted.is_some_and(|n| n.refused.iter().any(|r| !own.descends_from(r) && t.descends_from(r)))
+            noted.is_some_and(|n| n.refused.iter().any(|r| !own.descends_from(r) && t.term_in_lineage(r)))
         };
         let mut candidates: Vec<&PartitionTable> = tables
             .iter()
@@ -239,8 +249,22 @@ pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<
                 .collect(),
             _ => Vec::new(),
         };
-        let belongs = if reached.is_empty() { &newest } else { &reached };
-        for table in belongs {
+        let belongs = if reached.is_empty() { newest } else { reached };
+        // Still several (every side's master reached it: it ignored the other side's master
+        // while it followed its own, then declared its own dead and ignored it when it came
+        // back): the side whose master it follows at the heal. Its data is on that side, and
+        // writes through it went there (seed 2 of `faults_netns`: at the end of a one-way cut of
+        // the master a, c holds the fork point, follows b and is about to apply b's table; on
+        // both sides, c made a's lone side as large as b's, and a's table, naming more members,
+        // won and dropped the writes of b and c).
+        let followed: Vec<&PartitionTable> = match noted.and_then(|n| n.follows.as_ref()) {
+            Some(master) if belongs.len() > 1 => {
+                belongs.iter().copied().filter(|t| t.id().publisher.as_ref() == Some(master)).collect()
+            }
+            _ => Vec::new(),
+        };
+        let belongs = if followed.is_empty() { belongs } else { followed };
+        for table in &belongs {
             sides.entry(table.id()).or_default().insert(member.clone());
         }
     }
@@ -262,8 +286,19 @@ pub(crate) fn sides_seen(held: &[(MemberId, &PartitionTable)], noted: &BTreeMap<
     // later decisions: a promotion the other side did not make), else the side with the oldest
     // member, then the older publisher.
     let largest = sides.keys().map(size).max()?;
-    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(id, _)| size(id) == largest).collect();
     let table_of = |id: &TableId| all.iter().find(|t| t.id() == *id).copied();
+    let top: Vec<(&TableId, &BTreeSet<MemberId>)> = sides.iter().filter(|(id, _)| size(id) == largest).collect();
+    // Not a table another of the largest sides' descends from: that one carries the later
+    // decisions (harness seed 240: three sides of one member each after a master flapped twice,
+    // the table both others forked from won on the members it named, and its owners had missed
+    // every write of the later tables' lineage).
+    let ancestor = |id: &TableId| {
+        top.iter().any(|(other, _)| *other != id && table_of(other).is_some_and(|t| t.descends_from(id)))
+    };
+    let later: Vec<(&TableId, &BTreeSet<MemberId>)> = top.iter().copied().filter(|(id, _)| !ancestor(id)).collect();
+    // (Never empty along a history; a table two masters each recorded as superseded by the
+    // other would leave none: then all stay.)
+    let top = if later.is_empty() { top } else { later };
     let newest = top.iter().find(|(id, _)| {
         let Some(t) = table_of(id) else { return false };
         top.iter().all(|(other, _)| other == id || t.descends_from(other))
@@ -498,7 +533,7 @@ mod tests {
         assert_eq!(blind.sides[&without_b.id()].len(), 2, "from the tables alone, c is on both sides");
         // c saw b's table (and older ones of a's, from before the cut): it was on b's side.
         let seen = |tables: Vec<TableId>| -> BTreeMap<MemberId, Noted> {
-            [(id("c"), Noted { seen: tables, refused: Vec::new() })].into_iter().collect()
+            [(id("c"), Noted { seen: tables, ..Noted::default() })].into_iter().collect()
         };
         let seen_b = seen(vec![agreed_parent().id(), without_a.id()]);
         let found = sides_seen(&held, &seen_b).unwrap();
@@ -507,6 +542,26 @@ mod tests {
         assert_eq!(found.sides[&without_b.id()], [id("a")].into_iter().collect());
         // Seen both (a's reached it too, and it refused it): still on both sides, as before.
         assert_eq!(sides_seen(&held, &seen(vec![without_b.id(), without_a.id()])).unwrap(), blind);
+        // Seen both, and it follows b when it answers (it declared a dead, then ignored a's
+        // table when a came back): on b's side, which wins.
+        let follows_b: BTreeMap<MemberId, Noted> = [(
+            id("c"),
+            Noted { seen: vec![without_b.id(), without_a.id()], refused: Vec::new(), follows: Some(id("b")) },
+        )]
+        .into_iter()
+        .collect();
+        let found = sides_seen(&held, &follows_b).unwrap();
+        assert_eq!(found.sides[&without_a.id()], [id("b"), id("c")].into_iter().collect());
+        assert_eq!(found.sides[&without_b.id()], [id("a")].into_iter().collect());
+        assert_eq!(found.winner, without_a.id());
+        // Following a member that published neither side's table changes nothing.
+        let follows_d: BTreeMap<MemberId, Noted> = [(
+            id("c"),
+            Noted { seen: vec![without_b.id(), without_a.id()], refused: Vec::new(), follows: Some(id("d")) },
+        )]
+        .into_iter()
+        .collect();
+        assert_eq!(sides_seen(&held, &follows_d).unwrap(), blind);
         // Seeing a descendant's ancestor counts: b published once more since.
         let later = without_a.successor(&id("b"), 8, spread(&["b", "c"]));
         let held = [(id("a"), &without_b), (id("b"), &later), (id("c"), &base)];
@@ -525,7 +580,7 @@ mod tests {
         let held =
             [(id("a"), &without_bc), (id("b"), &before), (id("c"), &before), (id("d"), &before), (id("e"), &before)];
         assert_eq!(sides(&held).unwrap().winner, without_bc.id(), "from the tables alone");
-        let refused = Noted { seen: Vec::new(), refused: vec![without_bc.id()] };
+        let refused = Noted { refused: vec![without_bc.id()], ..Noted::default() };
         let noted: BTreeMap<MemberId, Noted> = [(id("d"), refused.clone()), (id("e"), refused)].into_iter().collect();
         let found = sides_seen(&held, &noted).unwrap();
         assert_eq!(found.winner, before.id());
@@ -534,6 +589,48 @@ mod tests {
         let later = without_bc.successor(&id("a"), 3, spread(&["a", "d", "e"]));
         let held = [(id("a"), &later), (id("d"), &without_bc), (id("b"), &before)];
         assert_eq!(sides_seen(&held, &noted).unwrap().sides[&later.id()].len(), 2);
+    }
+
+    #[test]
+    fn a_refusal_does_not_extend_to_the_tables_that_decided_against_it() {
+        // The master a flaps: it declares c dead and publishes a table without c, which b and c
+        // refuse (they still hear c / it is c). b then leads, decides for its side against a's
+        // table and publishes a successor that supersedes it; a adopts it. The master flaps
+        // again: a and b each publish one more table of their own; c still holds the table from
+        // before and answers with its refusal of a's first table.
+        let base = agreed();
+        let without_c = base.successor(&id("a"), 6, spread(&["a", "b"]));
+        let decided = base.successor_superseding(&id("b"), 7, spread(&["b", "c"]), &[&without_c]);
+        assert!(decided.descends_from(&without_c.id()), "a successor that supersedes counts it as an ancestor");
+        let by_b = decided.successor(&id("b"), 8, spread(&["b", "c"]));
+        let by_a = decided.successor(&id("a"), 8, spread(&["a", "c"]));
+        let held = [(id("a"), &by_a), (id("b"), &by_b), (id("c"), &base)];
+        let noted: BTreeMap<MemberId, Noted> =
+            [(id("c"), Noted { refused: vec![without_c.id(), by_a.id()], ..Noted::default() })].into_iter().collect();
+        let found = sides_seen(&held, &noted).unwrap();
+        // c follows b's table (it refused a's), which supersedes the table c refused.
+        assert_eq!(found.sides[&by_b.id()], [id("b"), id("c")].into_iter().collect());
+        assert_eq!(found.sides[&by_a.id()], [id("a")].into_iter().collect());
+        assert!(!found.sides.contains_key(&base.id()), "{found:?}");
+        assert_eq!(found.winner, by_b.id());
+    }
+
+    #[test]
+    fn of_equal_sides_one_whose_table_the_others_forked_from_loses() {
+        // Three sides of one member each: c still holds the table a and b each published a
+        // successor of. c's table names all three (a's and b's two), but both forks carry later
+        // decisions: c's does not win.
+        let base = agreed();
+        let by_a = base.successor(&id("a"), 6, spread(&["a", "c"]));
+        let by_b = base.successor(&id("b"), 6, spread(&["b", "c"]));
+        let noted: BTreeMap<MemberId, Noted> =
+            [(id("c"), Noted { refused: vec![by_a.id(), by_b.id()], ..Noted::default() })].into_iter().collect();
+        let held = [(id("a"), &by_a), (id("b"), &by_b), (id("c"), &base)];
+        let found = sides_seen(&held, &noted).unwrap();
+        assert_eq!(found.sides.len(), 3, "{found:?}");
+        assert_ne!(found.winner, base.id());
+        // Between the two forks: the oldest member's side, as for any tie.
+        assert_eq!(found.winner, by_a.id());
     }
 
     #[test]
@@ -605,7 +702,10 @@ mod tests {
             let seen: BTreeMap<MemberId, Noted> = names
                 .iter()
                 .zip(&saw)
-                .map(|(n, mask)| (id(n), Noted { seen: pick(*mask, 0), refused: pick(mask.rotate_left(5), 3) }))
+                .map(|(n, mask)| {
+                    let follows = (mask % 7 < 5).then(|| id(names[usize::from(mask % 7)]));
+                    (id(n), Noted { seen: pick(*mask, 0), refused: pick(mask.rotate_left(5), 3), follows })
+                })
                 .collect();
             let mut rotated = held.clone();
             rotated.rotate_left(rotate % held.len());
@@ -622,6 +722,11 @@ mod tests {
                     // The winner's side is at least as large as any other.
                     let largest = s.sides.keys().map(|id| s.size(id)).max().unwrap();
                     prop_assert_eq!(s.size(&s.winner), largest);
+                    // And no side as large holds a table that descends from the winner's.
+                    for id in s.sides.keys().filter(|id| **id != s.winner && s.size(id) == largest) {
+                        let table = tables.iter().find(|t| t.id() == *id).unwrap();
+                        prop_assert!(!table.descends_from(&s.winner), "{} descends from the winner {}", id, s.winner);
+                    }
                     // Only a publisher that did not answer is presumed, on one side at most.
                     for publisher in s.presumed.values() {
                         prop_assert!(!held.iter().any(|(m, _)| m == publisher));

@@ -154,7 +154,14 @@ impl Node {
             });
         }
         let mut held = Held::default();
-        held.tables.push((self.local.clone(), (*self.table()).clone()));
+        // This master's own notes count like any member's: it may have refused a table of the
+        // master before it (one that dropped a member it still heard), and then it is not on
+        // that table's side (harness seed 240: a master flapping off, the member that took over
+        // counted on the old master's side, whose table then won and dropped the new side's
+        // writes).
+        let own = (*self.table()).clone();
+        held.noted.insert(self.local.clone(), self.noted(&own.id()));
+        held.tables.push((self.local.clone(), own));
         // Members held outside the view by the merge timers belong to a side too: deciding without
         // them could pick the smaller side (part of the other group is already in the view).
         let outside = self.membership.outside_members();

@@ -480,6 +480,8 @@ pub(crate) enum Reply {
         table: PartitionTable,
         seen: Vec<TableId>,
         refused: Vec<TableId>,
+        /// The master it follows as it answers.
+        follows: Option<MemberId>,
     },
     TableAck {
         table: TableId,

@@ -417,12 +417,18 @@ impl Node {
     /// ([`Node::note_seen`], [`Node::note_refused`]).
     pub(crate) fn table_reply(&self) -> Reply {
         let table = (*self.table()).clone();
-        let id = table.id();
+        let lineage::Noted { seen, refused, follows } = self.noted(&table.id());
+        Reply::Table { table, seen, refused, follows }
+    }
+
+    /// The tables other than `current` this member noted: received from other masters, and
+    /// refused from its own (what a master weighs when it resolves sides, its own included).
+    pub(crate) fn noted(&self, current: &TableId) -> lineage::Noted {
         let list = |tables: &Mutex<VecDeque<TableId>>| {
-            tables.lock().unwrap().iter().filter(|t| **t != id).cloned().collect::<Vec<TableId>>()
+            tables.lock().unwrap().iter().filter(|t| *t != current).cloned().collect::<Vec<TableId>>()
         };
-        let (seen, refused) = (list(&self.tables.seen), list(&self.tables.refused));
-        Reply::Table { table, seen, refused }
+        let follows = self.membership.view().master.clone();
+        lineage::Noted { seen: list(&self.tables.seen), refused: list(&self.tables.refused), follows }
     }
 
     /// Asks `from` for its table and offers it (see [`Node::offer_table`]).
@@ -442,12 +448,12 @@ impl Node {
         self.tables.fetches.fetch_add(1, Ordering::Relaxed);
         let reply = self.net.request(from, MAP_SERVICE, Self::encode(&Msg::TableGet), TABLE_REQUEST_TIMEOUT).await;
         match reply.map(|bytes| codec::decode::<Reply>(&bytes)) {
-            Ok(Ok(Reply::Table { table, mut seen, mut refused })) => {
+            Ok(Ok(Reply::Table { table, mut seen, mut refused, follows })) => {
                 match table.validate(self.settings.partition_count) {
                     Ok(()) => {
                         seen.truncate(SEEN_TABLES_MAX);
                         refused.truncate(SEEN_TABLES_MAX);
-                        Some((table, Noted { seen, refused }))
+                        Some((table, Noted { seen, refused, follows }))
                     }
                     Err(reason) => {
                         warn!(%from, table = %table.id(), %reason, "a member sent an invalid partition table");
