@@ -119,7 +119,7 @@ impl Node {
             for (map, base_term, base_seq) in bases {
                 if let Some(mp) = data.maps.get_mut(&map) {
                     if mp.term == base_term && mp.seq == base_seq {
-                        mp.term = term.clone();
+                        mp.continue_in(term.clone());
                     } else if mp.term != term {
                         debug!(partition = p, map, have = ?(&mp.term, mp.seq), base = ?(&base_term, base_seq), "diverged from the new owner");
                     }

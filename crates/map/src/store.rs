@@ -212,6 +212,11 @@ pub(crate) struct MapPartition {
     pub(crate) counters: Option<std::sync::Arc<crate::stats::MapCounters>>,
     /// The latest removals, for merges.
     pub(crate) tombstones: Tombstones,
+    /// Where this copy stood when it last continued in a new term (its owner's term start):
+    /// everything up to that position of that term is in it. A new owner whose copy continued
+    /// in a term the winning lineage does not keep still holds the lineage up to there (see
+    /// [`crate::takeover`]).
+    pub(crate) continued_from: Option<(Term, u64)>,
 }
 
 /// What an executed operation changed, for replication and listeners. The event's key and value
@@ -279,6 +284,13 @@ impl MapPartition {
         self.entries.len()
     }
 
+    /// Continues this copy, at its position, in the owner's new `term`.
+    pub(crate) fn continue_in(&mut self, term: Term) {
+        if self.term != term {
+            self.continued_from = Some((std::mem::replace(&mut self.term, term), self.seq));
+        }
+    }
+
     pub(crate) fn memory_bytes(&self) -> u64 {
         self.memory
     }
@@ -327,6 +339,7 @@ impl MapPartition {
         }
         self.term = term;
         self.seq = seq;
+        self.continued_from = None;
         self.staging = None;
         self.sync_requested = false;
         self.ring_confirmed = None;
@@ -627,6 +640,21 @@ mod tests {
 
     fn exec(mp: &mut MapPartition, op: Op, now: u64) -> (OpResult, Option<Change>) {
         mp.execute(op, now, 0, &MapConfig::default())
+    }
+
+    #[test]
+    fn a_copy_remembers_where_it_continued_into_its_term() {
+        let first = Term { epoch: 3, publisher: None };
+        let next = Term { epoch: 7, publisher: None };
+        let mut mp = MapPartition::new(first.clone());
+        mp.seq = 12;
+        mp.continue_in(first.clone());
+        assert_eq!(mp.continued_from, None, "the same term is no continuation");
+        mp.continue_in(next.clone());
+        assert_eq!((&mp.term, mp.seq, &mp.continued_from), (&next, 12, &Some((first.clone(), 12))));
+        // A full copy replaces the whole history.
+        mp.install(first, 4, Vec::new());
+        assert_eq!(mp.continued_from, None);
     }
 
     #[test]

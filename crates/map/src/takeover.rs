@@ -86,29 +86,20 @@ impl Node {
         if table.owner(p) != Some(&self.local) || *table.term(p) != takeover.term {
             return Ok(());
         }
-        let own: HashMap<String, (Term, u64)> = {
+        let own: HashMap<String, OwnPosition> = {
             let data = self.slot(p).data.lock().unwrap();
-            data.maps.iter().map(|(name, mp)| (name.clone(), (mp.term.clone(), mp.seq))).collect()
+            data.maps
+                .iter()
+                .map(|(name, mp)| (name.clone(), (mp.term.clone(), mp.seq, mp.continued_from.clone())))
+                .collect()
         };
-        let mut best: HashMap<String, (Option<MemberId>, Term, u64)> = HashMap::new();
         // Terms of forks the master decided against are not: their data lost (see `table`).
         let in_lineage = |term: &Term| table.term_in_lineage(term);
-        for (name, (term, seq)) in &own {
-            if in_lineage(term) {
-                best.insert(name.clone(), (None, term.clone(), *seq));
-            }
-        }
-        for replica in &takeover.probed {
-            for (name, term, seq) in positions.get(&(p, replica.clone())).into_iter().flatten() {
-                if !in_lineage(term) {
-                    continue;
-                }
-                let better = best.get(name).is_none_or(|(_, t, s)| (term.epoch, *seq) > (t.epoch, *s));
-                if better {
-                    best.insert(name.clone(), (Some(replica.clone()), term.clone(), *seq));
-                }
-            }
-        }
+        let replicas = takeover.probed.iter().map(|replica| {
+            let found = positions.get(&(p, replica.clone())).map(Vec::as_slice).unwrap_or(&[]);
+            (replica, found)
+        });
+        let best = furthest_in_lineage(&own, replicas, in_lineage);
         for (name, (from, term, seq)) in best {
             let Some(from) = from else { continue };
             info!(
@@ -125,7 +116,8 @@ impl Node {
             caught_up.install(term, seq, entries);
             data.maps.insert(name, caught_up);
         }
-        for (name, _) in own.iter().filter(|(name, (term, _))| !in_lineage(term) && !positions_have(positions, p, name))
+        for (name, _) in
+            own.iter().filter(|(name, (term, ..))| !in_lineage(term) && !positions_have(positions, p, name))
         {
             debug!(partition = p, map = %name, "no replica holds this map in the table's lineage; keeping this member's copy");
         }
@@ -189,7 +181,7 @@ impl Node {
                 let mut bases = Vec::with_capacity(data.maps.len());
                 for (name, mp) in &mut data.maps {
                     bases.push((name.clone(), mp.term.clone(), mp.seq));
-                    mp.term = t.term.clone();
+                    mp.continue_in(t.term.clone());
                 }
                 bases
             };
@@ -280,6 +272,79 @@ impl Node {
     }
 }
 
+/// A map's position in this member's copy: its term and sequence, and where it continued from
+/// into that term ([`MapPartition::continued_from`]).
+type OwnPosition = (Term, u64, Option<(Term, u64)>);
+
+/// Per map, the furthest position in the lineage (`in_lineage`) among this member's copy (`None`)
+/// and the replicas' (`replicas`: each with the `(map, term, seq)` it reported). Pure.
+///
+/// This member's copy counts at its position if its term is in the lineage; if it continued in a
+/// term the winner decided against from a position of the lineage, at that position: it holds the
+/// lineage up to there (and its own side's writes after it, which stay). A replica not as far
+/// along is older, and pulling it would drop writes acknowledged before the fork (harness seed
+/// 163: a new owner whose copy had forked off replaced it with a stale copy held by a member
+/// outside the map's replicas, and lost writes acknowledged in a settled cluster).
+fn furthest_in_lineage<'a>(
+    own: &HashMap<String, OwnPosition>,
+    replicas: impl Iterator<Item = (&'a MemberId, &'a [(String, Term, u64)])>,
+    in_lineage: impl Fn(&Term) -> bool,
+) -> HashMap<String, (Option<MemberId>, Term, u64)> {
+    let mut best: HashMap<String, (Option<MemberId>, Term, u64)> = HashMap::new();
+    for (name, (term, seq, continued_from)) in own {
+        if in_lineage(term) {
+            best.insert(name.clone(), (None, term.clone(), *seq));
+        } else if let Some((before, at)) = continued_from.as_ref().filter(|(before, _)| in_lineage(before)) {
+            best.insert(name.clone(), (None, before.clone(), *at));
+        }
+    }
+    for (replica, found) in replicas {
+        for (name, term, seq) in found {
+            if !in_lineage(term) {
+                continue;
+            }
+            let better = best.get(name).is_none_or(|(_, t, s)| (term.epoch, *seq) > (t.epoch, *s));
+            if better {
+                best.insert(name.clone(), (Some(replica.clone()), term.clone(), *seq));
+            }
+        }
+    }
+    best
+}
+
 fn positions_have(positions: &Positions, p: u32, map: &str) -> bool {
     positions.iter().any(|((q, _), found)| *q == p && found.iter().any(|(name, ..)| name == map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn term(epoch: u64, by: &str) -> Term {
+        TableId { epoch, publisher: Some(MemberId::new(by, 1)) }
+    }
+
+    #[test]
+    fn a_copy_that_forked_off_counts_at_the_position_it_continued_from() {
+        let (kept, lost) = (term(66, "a"), term(106, "b"));
+        let in_lineage = |t: &Term| *t == kept;
+        let stale = MemberId::new("c", 1);
+        let stale_positions = vec![("m".to_string(), kept.clone(), 1)];
+        let replicas = || std::iter::once((&stale, stale_positions.as_slice()));
+        // Forked off at seq 40 of the kept term: the stale replica at 1 is older; keep this copy.
+        let own: HashMap<String, OwnPosition> =
+            [("m".to_string(), (lost.clone(), 53, Some((kept.clone(), 40))))].into_iter().collect();
+        let best = furthest_in_lineage(&own, replicas(), in_lineage);
+        assert_eq!(best["m"], (None, kept.clone(), 40));
+        // Without knowing where it forked off, the copy is the losing side's alone: the replica's
+        // is the lineage's furthest.
+        let own: HashMap<String, OwnPosition> = [("m".to_string(), (lost.clone(), 53, None))].into_iter().collect();
+        assert_eq!(furthest_in_lineage(&own, replicas(), in_lineage)["m"], (Some(stale.clone()), kept.clone(), 1));
+        // A replica further along in the lineage than the fork point is pulled.
+        let ahead = vec![("m".to_string(), kept.clone(), 41)];
+        let own: HashMap<String, OwnPosition> =
+            [("m".to_string(), (lost, 53, Some((kept.clone(), 40))))].into_iter().collect();
+        let best = furthest_in_lineage(&own, std::iter::once((&stale, ahead.as_slice())), in_lineage);
+        assert_eq!(best["m"], (Some(stale), kept, 41));
+    }
 }
