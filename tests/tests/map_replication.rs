@@ -357,6 +357,65 @@ async fn anti_entropy_repairs_a_backup_that_missed_writes() {
     .await;
 }
 
+/// Up to `count` keys that `owner` owns and `backup` backs up first.
+fn owned_with_backup(cluster: &TestCluster, owner: &Cluster, backup: &Cluster, count: usize) -> Vec<String> {
+    (0..10_000)
+        .map(|i| format!("k{i}"))
+        .filter(|key| {
+            replica_of(cluster, key, 0).0.local() == owner.local()
+                && replica_of(cluster, key, 1).0.local() == backup.local()
+        })
+        .take(count)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_does_not_answer_does_not_hold_up_the_repair_of_the_others() {
+    let cluster = TestCluster::start_with(5, |name| {
+        let mut config = test_config(name);
+        // Only the check the test runs: the timer's must not repair the victim first.
+        config.partitions.anti_entropy_interval_ms = 600_000;
+        config.partitions.backup_ack_timeout_ms = 300;
+        config
+    })
+    .await;
+    cluster.wait_settled().await;
+    let owner = cluster.member(0);
+    let victim = cluster.member(1);
+    let silent = [cluster.member(2), cluster.member(3), cluster.member(4)];
+    let map = owner.map::<String, u32>("checked").unwrap();
+    // A key on each silent member's backups, so that the owner checks them too.
+    for member in silent {
+        let key =
+            owned_with_backup(&cluster, owner, member, 1).pop().expect("the owner has a partition backed up there");
+        map.put(&key, &1).await.unwrap();
+    }
+    // Writes the victim misses: its backup never answers, so each fails, but the owner applied it.
+    let missed = owned_with_backup(&cluster, owner, victim, 2);
+    owner.net().faults().drop_outbound(victim.local(), None, true);
+    for key in &missed {
+        assert!(map.put(key, &2).await.is_err(), "the victim's backup cannot acknowledge");
+    }
+    owner.net().faults().drop_outbound(victim.local(), None, false);
+    assert!(missed.iter().all(|key| !holds(victim, "checked", replica_of(&cluster, key, 1).1, key)));
+    // The silent members' answers never come (each check times out after 10 s): the victim's
+    // repair must not wait for them, whichever member the owner asks first (asked one at a time,
+    // it waited for each one asked before it: the deadline below is shorter than one timeout).
+    for member in silent {
+        owner.net().faults().drop_outbound(member.local(), None, true);
+    }
+    let checking = owner.clone();
+    let check = tokio::spawn(async move { checking.map_service().anti_entropy_now().await });
+    wait_until("anti-entropy to repair the victim while three backups do not answer", Duration::from_secs(8), || {
+        missed.iter().all(|key| holds(victim, "checked", replica_of(&cluster, key, 1).1, key))
+    })
+    .await;
+    for member in silent {
+        owner.net().faults().drop_outbound(member.local(), None, false);
+    }
+    check.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_synchronous_backup_fails_the_write_with_a_clear_error() {
     let cluster = TestCluster::start_with(2, |name| {

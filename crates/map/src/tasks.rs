@@ -58,6 +58,9 @@ pub(crate) async fn follow_loop(node: Arc<Node>) {
 /// Every `anti_entropy_interval`: owners compare versions with their backups and send full
 /// copies where a backup is behind; frozen partitions whose migration was forgotten are unfrozen;
 /// data for partitions this member no longer replicates is dropped.
+/// How long an owner waits for a backup's answer to a version check.
+const VERSION_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub(crate) async fn anti_entropy_loop(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.settings.anti_entropy_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -128,9 +131,17 @@ impl Node {
                 }
             }
         }
+        // Every backup at once: one that does not answer (cut off, stalled) must not hold up the
+        // checks of the others for the whole timeout (a diverged backup copy stayed stale for
+        // seconds behind one, until its member became owner with it: harness seed 163).
+        let mut checks = tokio::task::JoinSet::new();
         for (member, versions) in per_member {
             let msg = Node::encode(&Msg::VersionCheck { versions });
-            let reply = self.net.request(&member, MAP_SERVICE, msg, Duration::from_secs(10)).await;
+            let reply = self.net.request(&member, MAP_SERVICE, msg, VERSION_CHECK_TIMEOUT);
+            checks.spawn(async move { (member, reply.await) });
+        }
+        while let Some(joined) = checks.join_next().await {
+            let Ok((member, reply)) = joined else { continue };
             let mismatched = match reply.map(|b| codec::decode::<Reply>(&b)) {
                 Ok(Ok(Reply::Versions { behind, fenced, table: theirs, .. })) => {
                     for p in fenced {
