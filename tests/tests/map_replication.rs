@@ -30,9 +30,15 @@ fn value_on<V: serde::de::DeserializeOwned>(member: &Cluster, map: &str, p: u32,
 
 /// Keys `k<n>` whose partition `owner` owns, as many as `count`.
 fn keys_owned_by(cluster: &TestCluster, owner: &Cluster, count: usize) -> Vec<String> {
-    (0..)
+    keys_replicated_by(cluster, &[owner], count)
+}
+
+/// Keys `k<n>` (of the first 100 000) whose partition's first replicas are `replicas`, in order
+/// (the owner first), as many as `count`.
+fn keys_replicated_by(cluster: &TestCluster, replicas: &[&Cluster], count: usize) -> Vec<String> {
+    (0..100_000)
         .map(|i| format!("k{i}"))
-        .filter(|k| replica_of(cluster, k, 0).0.local() == owner.local())
+        .filter(|k| replicas.iter().enumerate().all(|(i, m)| replica_of(cluster, k, i).0.local() == m.local()))
         .take(count)
         .collect()
 }
@@ -357,18 +363,6 @@ async fn anti_entropy_repairs_a_backup_that_missed_writes() {
     .await;
 }
 
-/// Up to `count` keys that `owner` owns and `backup` backs up first.
-fn owned_with_backup(cluster: &TestCluster, owner: &Cluster, backup: &Cluster, count: usize) -> Vec<String> {
-    (0..10_000)
-        .map(|i| format!("k{i}"))
-        .filter(|key| {
-            replica_of(cluster, key, 0).0.local() == owner.local()
-                && replica_of(cluster, key, 1).0.local() == backup.local()
-        })
-        .take(count)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_that_does_not_answer_does_not_hold_up_the_repair_of_the_others() {
     let cluster = TestCluster::start_with(5, |name| {
@@ -387,11 +381,11 @@ async fn a_backup_that_does_not_answer_does_not_hold_up_the_repair_of_the_others
     // A key on each silent member's backups, so that the owner checks them too.
     for member in silent {
         let key =
-            owned_with_backup(&cluster, owner, member, 1).pop().expect("the owner has a partition backed up there");
+            keys_replicated_by(&cluster, &[owner, member], 1).pop().expect("the owner has a partition backed up there");
         map.put(&key, &1).await.unwrap();
     }
     // Writes the victim misses: its backup never answers, so each fails, but the owner applied it.
-    let missed = owned_with_backup(&cluster, owner, victim, 2);
+    let missed = keys_replicated_by(&cluster, &[owner, victim], 2);
     owner.net().faults().drop_outbound(victim.local(), None, true);
     for key in &missed {
         assert!(map.put(key, &2).await.is_err(), "the victim's backup cannot acknowledge");

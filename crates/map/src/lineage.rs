@@ -532,24 +532,17 @@ mod tests {
         assert_eq!(sides_seen(&held, &seen(vec![without_b.id(), without_a.id()])).unwrap(), blind);
         // Seen both, and it follows b when it answers (it declared a dead, then ignored a's
         // table when a came back): on b's side, which wins.
-        let follows_b: BTreeMap<MemberId, Noted> = [(
-            id("c"),
-            Noted { seen: vec![without_b.id(), without_a.id()], refused: Vec::new(), follows: Some(id("b")) },
-        )]
-        .into_iter()
-        .collect();
-        let found = sides_seen(&held, &follows_b).unwrap();
+        let seen_both_following = |master: &str| -> BTreeMap<MemberId, Noted> {
+            let noted =
+                Noted { seen: vec![without_b.id(), without_a.id()], refused: Vec::new(), follows: Some(id(master)) };
+            [(id("c"), noted)].into_iter().collect()
+        };
+        let found = sides_seen(&held, &seen_both_following("b")).unwrap();
         assert_eq!(found.sides[&without_a.id()], [id("b"), id("c")].into_iter().collect());
         assert_eq!(found.sides[&without_b.id()], [id("a")].into_iter().collect());
         assert_eq!(found.winner, without_a.id());
         // Following a member that published neither side's table changes nothing.
-        let follows_d: BTreeMap<MemberId, Noted> = [(
-            id("c"),
-            Noted { seen: vec![without_b.id(), without_a.id()], refused: Vec::new(), follows: Some(id("d")) },
-        )]
-        .into_iter()
-        .collect();
-        assert_eq!(sides_seen(&held, &follows_d).unwrap(), blind);
+        assert_eq!(sides_seen(&held, &seen_both_following("d")).unwrap(), blind);
         // Seeing a descendant's ancestor counts: b published once more since.
         let later = without_a.successor(&id("b"), 8, spread(&["b", "c"]));
         let held = [(id("a"), &without_b), (id("b"), &later), (id("c"), &base)];

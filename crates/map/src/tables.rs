@@ -417,18 +417,18 @@ impl Node {
     /// ([`Node::note_seen`], [`Node::note_refused`]).
     pub(crate) fn table_reply(&self) -> Reply {
         let table = (*self.table()).clone();
-        let lineage::Noted { seen, refused, follows } = self.noted(&table.id());
+        let Noted { seen, refused, follows } = self.noted(&table.id());
         Reply::Table { table, seen, refused, follows }
     }
 
     /// The tables other than `current` this member noted: received from other masters, and
     /// refused from its own (what a master weighs when it resolves sides, its own included).
-    pub(crate) fn noted(&self, current: &TableId) -> lineage::Noted {
+    pub(crate) fn noted(&self, current: &TableId) -> Noted {
         let list = |tables: &Mutex<VecDeque<TableId>>| {
             tables.lock().unwrap().iter().filter(|t| *t != current).cloned().collect::<Vec<TableId>>()
         };
         let follows = self.membership.view().master.clone();
-        lineage::Noted { seen: list(&self.tables.seen), refused: list(&self.tables.refused), follows }
+        Noted { seen: list(&self.tables.seen), refused: list(&self.tables.refused), follows }
     }
 
     /// Asks `from` for its table and offers it (see [`Node::offer_table`]).

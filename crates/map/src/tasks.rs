@@ -55,12 +55,12 @@ pub(crate) async fn follow_loop(node: Arc<Node>) {
     }
 }
 
-/// Every `anti_entropy_interval`: owners compare versions with their backups and send full
-/// copies where a backup is behind; frozen partitions whose migration was forgotten are unfrozen;
-/// data for partitions this member no longer replicates is dropped.
 /// How long an owner waits for a backup's answer to a version check.
 const VERSION_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Every `anti_entropy_interval`: owners compare versions with their backups and send full
+/// copies where a backup is behind; frozen partitions whose migration was forgotten are unfrozen;
+/// data for partitions this member no longer replicates is dropped.
 pub(crate) async fn anti_entropy_loop(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.settings.anti_entropy_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
